@@ -1,0 +1,1 @@
+"""The ``triton`` backend: fused Triton kernels for CUDA (or the CPU under TRITON_INTERPRET=1)."""

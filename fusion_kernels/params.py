@@ -1,0 +1,130 @@
+"""Merge parameters (SPEC.md "Inputs"), their validation, and the method presets.
+
+One :class:`MergeParams` describes what every tensor of a merge computes; the op validates it once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ParameterError
+
+SUPPRESS_METHODS = ("none", "magnitude", "breadcrumbs", "random", "della")
+RESCALE_MODES = ("none", "l1", "inverse")
+RESTORE_MODES = ("none", "replace", "rescale")
+SELECT_MODES = ("exact", "approx")
+RANDOM_METHODS = ("random", "della")
+
+
+@dataclass(frozen=True)
+class MergeParams:
+    """What one merge computes per tensor; field names and defaults follow SPEC.md.
+
+    ``rescale=None`` means the SPEC default: ``l1`` for random and della, ``none`` otherwise.
+    """
+
+    suppress: str = "none"
+    density: float = 0.2
+    gamma: float = 0.01
+    epsilon: float = 0.15
+    rescale: str | None = None
+    weight: float = 1.0
+    restore: str = "none"
+    top_neurons: float = 0.3
+    seed: int = 0
+    select: str = "exact"
+    allow_nonfinite: bool = False
+
+    @property
+    def rescale_mode(self) -> str:
+        """The rescale mode in force (the SPEC default resolved)."""
+        if self.rescale is not None:
+            return self.rescale
+        return "l1" if self.suppress in RANDOM_METHODS else "none"
+
+    def replace(self, **changes: Any) -> MergeParams:
+        """A copy with some fields changed, validated."""
+        return dataclasses.replace(self, **changes).validated()
+
+    def validated(self) -> MergeParams:
+        """Return self after checking every field; raises :class:`ParameterError`."""
+        _choice("suppress", self.suppress, SUPPRESS_METHODS)
+        _choice("restore", self.restore, RESTORE_MODES)
+        _choice("select", self.select, SELECT_MODES)
+        if self.rescale is not None:
+            _choice("rescale", self.rescale, RESCALE_MODES)
+            if self.rescale != "none" and self.suppress not in RANDOM_METHODS:
+                raise ParameterError(
+                    f"--rescale {self.rescale} applies only to the random and della suppress "
+                    f"methods, not {self.suppress!r}; drop --rescale"
+                )
+        _unit("density", self.density)
+        _unit("top_neurons", self.top_neurons)
+        if not 0.0 <= self.gamma < 1.0:
+            raise ParameterError(f"gamma must be in [0, 1), got {self.gamma}")
+        if self.suppress == "della" and not (
+            self.epsilon >= 0 and self.density - self.epsilon > 0 and self.density + self.epsilon < 1
+        ):
+            raise ParameterError(
+                f"della needs 0 < density - epsilon and density + epsilon < 1; got density "
+                f"{self.density}, epsilon {self.epsilon}: lower --epsilon"
+            )
+        if not _finite(self.weight):
+            raise ParameterError(f"weight must be a finite number, got {self.weight}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ParameterError(f"seed must be an integer, got {self.seed!r}")
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        """All fields plus the resolved rescale mode, for reports."""
+        return {**dataclasses.asdict(self), "rescale": self.rescale_mode}
+
+
+def _choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ParameterError(f"{field} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and x == x and abs(x) != float("inf")
+
+
+def _unit(field: str, value: float) -> None:
+    if not _finite(value) or not 0.0 <= value <= 1.0:
+        raise ParameterError(f"{field} must be in [0, 1], got {value}")
+
+
+# Method presets. The paper's Task Arithmetic scales the whole delta by α; with α = 1 it would
+# return the tuned model unchanged, so the "taska" presets use α = 0.5 (override with --weight).
+PRESETS: dict[str, dict[str, Any]] = {
+    "task_arithmetic": {"suppress": "none", "weight": 0.5},
+    "ties": {"suppress": "magnitude", "density": 0.2},
+    "breadcrumbs": {"suppress": "breadcrumbs", "density": 0.2, "gamma": 0.01},
+    "dare": {"suppress": "random", "density": 0.2},
+    "della": {"suppress": "della", "density": 0.2, "epsilon": 0.15},
+    "neuron_fusion": {"suppress": "magnitude", "density": 0.2, "restore": "replace"},
+    "neu-p-taska": {"suppress": "none", "weight": 0.5, "restore": "replace"},
+    "neu-p-ties": {"suppress": "magnitude", "density": 0.2, "restore": "replace"},
+    "neu-s-ties": {"suppress": "magnitude", "density": 0.2, "restore": "rescale"},
+    "neu-p-bread": {"suppress": "breadcrumbs", "density": 0.2, "restore": "replace"},
+    "neu-s-bread": {"suppress": "breadcrumbs", "density": 0.2, "restore": "rescale"},
+}
+
+
+def params_for(method: str | None = None, **overrides: Any) -> MergeParams:
+    """Parameters of a preset (``None``: SPEC defaults) with explicit overrides, validated.
+
+    Overrides whose value is ``None`` are ignored, so CLI flags that were not given fall through.
+    """
+    fields: dict[str, Any] = {}
+    if method is not None:
+        if method not in PRESETS:
+            raise ParameterError(f"unknown method {method!r}; choose one of {', '.join(PRESETS)}")
+        fields.update(PRESETS[method])
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return MergeParams(**fields).validated()
+    except TypeError as exc:
+        raise ParameterError(str(exc)) from None

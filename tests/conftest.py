@@ -1,0 +1,118 @@
+"""Shared test helpers: generated tensor pairs, poisoned outputs, the method matrix, and verbose
+comparisons that say how many elements differ, where and by how much."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Shapes that catch tails and edge cases: 1×1, one row, one column, primes, non-multiples of
+# any block size, and a 3-D tensor (neuron axes need 2-D, so 3-D runs with axis none).
+AWKWARD_SHAPES = [(1, 1), (1, 37), (41, 1), (7, 13), (31, 17), (64, 48), (257, 3), (3, 5, 7)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# suppress × restore × rescale combinations; every fast backend runs all of them.
+METHOD_CASES = [
+    dict(suppress="none", weight=0.5),
+    dict(suppress="none", weight=0.5, restore="replace", top_neurons=0.3),
+    dict(suppress="magnitude", density=0.2),
+    dict(suppress="magnitude", density=1.0),
+    dict(suppress="magnitude", density=0.0),
+    dict(suppress="magnitude", density=0.2, restore="replace", top_neurons=0.3),
+    dict(suppress="magnitude", density=0.05, restore="rescale", top_neurons=0.5),
+    dict(suppress="magnitude", density=0.3, restore="rescale", top_neurons=0.0),
+    dict(suppress="breadcrumbs", density=0.2, gamma=0.05),
+    dict(suppress="breadcrumbs", density=0.3, gamma=0.1, restore="replace", weight=0.7),
+    dict(suppress="breadcrumbs", density=0.2, gamma=0.01, restore="rescale"),
+    dict(suppress="random", density=0.3),
+    dict(suppress="random", density=0.3, rescale="inverse", restore="rescale"),
+    dict(suppress="random", density=0.5, rescale="none", restore="replace", seed=7),
+    dict(suppress="della", density=0.4, epsilon=0.1),
+    dict(suppress="della", density=0.4, epsilon=0.2, rescale="inverse", restore="rescale"),
+    dict(suppress="della", density=0.3, epsilon=0.1, rescale="none", weight=2.0, seed=3),
+]
+
+
+def case_id(case: dict) -> str:
+    return "-".join(f"{k}={v}" for k, v in case.items())
+
+
+def make_pair(
+    shape, dtype=torch.float32, seed: int = 0, scale: float = 0.02, tied: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A base tensor and a tuned tensor near it, in ``dtype``.
+
+    ``tied=True`` draws the delta from a few magnitudes so |Δ| has many exact ties.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=gen).to(dtype)
+    if tied:
+        levels = torch.tensor([0.0, 0.25, 0.5, 1.0]) * scale
+        pick = torch.randint(0, 4, shape, generator=gen)
+        sign = torch.randint(0, 2, shape, generator=gen) * 2 - 1
+        tuned = (base.float() + levels[pick] * sign).to(dtype)
+    else:
+        tuned = (base.float() + scale * torch.randn(shape, generator=gen)).to(dtype)
+    return base, tuned
+
+
+def poisoned_like(t: torch.Tensor) -> torch.Tensor:
+    """An output buffer full of NaN, so an element a kernel forgets to write fails the test."""
+    return torch.full_like(t, float("nan"))
+
+
+def assert_tensors_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
+    """Bitwise equality (NaN-safe), with a report of how many, where and how much on failure."""
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    a, e = actual.reshape(-1), expected.reshape(-1)
+    int_type = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    differ = a.view(int_type) != e.view(int_type)
+    if bool(differ.any()):
+        where = differ.nonzero().reshape(-1)
+        first = where[:5].tolist()
+        gap = (a.float() - e.float()).abs()[differ]
+        raise AssertionError(
+            f"{what}: {len(where)} of {a.numel()} elements differ; first at flat {first}: "
+            f"actual {a[where[:5]].tolist()} expected {e[where[:5]].tolist()}; "
+            f"max |diff| {gap.max().item():.3g}"
+        )
+
+
+def ulp_distance(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    """Distance in units in the last place of the tensors' dtype (same sign assumed near equal)."""
+    int_type = {2: torch.int16, 4: torch.int32}[actual.element_size()]
+
+    def ordered(t: torch.Tensor) -> torch.Tensor:
+        bits = t.reshape(-1).view(int_type).to(torch.int64)
+        sign_bit = 1 << (8 * t.element_size() - 1)
+        return torch.where(bits < 0, -(bits + sign_bit), bits)
+
+    return (ordered(actual) - ordered(expected)).abs()
+
+
+def assert_within_ulp(actual: torch.Tensor, expected: torch.Tensor, ulps: int = 1, what: str = ""):
+    """Values within ``ulps`` units in the last place of their dtype; NaN nowhere."""
+    assert not bool(torch.isnan(actual).any()), f"{what}: output has NaN (unwritten elements?)"
+    dist = ulp_distance(actual, expected)
+    if bool((dist > ulps).any()):
+        where = (dist > ulps).nonzero().reshape(-1)[:5].tolist()
+        raise AssertionError(
+            f"{what}: {(dist > ulps).sum().item()} elements more than {ulps} ulp apart "
+            f"(max {dist.max().item()}); first at {where}"
+        )
+
+
+@pytest.fixture
+def tmp_checkpoints(tmp_path):
+    """A directory for generated checkpoints."""
+    return tmp_path
+
+
+def pytest_report_header(config):
+    from fusion_kernels import available_backends
+
+    interp = os.environ.get("TRITON_INTERPRET", "")
+    return f"fusion_kernels backends available: {available_backends()} (TRITON_INTERPRET={interp!r})"
