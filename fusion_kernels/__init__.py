@@ -6,12 +6,13 @@ Public API:
     MergeParams, params_for(method, **overrides), PRESETS                     parameters
 """
 
-from .errors import FusionError
-from .neurons import NeuronRule, NeuronRules
-from .ops import TensorStats, available_backends, merge_tensor
-from .params import PRESETS, MergeParams, params_for
-
 __version__ = "0.1.0"
+
+from .errors import FusionError  # noqa: E402 (the version must exist before submodules load)
+from .neurons import NeuronRule, NeuronRules  # noqa: E402
+from .ops import TensorStats, available_backends, merge_tensor  # noqa: E402
+from .params import PRESETS, MergeParams, params_for  # noqa: E402
+from .pipeline import merge_checkpoints, plan_merge  # noqa: E402
 
 __all__ = [
     "PRESETS",
@@ -22,6 +23,8 @@ __all__ = [
     "TensorStats",
     "__version__",
     "available_backends",
+    "merge_checkpoints",
     "merge_tensor",
     "params_for",
+    "plan_merge",
 ]

@@ -1,0 +1,186 @@
+"""A generated Llama-layout base/tuned pair: the built-in demo, and test and benchmark input.
+
+The tuned model is the base plus small dense changes everywhere and large changes on a few planted
+neurons per matrix (rows of q/k/v/gate/up, columns of o/down), the pattern the paper observes after
+visual instruction tuning. Files are written tensor by tensor, so large pairs need little memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .neurons import default_axis
+from .planner import ShardPlan
+from .reader import INDEX_NAME
+from .writer import ShardFile
+
+_DTYPE_NAMES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+PLANTED_NAME = "planted_neurons.json"
+
+
+@dataclass(frozen=True)
+class PairSpec:
+    """Shapes and change pattern of a generated pair (defaults: the small demo model)."""
+
+    hidden: int = 512
+    intermediate: int = 1376
+    layers: int = 4
+    heads: int = 8
+    kv_heads: int = 4
+    vocab: int = 4096
+    dtype: torch.dtype = torch.bfloat16
+    shards: int = 2
+    seed: int = 0
+    #: std of the dense small change, relative to the weight std.
+    small_change: float = 0.002
+    #: std of the change on planted neurons, relative to the weight std.
+    large_change: float = 0.05
+    #: fraction of neurons per matrix with a large change.
+    planted_fraction: float = 0.02
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        head_dim = self.hidden // self.heads
+        kv = self.kv_heads * head_dim
+        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (self.vocab, self.hidden)}
+        for i in range(self.layers):
+            p = f"model.layers.{i}."
+            shapes.update({
+                p + "self_attn.q_proj.weight": (self.hidden, self.hidden),
+                p + "self_attn.k_proj.weight": (kv, self.hidden),
+                p + "self_attn.v_proj.weight": (kv, self.hidden),
+                p + "self_attn.o_proj.weight": (self.hidden, self.hidden),
+                p + "mlp.gate_proj.weight": (self.intermediate, self.hidden),
+                p + "mlp.up_proj.weight": (self.intermediate, self.hidden),
+                p + "mlp.down_proj.weight": (self.hidden, self.intermediate),
+                p + "input_layernorm.weight": (self.hidden,),
+                p + "post_attention_layernorm.weight": (self.hidden,),
+            })
+        shapes["model.norm.weight"] = (self.hidden,)
+        shapes["lm_head.weight"] = (self.vocab, self.hidden)
+        return shapes
+
+    def config(self) -> dict:
+        """A transformers ``LlamaConfig`` for these shapes."""
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "vocab_size": self.vocab,
+            "max_position_embeddings": 2048,
+            "rms_norm_eps": 1e-5,
+            "hidden_act": "silu",
+            "tie_word_embeddings": False,
+            "torch_dtype": str(self.dtype).removeprefix("torch."),
+        }
+
+
+def generate_pair(directory: str | Path, spec: PairSpec = PairSpec()) -> tuple[Path, Path]:
+    """Write ``directory/base`` and ``directory/tuned``; return their paths.
+
+    ``tuned/planted_neurons.json`` lists, per matrix, the neurons given a large change.
+    """
+    root = Path(directory)
+    base_dir, tuned_dir = root / "base", root / "tuned"
+    shapes = spec.tensor_shapes()
+    shards = _shard_layout(list(shapes), spec.shards)
+    for d in (base_dir, tuned_dir):
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "config.json").write_text(json.dumps(spec.config(), indent=2) + "\n")
+    (tuned_dir / "generation_config.json").write_text(json.dumps({"do_sample": False}) + "\n")
+    gen = torch.Generator().manual_seed(spec.seed)
+    planted: dict[str, list[int]] = {}
+    files = {
+        which: {s.filename: _open_shard(d / s.filename, s, shapes, spec.dtype) for s in shards}
+        for which, d in (("base", base_dir), ("tuned", tuned_dir))
+    }
+    for shard in shards:
+        for name in shard.names:
+            base, tuned, neurons = _make_tensor(name, shapes[name], spec, gen)
+            files["base"][shard.filename].write(name, base)
+            files["tuned"][shard.filename].write(name, tuned)
+            if neurons:
+                planted[name] = neurons
+    for per_model in files.values():
+        for file in per_model.values():
+            file.close(sync=False)
+    if len(shards) > 1:
+        index = {"metadata": {}, "weight_map": {n: s.filename for s in shards for n in s.names}}
+        for d in (base_dir, tuned_dir):
+            (d / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    (tuned_dir / PLANTED_NAME).write_text(json.dumps(planted) + "\n")
+    (root / "pair_spec.json").write_text(json.dumps({**asdict(spec), "dtype": str(spec.dtype)}))
+    return base_dir, tuned_dir
+
+
+def _shard_layout(names: list[str], count: int) -> list[ShardPlan]:
+    if count <= 1:
+        return [ShardPlan("model.safetensors", names)]
+    per = math.ceil(len(names) / count)
+    groups = [names[i : i + per] for i in range(0, len(names), per)]
+    return [
+        ShardPlan(f"model-{i:05d}-of-{len(groups):05d}.safetensors", g)
+        for i, g in enumerate(groups, start=1)
+    ]
+
+
+def _open_shard(path: Path, shard: ShardPlan, shapes, dtype) -> ShardFile:
+    size = torch.tensor([], dtype=dtype).element_size()
+    return ShardFile(
+        path, [(n, _DTYPE_NAMES[dtype], shapes[n], math.prod(shapes[n]) * size) for n in shard.names]
+    )
+
+
+def _make_tensor(name, shape, spec: PairSpec, gen) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    if len(shape) == 1:
+        base = 1.0 + 0.05 * torch.randn(shape, generator=gen)
+    else:
+        base = torch.randn(shape, generator=gen) * (1.0 / math.sqrt(shape[-1]))
+    std = float(base.std()) if base.numel() > 1 else 1.0
+    delta = torch.randn(shape, generator=gen) * (spec.small_change * std)
+    axis = default_axis(name)
+    neurons: list[int] = []
+    if axis != "none":
+        count = shape[0] if axis == "row" else shape[1]
+        chosen = torch.randperm(count, generator=gen)[: max(1, int(spec.planted_fraction * count))]
+        neurons = sorted(chosen.tolist())
+        big = torch.randn(shape, generator=gen) * (spec.large_change * std)
+        mask = torch.zeros(count, dtype=torch.bool)
+        mask[chosen] = True
+        mask = mask[:, None] if axis == "row" else mask[None, :]
+        delta = torch.where(mask, big, delta)
+    base = base.to(spec.dtype)
+    return base, (base.float() + delta).to(spec.dtype), neurons
+
+
+def planted_restored(tuned_dir: Path, merged_dir: Path) -> tuple[int, int]:
+    """(planted neurons that come out bit-identical to tuned, planted neurons in total).
+
+    With ``restore=replace`` every restored neuron equals tuned, so this is how many of the
+    planted large-change neurons the merge located.
+    """
+    from .reader import Checkpoint
+
+    planted = json.loads((Path(tuned_dir) / PLANTED_NAME).read_text())
+    tuned, merged = Checkpoint(tuned_dir), Checkpoint(merged_dir)
+    found = total = 0
+    for name, neurons in planted.items():
+        t, m = tuned.read(name), merged.read(name)
+        if default_axis(name) == "col":
+            t, m = t.t(), m.t()
+        same = (_bits(t) == _bits(m)).all(dim=1)
+        found += int(same[neurons].sum())
+        total += len(neurons)
+    return found, total
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])

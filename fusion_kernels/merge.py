@@ -1,0 +1,160 @@
+"""Command line: ``python -m fusion_kernels.merge --base DIR --tuned DIR --out DIR [options]``.
+
+Exit status: 0 done, 2 bad input (one line on stderr naming the file/tensor and the fix),
+130 interrupted. ``--demo [DIR]`` generates a small base/tuned pair and merges it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+from .errors import FusionError
+from .neurons import NeuronRules, parse_rule
+from .ops import registered_backends
+from .params import PRESETS, RESCALE_MODES, RESTORE_MODES, SELECT_MODES, SUPPRESS_METHODS, params_for
+from .pipeline import merge_checkpoints, plan_merge
+from .planner import parse_size
+
+DEFAULT_METHOD = "neuron_fusion"
+DEMO_DIR = "fusion_demo"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fusion_kernels.merge",
+        description="Merge a fine-tuned model back with its base (Locate-then-Merge / Neuron-Fusion).",
+    )
+    io = parser.add_argument_group("checkpoints")
+    io.add_argument("--base", type=Path, help="base model directory or .safetensors file")
+    io.add_argument("--tuned", type=Path, help="fine-tuned model directory or .safetensors file")
+    io.add_argument("--out", type=Path, help="output directory (appears only when complete)")
+    io.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    io.add_argument("--max-shard-size", type=parse_size, metavar="SIZE",
+                    help="regroup output shards (e.g. 5GB); default: tuned's shard layout")
+    io.add_argument("--dry-run", action="store_true", help="print the plan and stop")
+    io.add_argument("--demo", nargs="?", const=DEMO_DIR, metavar="DIR",
+                    help=f"generate a small Llama-layout pair in DIR (default ./{DEMO_DIR}) and merge it")
+
+    method = parser.add_argument_group("method (a preset; explicit flags override it)")
+    method.add_argument("--method", choices=list(PRESETS), default=DEFAULT_METHOD,
+                        help=f"preset (default {DEFAULT_METHOD})")
+    method.add_argument("--suppress", choices=SUPPRESS_METHODS, help="locate function Sub()")
+    method.add_argument("--density", type=float, help="K: fraction of entries kept (0.2)")
+    method.add_argument("--gamma", type=float, help="breadcrumbs: fraction of largest dropped (0.01)")
+    method.add_argument("--epsilon", type=float, help="della: probability spread (0.15)")
+    method.add_argument("--rescale", choices=RESCALE_MODES, help="random/della: kept-entry scaling (l1)")
+    method.add_argument("--weight", type=float, help="α: scale of the suppressed delta (1.0)")
+    method.add_argument("--restore", choices=RESTORE_MODES, help="Neuron-Restore: replace or rescale")
+    method.add_argument("--top-neurons", type=float, help="M: fraction of neurons restored (0.3)")
+    method.add_argument("--seed", type=int, help="seed for random, della and tie-breaking (0)")
+    method.add_argument("--neuron-rule", action="append", default=[], metavar="REGEX=row|col|none",
+                        help="neuron axis for names matching REGEX (repeatable; before the defaults)")
+    method.add_argument("--allow-nonfinite", action="store_true", default=None,
+                        help="copy tensors whose delta is NaN/Inf from tuned instead of failing")
+
+    run = parser.add_argument_group("execution")
+    run.add_argument("--backend", choices=["auto", *registered_backends()], default=None,
+                     help="kernel backend (default auto, or $FUSION_KERNELS_BACKEND)")
+    run.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    run.add_argument("--select", choices=SELECT_MODES, help="exact (default) or approx selection")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def _params(args: argparse.Namespace):
+    return params_for(
+        args.method, suppress=args.suppress, density=args.density, gamma=args.gamma,
+        epsilon=args.epsilon, rescale=args.rescale, weight=args.weight, restore=args.restore,
+        top_neurons=args.top_neurons, seed=args.seed, select=args.select,
+        allow_nonfinite=args.allow_nonfinite,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    params = _params(args)
+    rules = NeuronRules([parse_rule(r) for r in args.neuron_rule])
+    if args.demo is not None:
+        return _run_demo(Path(args.demo), args, params, rules)
+    missing = [f"--{n}" for n in ("base", "tuned", "out") if getattr(args, n) is None]
+    if args.dry_run and "--out" in missing:
+        missing.remove("--out")
+    if missing:
+        raise FusionError(f"missing {', '.join(missing)} (or use --demo)")
+    if args.dry_run:
+        _, _, plan = plan_merge(args.base, args.tuned, rules, args.max_shard_size)
+        print(plan.describe())
+        print(f"params: {params.as_dict()}")
+        return 0
+    report = merge_checkpoints(
+        args.base, args.tuned, args.out, params, rules=rules, backend=args.backend,
+        device=args.device, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    print(summary(report, args.out))
+    return 0
+
+
+def summary(report: dict, out: Path) -> str:
+    """One paragraph on what a finished merge did."""
+    t = report["totals"]
+    rate = t["bytes"] / max(t["seconds"], 1e-9) / 1e9
+    kept = 100.0 * t["kept"] / max(t["numel_merged"], 1)
+    lines = [
+        f"merged {t['merged']} tensors, copied {t['copied']} ({t['bytes'] / 1e9:.3f} GB) in "
+        f"{t['seconds']:.2f} s ({rate:.2f} GB/s) with backend {', '.join(report['backends']) or '-'}",
+        f"kept {t['kept']} of {t['numel_merged']} merged entries ({kept:.1f} %), restored "
+        f"{t['restored_neurons']} neurons ({t['fallbacks']} rescale fallbacks to replace)",
+    ]
+    if t["copied_nonfinite"]:
+        lines.append(f"copied unchanged (non-finite delta): {', '.join(t['copied_nonfinite'])}")
+    if t["skipped_base_only"]:
+        lines.append(f"skipped (only in base): {len(t['skipped_base_only'])} tensors")
+    lines.append(f"output: {out}")
+    return "\n".join(lines)
+
+
+def _run_demo(root: Path, args, params, rules) -> int:
+    from .demo import generate_pair, planted_restored
+
+    start = time.perf_counter()
+    base, tuned = generate_pair(root)
+    print(f"generated a Llama-layout base/tuned pair in {root} ({time.perf_counter() - start:.1f} s)")
+    out = root / "merged"
+    report = merge_checkpoints(
+        base, tuned, out, params, rules=rules, backend=args.backend, device=args.device,
+        overwrite=True, progress=not args.quiet,
+    )
+    print(summary(report, out))
+    if params.restore == "replace":
+        found, total = planted_restored(tuned, out)
+        print(f"planted large-change neurons restored bit-identical to tuned: {found} of {total}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    # SIGTERM unwinds like Ctrl-C, so the writer removes its temporary directory.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except FusionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: no output written", file=sys.stderr)
+        return 130
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Driver: stream a planned merge from the input shards through the op into the writer.
+
+Three stages overlap: a reader thread loads the next tensor pair while the current one is merged,
+and a writer thread writes the previous result; at most one tensor pair is read ahead and one
+result is in flight, so memory holds a few tensors whatever the model size.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from . import __version__
+from .errors import FusionError, ParameterError
+from .neurons import NeuronRules
+from .ops import TensorStats, merge_tensor
+from .params import MergeParams
+from .planner import MergePlan, TensorTask, build_plan
+from .reader import Checkpoint
+from .writer import CheckpointWriter
+
+log = logging.getLogger("fusion_kernels")
+
+
+def plan_merge(
+    base: str | os.PathLike,
+    tuned: str | os.PathLike,
+    rules: NeuronRules | None = None,
+    max_shard_size: int | None = None,
+) -> tuple[Checkpoint, Checkpoint, MergePlan]:
+    """Open both checkpoints and plan the merge; nothing is written."""
+    base_ckpt, tuned_ckpt = Checkpoint(base), Checkpoint(tuned)
+    return base_ckpt, tuned_ckpt, build_plan(base_ckpt, tuned_ckpt, rules, max_shard_size)
+
+
+def check_output_path(out: Path, inputs: list[Path]) -> None:
+    """The output may not be an input, lie inside one, or contain one (``--overwrite`` deletes it)."""
+    out = out.resolve()
+    for path in inputs:
+        directory = path.resolve() if path.is_dir() else path.resolve().parent
+        if out == directory or directory in out.parents or out in directory.parents:
+            raise ParameterError(
+                f"--out {out} overlaps the input {path}; write the merge to a separate directory"
+            )
+    probe = out.parent
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise ParameterError(f"--out {out}: {probe} is not writable")
+
+
+def merge_checkpoints(
+    base: str | os.PathLike,
+    tuned: str | os.PathLike,
+    out: str | os.PathLike,
+    params: MergeParams,
+    *,
+    rules: NeuronRules | None = None,
+    backend: str | None = None,
+    device: str = "cpu",
+    max_shard_size: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Merge the checkpoint ``tuned`` back with ``base`` into ``out``; returns the report.
+
+    Args:
+        base, tuned: checkpoint directories (or single ``.safetensors`` files).
+        out: output directory; it appears only when the merge is complete.
+        params: what each tensor computes (see :class:`MergeParams`, SPEC.md).
+        rules: neuron rules (default: SPEC's rules for Llama/Mistral/Qwen2 names).
+        backend: ``auto`` (default), ``torch``, ``cpp`` or ``triton``.
+        device: where tensors are merged (``cpu``, ``cuda``, ``cuda:1``).
+        max_shard_size: regroup output shards to at most this many bytes (default: tuned's grouping).
+        overwrite: replace an existing ``out``.
+        progress: show a progress bar on stderr.
+    """
+    out_dir = Path(out)
+    check_output_path(out_dir, [Path(base), Path(tuned)])
+    params = params.validated()
+    rules = rules or NeuronRules()
+    base_ckpt, tuned_ckpt, plan = plan_merge(base, tuned, rules, max_shard_size)
+    for name in plan.skipped:
+        log.warning("tensor %r is only in base (%s); it is not in the output", name, base_ckpt.path)
+    torch_device = torch.device(device)
+    started = time.perf_counter()
+    with CheckpointWriter(out_dir, plan, overwrite=overwrite) as writer:
+        stats = _run(plan, base_ckpt, tuned_ckpt, writer, params, backend, torch_device, progress)
+        report = _report(plan, params, rules, base_ckpt, tuned_ckpt, stats, device, started)
+        writer.commit(tuned_ckpt.directory if tuned_ckpt.path.is_dir() else None, report)
+    return report
+
+
+def _run(plan, base_ckpt, tuned_ckpt, writer, params, backend, device, progress) -> list[TensorStats]:
+    order = [plan.tasks[name] for shard in plan.shards for name in shard.names]
+
+    def load(task: TensorTask) -> tuple[torch.Tensor | None, torch.Tensor]:
+        tuned = tuned_ckpt.read(task.name)
+        base = base_ckpt.read(task.name) if task.action == "merge" else None
+        return base, tuned
+
+    results: list[TensorStats] = []
+    bar = tqdm(total=plan.nbytes, unit="B", unit_scale=True, unit_divisor=1000,
+               desc="merging", disable=not progress, dynamic_ncols=True)
+    with bar, ThreadPoolExecutor(1, "fk-read") as reader, ThreadPoolExecutor(1, "fk-write") as out:
+        next_read: Future | None = reader.submit(load, order[0]) if order else None
+        in_flight: Future | None = None
+        for position, task in enumerate(order):
+            base, tuned = next_read.result()
+            next_read = reader.submit(load, order[position + 1]) if position + 1 < len(order) else None
+            merged, stats = _compute(task, base, tuned, params, backend, device)
+            results.append(stats)
+            if in_flight is not None:
+                in_flight.result()
+            in_flight = out.submit(writer.write, task.name, merged)
+            bar.update(task.tuned.nbytes)
+            bar.set_postfix_str(f"tensors {position + 1}/{len(order)}", refresh=False)
+        if in_flight is not None:
+            in_flight.result()
+    return results
+
+
+def _compute(task, base, tuned, params, backend, device) -> tuple[torch.Tensor, TensorStats]:
+    if task.action == "copy":
+        return tuned, TensorStats(kept=0, name=task.name, numel=task.tuned.numel, action="copy")
+    start = time.perf_counter()
+    try:
+        merged, stats = merge_tensor(
+            base.to(device, non_blocking=True), tuned.to(device, non_blocking=True), task.name,
+            axis=task.axis, backend=backend, params=params,
+        )
+    except FusionError as exc:
+        # Name the file too: the user has to find the bad tensor on disk.
+        exc.args = (f"{task.tuned.file}: {exc}",)
+        raise
+    stats.seconds = time.perf_counter() - start
+    return merged.cpu(), stats
+
+
+def _report(plan, params, rules, base_ckpt, tuned_ckpt, stats, device, started) -> dict[str, Any]:
+    tensors = []
+    for item in stats:
+        entry = asdict(item)
+        task = plan.tasks[item.name]
+        if task.reason:
+            entry["reason"] = task.reason
+        tensors.append(entry)
+    merged = [s for s in stats if s.action == "merge"]
+    return {
+        "fusion_kernels_version": __version__,
+        "base": str(base_ckpt.path),
+        "tuned": str(tuned_ckpt.path),
+        "params": params.as_dict(),
+        "neuron_rules": [{"pattern": r.pattern, "axis": r.axis} for r in rules.rules],
+        "device": device,
+        "backends": sorted({s.backend for s in merged}),
+        "totals": {
+            "tensors": len(stats),
+            "merged": len(merged),
+            "copied": sum(s.action.startswith("copy") for s in stats),
+            "copied_nonfinite": [s.name for s in stats if s.action == "copy-nonfinite"],
+            "skipped_base_only": plan.skipped,
+            "bytes": plan.nbytes,
+            "kept": sum(s.kept for s in merged),
+            "numel_merged": sum(s.numel for s in merged),
+            "restored_neurons": sum(s.restored for s in merged),
+            "fallbacks": sum(s.fallbacks for s in merged),
+            "seconds": round(time.perf_counter() - started, 3),
+        },
+        "tensors": tensors,
+    }

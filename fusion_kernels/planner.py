@@ -1,0 +1,159 @@
+"""Planner: decide, before any output is written, what happens to every tensor and where it goes.
+
+Each tuned tensor is paired with the base tensor of the same name: ``merge`` (float in both, same
+shape and dtype; with its neuron axis), or ``copy`` (only in tuned, or not a float dtype). Base-only
+tensors are skipped with a warning. Output shards keep tuned's grouping, or are regrouped by
+``max_shard_size``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .errors import ParameterError, PlanError
+from .neurons import DEFAULT_RULES, NeuronRules
+from .reader import MERGEABLE, Checkpoint, TensorInfo
+
+
+@dataclass(frozen=True)
+class TensorTask:
+    """One output tensor: ``merge`` with ``axis``, or ``copy`` from tuned (``reason`` says why)."""
+
+    name: str
+    action: str
+    tuned: TensorInfo
+    base: TensorInfo | None = None
+    axis: str = "none"
+    reason: str = ""
+
+
+@dataclass
+class ShardPlan:
+    """One output file and the tensors it holds, in write order."""
+
+    filename: str
+    names: list[str]
+
+
+@dataclass
+class MergePlan:
+    """Every output tensor's task, the output shards, and the base-only names that are skipped."""
+
+    tasks: dict[str, TensorTask]
+    shards: list[ShardPlan]
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def merge_count(self) -> int:
+        return sum(t.action == "merge" for t in self.tasks.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.tuned.nbytes for t in self.tasks.values())
+
+    def describe(self) -> str:
+        """The plan as text, one line per tensor, for ``--dry-run``."""
+        lines = []
+        for shard in self.shards:
+            lines.append(f"{shard.filename}:")
+            for name in shard.names:
+                task = self.tasks[name]
+                what = f"merge axis={task.axis}" if task.action == "merge" else f"copy ({task.reason})"
+                lines.append(f"  {name}  {list(task.tuned.shape)} {task.tuned.dtype}  {what}")
+        lines.extend(f"skip (only in base): {name}" for name in self.skipped)
+        lines.append(
+            f"{len(self.tasks)} tensors: {self.merge_count} merged, "
+            f"{len(self.tasks) - self.merge_count} copied, {len(self.skipped)} skipped; "
+            f"{len(self.shards)} shard(s), {self.nbytes / 1e9:.3f} GB"
+        )
+        return "\n".join(lines)
+
+
+def build_plan(
+    base: Checkpoint,
+    tuned: Checkpoint,
+    rules: NeuronRules | None = None,
+    max_shard_size: int | None = None,
+) -> MergePlan:
+    """Pair tuned with base tensors and lay out the output shards. Raises PlanError on mismatch."""
+    rules = rules or NeuronRules()
+    names = tuned.names()
+    tasks = {name: _task(name, tuned.info(name), base, rules) for name in names}
+    skipped = [name for name in base.names() if name not in tuned]
+    if max_shard_size is None:
+        shards = [
+            ShardPlan(file.name, [n for n in names if tuned.info(n).file == file])
+            for file in tuned.files
+        ]
+    else:
+        shards = _regroup(names, tuned, max_shard_size)
+    return MergePlan(tasks, [s for s in shards if s.names], skipped)
+
+
+def _task(name: str, info: TensorInfo, base: Checkpoint, rules: NeuronRules) -> TensorTask:
+    if name not in base:
+        return TensorTask(name, "copy", info, reason="only in tuned")
+    other = base.info(name)
+    if other.shape != info.shape:
+        raise PlanError(
+            f"tensor {name!r}: shape {list(info.shape)} in tuned ({info.file}) but "
+            f"{list(other.shape)} in base ({other.file}); both checkpoints must share an architecture"
+        )
+    if other.dtype != info.dtype:
+        raise PlanError(
+            f"tensor {name!r}: dtype {info.dtype} in tuned ({info.file}) but {other.dtype} in "
+            f"base ({other.file}); convert one checkpoint so the dtypes agree"
+        )
+    if info.dtype not in MERGEABLE:
+        return TensorTask(name, "copy", info, other, reason=f"{info.dtype} is not a float dtype")
+    return TensorTask(name, "merge", info, other, axis=_axis(name, info, rules))
+
+
+def _axis(name: str, info: TensorInfo, rules: NeuronRules) -> str:
+    rule = rules.match(name)
+    if rule is None or rule.axis == "none":
+        return "none"
+    if len(info.shape) == 2:
+        return rule.axis
+    if rule in DEFAULT_RULES:
+        return "none"
+    raise PlanError(
+        f"tensor {name!r} has shape {list(info.shape)}, but neuron rule "
+        f"{rule.pattern!r}={rule.axis} needs a 2-D weight; narrow the rule's regex"
+    )
+
+
+def _regroup(names: list[str], tuned: Checkpoint, max_bytes: int) -> list[ShardPlan]:
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name in names:
+        nbytes = tuned.info(name).nbytes
+        if groups[-1] and size + nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    if len(groups) == 1:
+        return [ShardPlan("model.safetensors", groups[0])]
+    total = len(groups)
+    return [
+        ShardPlan(f"model-{i:05d}-of-{total:05d}.safetensors", group)
+        for i, group in enumerate(groups, start=1)
+    ]
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_SIZE_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+
+
+def parse_size(text: str) -> int:
+    """``"5GB"``, ``"500MB"``, ``"2GiB"`` or a byte count → bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).upper() if match else None
+    if match is None or unit not in _SIZE_UNITS:
+        raise ParameterError(f"size {text!r} must look like 5GB, 500MB, 2GiB or a byte count")
+    size = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if size <= 0:
+        raise ParameterError(f"size {text!r} must be positive")
+    return size

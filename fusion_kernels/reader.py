@@ -1,0 +1,248 @@
+"""Reader: a checkpoint on disk, listed without reading data and read one tensor at a time.
+
+A checkpoint is a directory holding one ``.safetensors`` file, or shards named by
+``model.safetensors.index.json``, or a single ``.safetensors`` file. Headers are parsed and checked
+here (so a corrupt file is a clear error naming it); data is memory-mapped through safetensors'
+``safe_open`` and copied out one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .errors import CheckpointError
+
+INDEX_NAME = "model.safetensors.index.json"
+
+#: safetensors dtype string → (torch dtype, bytes per element).
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8),
+    "F32": (torch.float32, 4),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8),
+    "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2),
+    "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1),
+    "BOOL": (torch.bool, 1),
+    "F8_E4M3": (torch.float8_e4m3fn, 1),
+    "F8_E5M2": (torch.float8_e5m2, 1),
+}
+#: dtypes the merge op computes on; every other tensor is copied.
+MERGEABLE = ("F32", "F16", "BF16")
+# A header larger than this is certainly corrupt (real ones are a few MB at most).
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its shard file, dtype string, shape and byte range in the data."""
+
+    name: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype][0]
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
+    """Parse and check a safetensors header: ``(tensors, metadata, data_start)``.
+
+    Raises CheckpointError naming the file for every inconsistency safetensors would trip on.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            prefix = fh.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(f"{path}: too short to be a safetensors file ({size} bytes)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > min(size - 8, MAX_HEADER_BYTES):
+                raise CheckpointError(
+                    f"{path}: header length {header_len} exceeds the file ({size} bytes): "
+                    "truncated or not a safetensors file"
+                )
+            raw = fh.read(header_len)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + header_len
+    tensors = {name: _tensor_info(path, name, entry) for name, entry in header.items()}
+    _check_layout(path, tensors, size - data_start)
+    return tensors, metadata, data_start
+
+
+def _tensor_info(path: Path, name: str, entry: object) -> TensorInfo:
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in DTYPES:
+        raise CheckpointError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
+    valid_shape = isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+    valid_offsets = (
+        isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+    )
+    if not valid_shape or not valid_offsets:
+        raise CheckpointError(f"{path}: tensor {name!r} has a malformed shape or data_offsets")
+    begin, end = offsets
+    expected = math.prod(shape) * DTYPES[dtype][1]
+    if end - begin != expected:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} of shape {shape} and dtype {dtype} needs {expected} bytes "
+            f"but its offsets span {end - begin}"
+        )
+    return TensorInfo(name, path, dtype, tuple(shape), begin, end)
+
+
+def _check_layout(path: Path, tensors: dict[str, TensorInfo], data_size: int) -> None:
+    """Offsets must start at 0, not overlap, leave no gaps and stay inside the file."""
+    position = 0
+    for info in sorted(tensors.values(), key=lambda t: (t.begin, t.end)):
+        if info.begin != position:
+            problem = "overlaps the previous tensor" if info.begin < position else "leaves a gap"
+            raise CheckpointError(f"{path}: tensor {info.name!r} {problem} (offset {info.begin})")
+        position = info.end
+    if position > data_size:
+        raise CheckpointError(
+            f"{path}: tensor data ends at byte {position} but the file holds {data_size} bytes "
+            "after its header: the file is truncated"
+        )
+    if position < data_size:
+        raise CheckpointError(
+            f"{path}: {data_size - position} bytes after the last tensor that no header entry "
+            "describes: not a valid safetensors file"
+        )
+
+
+class Checkpoint:
+    """A safetensors checkpoint: names, shapes and dtypes from headers; data read on demand.
+
+    Args:
+        path: a directory (one ``.safetensors`` file, or shards with ``model.safetensors.index.json``)
+            or a single ``.safetensors`` file.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise CheckpointError(f"{self.path}: no such file or directory")
+        self.directory = self.path if self.path.is_dir() else self.path.parent
+        self.files = self._shard_files()
+        self.tensors: dict[str, TensorInfo] = {}
+        self.metadata: dict[str, str] = {}
+        for file in self.files:
+            tensors, metadata, _ = read_header(file)
+            for name in tensors.keys() & self.tensors.keys():
+                raise CheckpointError(
+                    f"{file}: tensor {name!r} also appears in {self.tensors[name].file}"
+                )
+            self.tensors.update(tensors)
+            self.metadata = self.metadata or metadata
+        self._check_index()
+        self._handles: dict[Path, object] = {}
+
+    def _shard_files(self) -> list[Path]:
+        if self.path.is_file():
+            if self.path.suffix != ".safetensors":
+                raise CheckpointError(f"{self.path}: not a .safetensors file")
+            return [self.path]
+        index = self.path / INDEX_NAME
+        if index.exists():
+            self.index = self._load_index(index)
+            files = sorted(set(self.index.values()))
+            missing = [f for f in files if not (self.path / f).is_file()]
+            if missing:
+                raise CheckpointError(f"{index}: names shard {missing[0]!r}, which does not exist")
+            return [self.path / f for f in files]
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(
+                f"{self.path}: no .safetensors checkpoint here (expected model.safetensors or "
+                f"shards with {INDEX_NAME})"
+            )
+        if len(files) > 1:
+            raise CheckpointError(
+                f"{self.path}: {len(files)} .safetensors files but no {INDEX_NAME} to say "
+                "which belong to the model"
+            )
+        return files
+
+    def _load_index(self, index: Path) -> dict[str, str]:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index}: not a valid index file ({exc})") from None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) for v in weight_map.values()
+        ):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to file names")
+        return weight_map
+
+    def _check_index(self) -> None:
+        index = getattr(self, "index", None)
+        if index is None:
+            return
+        for name, file in index.items():
+            info = self.tensors.get(name)
+            if info is None or info.file.name != file:
+                raise CheckpointError(
+                    f"{self.path / INDEX_NAME}: tensor {name!r} is not in its shard {file!r}"
+                )
+
+    def names(self) -> list[str]:
+        """Tensor names in file order, then offset order (the order they lie on disk)."""
+        order = {f: i for i, f in enumerate(self.files)}
+        return sorted(self.tensors, key=lambda n: (order[self.tensors[n].file], self.tensors[n].begin))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def info(self, name: str) -> TensorInfo:
+        return self.tensors[name]
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor, copied out of the memory-mapped shard into its own CPU memory."""
+        info = self.tensors[name]
+        handle = self._handles.get(info.file)
+        try:
+            if handle is None:
+                handle = safe_open(str(info.file), framework="pt")
+                self._handles[info.file] = handle
+            return handle.get_tensor(name)
+        except Exception as exc:  # safetensors raises its own error types for bad files
+            raise CheckpointError(f"{info.file}: cannot read tensor {name!r} ({exc})") from None
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())

@@ -1,0 +1,193 @@
+"""Writer: sharded safetensors output that appears only when complete.
+
+Every shard's header is written up front (all sizes are known from the plan), then each tensor's
+bytes go to their offset as soon as the tensor is merged, so memory holds a few tensors, never a
+shard. Everything goes to a temporary sibling directory that is renamed onto the output path at
+the end; on any failure it is removed and the output path is left as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError, OutputExistsError
+from .planner import MergePlan
+from .reader import DTYPES, INDEX_NAME
+
+REPORT_NAME = "fusion_report.json"
+# Files of the tuned directory that are weights (ours or another format) and are not copied.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+_WEIGHT_NAMES = (INDEX_NAME, "pytorch_model.bin.index.json", REPORT_NAME)
+
+
+class ShardFile:
+    """One output safetensors file: header written at open, tensor bytes written at their offsets."""
+
+    def __init__(self, path: Path, entries: Iterable[tuple[str, str, tuple[int, ...], int]]):
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        self.layout: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+        position = 0
+        for name, dtype, shape, nbytes in entries:
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [position, position + nbytes]}
+            self.layout[name] = (dtype, tuple(shape), position, nbytes)
+            position += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        # Pad the header with spaces so tensor data starts 8-byte aligned, as safetensors does.
+        raw += b" " * (-len(raw) % 8)
+        self.data_start = 8 + len(raw)
+        self.path = path
+        self.pending = set(self.layout)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        _pwrite_all(self.fd, struct.pack("<Q", len(raw)) + raw, 0)
+        os.ftruncate(self.fd, self.data_start + position)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write ``tensor`` (CPU, the planned dtype and shape) at its offset."""
+        dtype, shape, begin, nbytes = self.layout[name]
+        if tensor.dtype != DTYPES[dtype][0] or tuple(tensor.shape) != shape:
+            raise CheckpointError(
+                f"{self.path}: tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, "
+                f"planned {dtype} {list(shape)}"
+            )
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        assert data.nbytes == nbytes
+        _pwrite_all(self.fd, memoryview(data), self.data_start + begin)
+        self.pending.discard(name)
+
+    def close(self, sync: bool = True) -> None:
+        if self.fd < 0:
+            return
+        try:
+            if sync:
+                os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+class CheckpointWriter:
+    """Writes a planned checkpoint into ``out_dir`` atomically.
+
+    Use as a context manager: leaving it with an exception removes the temporary directory.
+    Call :meth:`commit` once every tensor is written.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, plan: MergePlan, overwrite: bool = False):
+        self.out_dir = Path(out_dir).absolute()
+        if self.out_dir.exists() and not overwrite:
+            raise OutputExistsError(
+                f"{self.out_dir}: output already exists; pass --overwrite or choose another --out"
+            )
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_partials(self.out_dir)
+        self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}.partial-{os.getpid()}"
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        self.tmp_dir.mkdir()
+        self.plan = plan
+        self.shards: dict[str, ShardFile] = {}
+        try:
+            for shard in plan.shards:
+                entries = [(n, plan.tasks[n].tuned.dtype, plan.tasks[n].tuned.shape,
+                            plan.tasks[n].tuned.nbytes) for n in shard.names]
+                file = ShardFile(self.tmp_dir / shard.filename, entries)
+                for name in shard.names:
+                    self.shards[name] = file
+        except BaseException:
+            self.abort()
+            raise
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self.shards[name].write(name, tensor)
+
+    def commit(self, copy_from: Path | None, report: dict[str, Any]) -> Path:
+        """Close shards, write the index, copied files and report, then rename into place."""
+        unwritten = sorted(n for f in set(self.shards.values()) for n in f.pending)
+        if unwritten:
+            raise CheckpointError(f"internal error: tensors never written: {unwritten[:5]}")
+        for file in set(self.shards.values()):
+            file.close()
+        if len(self.plan.shards) > 1:
+            self._write_json(INDEX_NAME, {
+                "metadata": {"total_size": self.plan.nbytes},
+                "weight_map": {n: s.filename for s in self.plan.shards for n in s.names},
+            })
+        if copy_from is not None:
+            for path in non_weight_files(copy_from):
+                shutil.copy2(path, self.tmp_dir / path.name)
+        self._write_json(REPORT_NAME, report)
+        self._rename_into_place()
+        return self.out_dir
+
+    def _write_json(self, filename: str, payload: dict[str, Any]) -> None:
+        (self.tmp_dir / filename).write_text(json.dumps(payload, indent=2) + "\n")
+
+    def _rename_into_place(self) -> None:
+        old = None
+        if self.out_dir.exists():
+            old = self.out_dir.parent / f".{self.out_dir.name}.old-{os.getpid()}"
+            os.rename(self.out_dir, old)
+        os.rename(self.tmp_dir, self.out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def abort(self) -> None:
+        """Drop everything written so far; the output path is untouched."""
+        for file in set(self.shards.values()):
+            file.close(sync=False)
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+
+def non_weight_files(directory: Path) -> list[Path]:
+    """Top-level files of a model directory that are not weights: config, tokenizer, processor..."""
+    return sorted(
+        p for p in directory.iterdir()
+        if p.is_file() and not p.name.endswith(_WEIGHT_SUFFIXES) and p.name not in _WEIGHT_NAMES
+    )
+
+
+def remove_stale_partials(out_dir: Path) -> None:
+    """Remove temporary siblings of ``out_dir`` left by runs that were killed."""
+    for pattern in (f".{out_dir.name}.partial-*", f".{out_dir.name}.old-*"):
+        for path in out_dir.parent.glob(pattern):
+            pid = path.name.rsplit("-", 1)[-1]
+            if not pid.isdigit() or _alive(int(pid)):
+                continue
+            # A run killed between its two renames left the previous output only here.
+            if ".old-" in path.name and not out_dir.exists():
+                os.rename(path, out_dir)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
