@@ -42,11 +42,12 @@ def plan_merge(
 
 
 def check_output_path(out: Path, inputs: list[Path]) -> None:
-    """The output may not be an input, lie inside one, or contain one (``--overwrite`` deletes it)."""
+    """The output may not be an input, lie inside an input directory, or contain an input
+    (``--overwrite`` would delete it); its nearest existing parent must be writable."""
     out = out.resolve()
-    for path in inputs:
-        directory = path.resolve() if path.is_dir() else path.resolve().parent
-        if out == directory or directory in out.parents or out in directory.parents:
+    for path in (p.resolve() for p in inputs):
+        inside = path.is_dir() and (out == path or path in out.parents)
+        if inside or out == path or out in path.parents:
             raise ParameterError(
                 f"--out {out} overlaps the input {path}; write the merge to a separate directory"
             )
@@ -84,10 +85,10 @@ def merge_checkpoints(
         progress: show a progress bar on stderr.
     """
     out_dir = Path(out)
-    check_output_path(out_dir, [Path(base), Path(tuned)])
     params = params.validated()
     rules = rules or NeuronRules()
     base_ckpt, tuned_ckpt, plan = plan_merge(base, tuned, rules, max_shard_size)
+    check_output_path(out_dir, [base_ckpt.path, tuned_ckpt.path])
     for name in plan.skipped:
         log.warning("tensor %r is only in base (%s); it is not in the output", name, base_ckpt.path)
     torch_device = torch.device(device)

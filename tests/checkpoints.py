@@ -1,0 +1,38 @@
+"""Small checkpoints on disk for IO and CLI tests."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from fusion_kernels.demo import PairSpec, generate_pair
+
+TINY = PairSpec(hidden=32, intermediate=48, layers=2, heads=4, kv_heads=2, vocab=64, shards=2)
+
+
+def tiny_pair(root: Path, **changes) -> tuple[Path, Path]:
+    """A two-shard Llama-layout pair small enough for many tests."""
+    spec = PairSpec(**{**TINY.__dict__, **changes})
+    return generate_pair(root, spec)
+
+
+def write_single(path: Path, tensors: dict[str, torch.Tensor], config: dict | None = None) -> Path:
+    """A directory with one model.safetensors (and a config.json when given)."""
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"))
+    if config is not None:
+        (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file below root, to prove inputs are untouched."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
