@@ -47,14 +47,19 @@ class OptionalBuildExt(build_ext):
     def run(self):
         try:
             super().run()
-        except Exception as exc:  # noqa: BLE001 - any build failure must leave a working install
-            print(f"warning: C++ extension not built ({exc}); using the torch backend", file=sys.stderr)
+        except Exception as exc:
+            print(
+                f"warning: C++ extension not built ({exc}); using the torch backend",
+                file=sys.stderr,
+            )
 
     def build_extension(self, ext):
         try:
             super().build_extension(ext)
-        except Exception as exc:  # noqa: BLE001 - same reason as above
-            print(f"warning: {ext.name} not built ({exc}); using the torch backend", file=sys.stderr)
+        except Exception as exc:
+            print(
+                f"warning: {ext.name} not built ({exc}); using the torch backend", file=sys.stderr
+            )
 
 
 setup(ext_modules=_extensions(), cmdclass={"build_ext": OptionalBuildExt})

@@ -8,11 +8,11 @@ Public API:
 
 __version__ = "0.1.0"
 
-from .errors import FusionError  # noqa: E402 (the version must exist before submodules load)
-from .neurons import NeuronRule, NeuronRules  # noqa: E402
-from .ops import TensorStats, available_backends, merge_tensor  # noqa: E402
-from .params import PRESETS, MergeParams, params_for  # noqa: E402
-from .pipeline import merge_checkpoints, plan_merge  # noqa: E402
+from .errors import FusionError
+from .neurons import NeuronRule, NeuronRules
+from .ops import TensorStats, available_backends, merge_tensor
+from .params import PRESETS, MergeParams, params_for
+from .pipeline import merge_checkpoints, plan_merge
 
 __all__ = [
     "PRESETS",

@@ -46,20 +46,24 @@ class PairSpec:
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         head_dim = self.hidden // self.heads
         kv = self.kv_heads * head_dim
-        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (self.vocab, self.hidden)}
+        shapes: dict[str, tuple[int, ...]] = {
+            "model.embed_tokens.weight": (self.vocab, self.hidden)
+        }
         for i in range(self.layers):
             p = f"model.layers.{i}."
-            shapes.update({
-                p + "self_attn.q_proj.weight": (self.hidden, self.hidden),
-                p + "self_attn.k_proj.weight": (kv, self.hidden),
-                p + "self_attn.v_proj.weight": (kv, self.hidden),
-                p + "self_attn.o_proj.weight": (self.hidden, self.hidden),
-                p + "mlp.gate_proj.weight": (self.intermediate, self.hidden),
-                p + "mlp.up_proj.weight": (self.intermediate, self.hidden),
-                p + "mlp.down_proj.weight": (self.hidden, self.intermediate),
-                p + "input_layernorm.weight": (self.hidden,),
-                p + "post_attention_layernorm.weight": (self.hidden,),
-            })
+            shapes.update(
+                {
+                    p + "self_attn.q_proj.weight": (self.hidden, self.hidden),
+                    p + "self_attn.k_proj.weight": (kv, self.hidden),
+                    p + "self_attn.v_proj.weight": (kv, self.hidden),
+                    p + "self_attn.o_proj.weight": (self.hidden, self.hidden),
+                    p + "mlp.gate_proj.weight": (self.intermediate, self.hidden),
+                    p + "mlp.up_proj.weight": (self.intermediate, self.hidden),
+                    p + "mlp.down_proj.weight": (self.hidden, self.intermediate),
+                    p + "input_layernorm.weight": (self.hidden,),
+                    p + "post_attention_layernorm.weight": (self.hidden,),
+                }
+            )
         shapes["model.norm.weight"] = (self.hidden,)
         shapes["lm_head.weight"] = (self.vocab, self.hidden)
         return shapes
@@ -135,7 +139,8 @@ def _shard_layout(names: list[str], count: int) -> list[ShardPlan]:
 def _open_shard(path: Path, shard: ShardPlan, shapes, dtype) -> ShardFile:
     size = torch.tensor([], dtype=dtype).element_size()
     return ShardFile(
-        path, [(n, _DTYPE_NAMES[dtype], shapes[n], math.prod(shapes[n]) * size) for n in shard.names]
+        path,
+        [(n, _DTYPE_NAMES[dtype], shapes[n], math.prod(shapes[n]) * size) for n in shard.names],
     )
 
 

@@ -16,7 +16,14 @@ from pathlib import Path
 from .errors import FusionError
 from .neurons import NeuronRules, parse_rule
 from .ops import registered_backends
-from .params import PRESETS, RESCALE_MODES, RESTORE_MODES, SELECT_MODES, SUPPRESS_METHODS, params_for
+from .params import (
+    PRESETS,
+    RESCALE_MODES,
+    RESTORE_MODES,
+    SELECT_MODES,
+    SUPPRESS_METHODS,
+    params_for,
+)
 from .pipeline import merge_checkpoints, plan_merge
 from .planner import parse_size
 
@@ -27,39 +34,71 @@ DEMO_DIR = "fusion_demo"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m fusion_kernels.merge",
-        description="Merge a fine-tuned model back with its base (Locate-then-Merge / Neuron-Fusion).",
+        description="Merge a fine-tuned model back with its base (Neuron-Fusion and friends).",
     )
     io = parser.add_argument_group("checkpoints")
     io.add_argument("--base", type=Path, help="base model directory or .safetensors file")
     io.add_argument("--tuned", type=Path, help="fine-tuned model directory or .safetensors file")
     io.add_argument("--out", type=Path, help="output directory (appears only when complete)")
     io.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    io.add_argument("--max-shard-size", type=parse_size, metavar="SIZE",
-                    help="regroup output shards (e.g. 5GB); default: tuned's shard layout")
+    io.add_argument(
+        "--max-shard-size",
+        type=parse_size,
+        metavar="SIZE",
+        help="regroup output shards (e.g. 5GB); default: tuned's shard layout",
+    )
     io.add_argument("--dry-run", action="store_true", help="print the plan and stop")
-    io.add_argument("--demo", nargs="?", const=DEMO_DIR, metavar="DIR",
-                    help=f"generate a small Llama-layout pair in DIR (default ./{DEMO_DIR}) and merge it")
+    io.add_argument(
+        "--demo",
+        nargs="?",
+        const=DEMO_DIR,
+        metavar="DIR",
+        help=f"generate a small Llama-layout pair in DIR (default ./{DEMO_DIR}) and merge it",
+    )
 
     method = parser.add_argument_group("method (a preset; explicit flags override it)")
-    method.add_argument("--method", choices=list(PRESETS), default=DEFAULT_METHOD,
-                        help=f"preset (default {DEFAULT_METHOD})")
+    method.add_argument(
+        "--method",
+        choices=list(PRESETS),
+        default=DEFAULT_METHOD,
+        help=f"preset (default {DEFAULT_METHOD})",
+    )
     method.add_argument("--suppress", choices=SUPPRESS_METHODS, help="locate function Sub()")
     method.add_argument("--density", type=float, help="K: fraction of entries kept (0.2)")
-    method.add_argument("--gamma", type=float, help="breadcrumbs: fraction of largest dropped (0.01)")
+    method.add_argument(
+        "--gamma", type=float, help="breadcrumbs: fraction of largest dropped (0.01)"
+    )
     method.add_argument("--epsilon", type=float, help="della: probability spread (0.15)")
-    method.add_argument("--rescale", choices=RESCALE_MODES, help="random/della: kept-entry scaling (l1)")
+    method.add_argument(
+        "--rescale", choices=RESCALE_MODES, help="random/della: kept-entry scaling (l1)"
+    )
     method.add_argument("--weight", type=float, help="α: scale of the suppressed delta (1.0)")
-    method.add_argument("--restore", choices=RESTORE_MODES, help="Neuron-Restore: replace or rescale")
+    method.add_argument(
+        "--restore", choices=RESTORE_MODES, help="Neuron-Restore: replace or rescale"
+    )
     method.add_argument("--top-neurons", type=float, help="M: fraction of neurons restored (0.3)")
     method.add_argument("--seed", type=int, help="seed for random, della and tie-breaking (0)")
-    method.add_argument("--neuron-rule", action="append", default=[], metavar="REGEX=row|col|none",
-                        help="neuron axis for names matching REGEX (repeatable; before the defaults)")
-    method.add_argument("--allow-nonfinite", action="store_true", default=None,
-                        help="copy tensors whose delta is NaN/Inf from tuned instead of failing")
+    method.add_argument(
+        "--neuron-rule",
+        action="append",
+        default=[],
+        metavar="REGEX=row|col|none",
+        help="neuron axis for names matching REGEX (repeatable; before the defaults)",
+    )
+    method.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        default=None,
+        help="copy tensors whose delta is NaN/Inf from tuned instead of failing",
+    )
 
     run = parser.add_argument_group("execution")
-    run.add_argument("--backend", choices=["auto", *registered_backends()], default=None,
-                     help="kernel backend (default auto, or $FUSION_KERNELS_BACKEND)")
+    run.add_argument(
+        "--backend",
+        choices=["auto", *registered_backends()],
+        default=None,
+        help="kernel backend (default auto, or $FUSION_KERNELS_BACKEND)",
+    )
     run.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     run.add_argument("--select", choices=SELECT_MODES, help="exact (default) or approx selection")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -68,9 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _params(args: argparse.Namespace):
     return params_for(
-        args.method, suppress=args.suppress, density=args.density, gamma=args.gamma,
-        epsilon=args.epsilon, rescale=args.rescale, weight=args.weight, restore=args.restore,
-        top_neurons=args.top_neurons, seed=args.seed, select=args.select,
+        args.method,
+        suppress=args.suppress,
+        density=args.density,
+        gamma=args.gamma,
+        epsilon=args.epsilon,
+        rescale=args.rescale,
+        weight=args.weight,
+        restore=args.restore,
+        top_neurons=args.top_neurons,
+        seed=args.seed,
+        select=args.select,
         allow_nonfinite=args.allow_nonfinite,
     )
 
@@ -91,8 +138,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"params: {params.as_dict()}")
         return 0
     report = merge_checkpoints(
-        args.base, args.tuned, args.out, params, rules=rules, backend=args.backend,
-        device=args.device, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+        args.base,
+        args.tuned,
+        args.out,
+        params,
+        rules=rules,
+        backend=args.backend,
+        device=args.device,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
         progress=not args.quiet,
     )
     print(summary(report, args.out))
@@ -106,7 +160,8 @@ def summary(report: dict, out: Path) -> str:
     kept = 100.0 * t["kept"] / max(t["numel_merged"], 1)
     lines = [
         f"merged {t['merged']} tensors, copied {t['copied']} ({t['bytes'] / 1e9:.3f} GB) in "
-        f"{t['seconds']:.2f} s ({rate:.2f} GB/s) with backend {', '.join(report['backends']) or '-'}",
+        f"{t['seconds']:.2f} s ({rate:.2f} GB/s) with backend "
+        f"{', '.join(report['backends']) or '-'}",
         f"kept {t['kept']} of {t['numel_merged']} merged entries ({kept:.1f} %), restored "
         f"{t['restored_neurons']} neurons ({t['fallbacks']} rescale fallbacks to replace)",
     ]
@@ -123,11 +178,20 @@ def _run_demo(root: Path, args, params, rules) -> int:
 
     start = time.perf_counter()
     base, tuned = generate_pair(root)
-    print(f"generated a Llama-layout base/tuned pair in {root} ({time.perf_counter() - start:.1f} s)")
+    print(
+        f"generated a Llama-layout base/tuned pair in {root} ({time.perf_counter() - start:.1f} s)"
+    )
     out = root / "merged"
     report = merge_checkpoints(
-        base, tuned, out, params, rules=rules, backend=args.backend, device=args.device,
-        overwrite=True, progress=not args.quiet,
+        base,
+        tuned,
+        out,
+        params,
+        rules=rules,
+        backend=args.backend,
+        device=args.device,
+        overwrite=True,
+        progress=not args.quiet,
     )
     print(summary(report, out))
     if params.restore == "replace":

@@ -65,7 +65,9 @@ class MergeParams:
         if not 0.0 <= self.gamma < 1.0:
             raise ParameterError(f"gamma must be in [0, 1), got {self.gamma}")
         if self.suppress == "della" and not (
-            self.epsilon >= 0 and self.density - self.epsilon > 0 and self.density + self.epsilon < 1
+            self.epsilon >= 0
+            and self.density - self.epsilon > 0
+            and self.density + self.epsilon < 1
         ):
             raise ParameterError(
                 f"della needs 0 < density - epsilon and density + epsilon < 1; got density "

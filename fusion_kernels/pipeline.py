@@ -80,7 +80,7 @@ def merge_checkpoints(
         rules: neuron rules (default: SPEC's rules for Llama/Mistral/Qwen2 names).
         backend: ``auto`` (default), ``torch``, ``cpp`` or ``triton``.
         device: where tensors are merged (``cpu``, ``cuda``, ``cuda:1``).
-        max_shard_size: regroup output shards to at most this many bytes (default: tuned's grouping).
+        max_shard_size: regroup output shards to at most this many bytes (default: tuned's).
         overwrite: replace an existing ``out``.
         progress: show a progress bar on stderr.
     """
@@ -100,7 +100,9 @@ def merge_checkpoints(
     return report
 
 
-def _run(plan, base_ckpt, tuned_ckpt, writer, params, backend, device, progress) -> list[TensorStats]:
+def _run(
+    plan, base_ckpt, tuned_ckpt, writer, params, backend, device, progress
+) -> list[TensorStats]:
     order = [plan.tasks[name] for shard in plan.shards for name in shard.names]
 
     def load(task: TensorTask) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -109,14 +111,23 @@ def _run(plan, base_ckpt, tuned_ckpt, writer, params, backend, device, progress)
         return base, tuned
 
     results: list[TensorStats] = []
-    bar = tqdm(total=plan.nbytes, unit="B", unit_scale=True, unit_divisor=1000,
-               desc="merging", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=plan.nbytes,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1000,
+        desc="merging",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     with bar, ThreadPoolExecutor(1, "fk-read") as reader, ThreadPoolExecutor(1, "fk-write") as out:
         next_read: Future | None = reader.submit(load, order[0]) if order else None
         in_flight: Future | None = None
         for position, task in enumerate(order):
             base, tuned = next_read.result()
-            next_read = reader.submit(load, order[position + 1]) if position + 1 < len(order) else None
+            next_read = (
+                reader.submit(load, order[position + 1]) if position + 1 < len(order) else None
+            )
             merged, stats = _compute(task, base, tuned, params, backend, device)
             results.append(stats)
             if in_flight is not None:
@@ -135,8 +146,12 @@ def _compute(task, base, tuned, params, backend, device) -> tuple[torch.Tensor, 
     start = time.perf_counter()
     try:
         merged, stats = merge_tensor(
-            base.to(device, non_blocking=True), tuned.to(device, non_blocking=True), task.name,
-            axis=task.axis, backend=backend, params=params,
+            base.to(device, non_blocking=True),
+            tuned.to(device, non_blocking=True),
+            task.name,
+            axis=task.axis,
+            backend=backend,
+            params=params,
         )
     except FusionError as exc:
         # Name the file too: the user has to find the bad tensor on disk.

@@ -59,7 +59,9 @@ class MergePlan:
             lines.append(f"{shard.filename}:")
             for name in shard.names:
                 task = self.tasks[name]
-                what = f"merge axis={task.axis}" if task.action == "merge" else f"copy ({task.reason})"
+                what = (
+                    f"merge axis={task.axis}" if task.action == "merge" else f"copy ({task.reason})"
+                )
                 lines.append(f"  {name}  {list(task.tuned.shape)} {task.tuned.dtype}  {what}")
         lines.extend(f"skip (only in base): {name}" for name in self.skipped)
         lines.append(
@@ -98,7 +100,7 @@ def _task(name: str, info: TensorInfo, base: Checkpoint, rules: NeuronRules) -> 
     if other.shape != info.shape:
         raise PlanError(
             f"tensor {name!r}: shape {list(info.shape)} in tuned ({info.file}) but "
-            f"{list(other.shape)} in base ({other.file}); both checkpoints must share an architecture"
+            f"{list(other.shape)} in base ({other.file}); the two must share an architecture"
         )
     if other.dtype != info.dtype:
         raise PlanError(

@@ -146,7 +146,7 @@ class Checkpoint:
     """A safetensors checkpoint: names, shapes and dtypes from headers; data read on demand.
 
     Args:
-        path: a directory (one ``.safetensors`` file, or shards with ``model.safetensors.index.json``)
+        path: a directory (one ``.safetensors`` file, or shards named by an index file)
             or a single ``.safetensors`` file.
     """
 
@@ -220,7 +220,9 @@ class Checkpoint:
     def names(self) -> list[str]:
         """Tensor names in file order, then offset order (the order they lie on disk)."""
         order = {f: i for i, f in enumerate(self.files)}
-        return sorted(self.tensors, key=lambda n: (order[self.tensors[n].file], self.tensors[n].begin))
+        return sorted(
+            self.tensors, key=lambda n: (order[self.tensors[n].file], self.tensors[n].begin)
+        )
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors

@@ -29,14 +29,18 @@ _WEIGHT_NAMES = (INDEX_NAME, "pytorch_model.bin.index.json", REPORT_NAME)
 
 
 class ShardFile:
-    """One output safetensors file: header written at open, tensor bytes written at their offsets."""
+    """One output safetensors file: header written at open, tensors written at their offsets."""
 
     def __init__(self, path: Path, entries: Iterable[tuple[str, str, tuple[int, ...], int]]):
         header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
         self.layout: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
         position = 0
         for name, dtype, shape, nbytes in entries:
-            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [position, position + nbytes]}
+            header[name] = {
+                "dtype": dtype,
+                "shape": list(shape),
+                "data_offsets": [position, position + nbytes],
+            }
             self.layout[name] = (dtype, tuple(shape), position, nbytes)
             position += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
@@ -102,8 +106,15 @@ class CheckpointWriter:
         self.shards: dict[str, ShardFile] = {}
         try:
             for shard in plan.shards:
-                entries = [(n, plan.tasks[n].tuned.dtype, plan.tasks[n].tuned.shape,
-                            plan.tasks[n].tuned.nbytes) for n in shard.names]
+                entries = [
+                    (
+                        n,
+                        plan.tasks[n].tuned.dtype,
+                        plan.tasks[n].tuned.shape,
+                        plan.tasks[n].tuned.nbytes,
+                    )
+                    for n in shard.names
+                ]
                 file = ShardFile(self.tmp_dir / shard.filename, entries)
                 for name in shard.names:
                     self.shards[name] = file
@@ -129,10 +140,13 @@ class CheckpointWriter:
         for file in set(self.shards.values()):
             file.close()
         if len(self.plan.shards) > 1:
-            self._write_json(INDEX_NAME, {
-                "metadata": {"total_size": self.plan.nbytes},
-                "weight_map": {n: s.filename for s in self.plan.shards for n in s.names},
-            })
+            self._write_json(
+                INDEX_NAME,
+                {
+                    "metadata": {"total_size": self.plan.nbytes},
+                    "weight_map": {n: s.filename for s in self.plan.shards for n in s.names},
+                },
+            )
         if copy_from is not None:
             for path in non_weight_files(copy_from):
                 shutil.copy2(path, self.tmp_dir / path.name)
@@ -162,7 +176,8 @@ class CheckpointWriter:
 def non_weight_files(directory: Path) -> list[Path]:
     """Top-level files of a model directory that are not weights: config, tokenizer, processor..."""
     return sorted(
-        p for p in directory.iterdir()
+        p
+        for p in directory.iterdir()
         if p.is_file() and not p.name.endswith(_WEIGHT_SUFFIXES) and p.name not in _WEIGHT_NAMES
     )
 

@@ -19,11 +19,16 @@ def one_tensor() -> None:
     tuned = (base.float() + 0.001 * torch.randn(256, 128)).to(torch.bfloat16)
     tuned[[3, 50, 99, 200]] += 0.1
     merged, stats = fk.merge_tensor(
-        base, tuned, "model.layers.0.mlp.up_proj.weight",
-        method="neu-p-ties", top_neurons=4 / 256,
+        base,
+        tuned,
+        "model.layers.0.mlp.up_proj.weight",
+        method="neu-p-ties",
+        top_neurons=4 / 256,
     )
     restored = (merged == tuned).all(dim=1).nonzero().flatten().tolist()
-    print(f"kept {stats.kept} of {stats.numel} entries; restored neurons {restored} ({stats.backend})")
+    print(
+        f"kept {stats.kept} of {stats.numel} entries; restored neurons {restored} ({stats.backend})"
+    )
     assert restored == [3, 50, 99, 200]
 
 
@@ -32,8 +37,10 @@ def whole_checkpoint(workdir: Path) -> None:
     params = fk.params_for("neu-s-ties", density=0.1)
     report = fk.merge_checkpoints(base, tuned, workdir / "merged", params, progress=False)
     totals = report["totals"]
-    print(f"merged {totals['merged']} tensors, restored {totals['restored_neurons']} neurons "
-          f"into {workdir / 'merged'}")
+    print(
+        f"merged {totals['merged']} tensors, restored {totals['restored_neurons']} neurons "
+        f"into {workdir / 'merged'}"
+    )
     assert (workdir / "merged" / "fusion_report.json").exists()
 
 

@@ -115,4 +115,6 @@ def pytest_report_header(config):
     from fusion_kernels import available_backends
 
     interp = os.environ.get("TRITON_INTERPRET", "")
-    return f"fusion_kernels backends available: {available_backends()} (TRITON_INTERPRET={interp!r})"
+    return (
+        f"fusion_kernels backends available: {available_backends()} (TRITON_INTERPRET={interp!r})"
+    )

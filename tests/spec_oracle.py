@@ -23,7 +23,7 @@ def spec_merge(base: torch.Tensor, tuned: torch.Tensor, name: str, axis: str, p:
     shape = base.shape
     b = base.float().reshape(-1).tolist()
     t = tuned.float().reshape(-1).tolist()
-    d = [f32(ti - bi) for ti, bi in zip(t, b)]
+    d = [f32(ti - bi) for ti, bi in zip(t, b, strict=True)]
     n = len(d)
     K, seed = p.get("density", 0.2), p.get("seed", 0)
     method = p.get("suppress", "none")
@@ -72,7 +72,11 @@ def spec_merge(base: torch.Tensor, tuned: torch.Tensor, name: str, axis: str, p:
         neurons = rows if axis == "row" else cols
 
         def members(j):
-            return [j * cols + c for c in range(cols)] if axis == "row" else [r * cols + j for r in range(rows)]
+            return (
+                [j * cols + c for c in range(cols)]
+                if axis == "row"
+                else [r * cols + j for r in range(rows)]
+            )
 
         change = [math.fsum(abs(d[i]) for i in members(j)) for j in range(neurons)]
         M = p.get("top_neurons", 0.3)
@@ -89,5 +93,5 @@ def spec_merge(base: torch.Tensor, tuned: torch.Tensor, name: str, axis: str, p:
                 factor = f32(change[j] / kept_change)
                 for i in members(j):
                     new[i] = f32(sub[i] * factor)
-    merged = torch.tensor([f32(bi + x) for bi, x in zip(b, new)], dtype=torch.float32)
+    merged = torch.tensor([f32(bi + x) for bi, x in zip(b, new, strict=True)], dtype=torch.float32)
     return merged.reshape(shape).to(base.dtype), sum(keep), restored, fallbacks, l1

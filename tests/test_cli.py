@@ -26,9 +26,26 @@ def pair(tmp_path):
 def test_cli_merge_subprocess_end_to_end(pair):
     base, tuned, out = pair
     done = subprocess.run(
-        [sys.executable, "-m", "fusion_kernels.merge", "--base", base, "--tuned", tuned, "--out", out,
-         "--method", "neu-s-ties", "--density", "0.3", "--backend", "torch"],
-        capture_output=True, text=True, check=False,
+        [
+            sys.executable,
+            "-m",
+            "fusion_kernels.merge",
+            "--base",
+            base,
+            "--tuned",
+            tuned,
+            "--out",
+            out,
+            "--method",
+            "neu-s-ties",
+            "--density",
+            "0.3",
+            "--backend",
+            "torch",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     assert "merged 21 tensors" in done.stdout and "kept" in done.stdout
@@ -40,8 +57,25 @@ def test_cli_merge_subprocess_end_to_end(pair):
 
 def test_explicit_flags_override_the_preset(pair):
     base, tuned, out = pair
-    assert run_cli("--base", base, "--tuned", tuned, "--out", out, "--method", "dare",
-                   "--rescale", "inverse", "--seed", "5", "--neuron-rule", "up_proj=col") == 0
+    assert (
+        run_cli(
+            "--base",
+            base,
+            "--tuned",
+            tuned,
+            "--out",
+            out,
+            "--method",
+            "dare",
+            "--rescale",
+            "inverse",
+            "--seed",
+            "5",
+            "--neuron-rule",
+            "up_proj=col",
+        )
+        == 0
+    )
     report = json.loads((out / "fusion_report.json").read_text())
     assert report["params"]["suppress"] == "random" and report["params"]["rescale"] == "inverse"
     assert report["params"]["seed"] == 5
@@ -97,16 +131,27 @@ def test_bad_inputs_exit_2_and_leave_nothing(tmp_path, capsys):
     base, tuned = tiny_pair(tmp_path / "in")
     before = tree_digest(tmp_path / "in")
     out = tmp_path / "out"
-    expect_error(capsys, ["--base", tmp_path / "nope", "--tuned", tuned, "--out", out], "nope", "no such file")
+    expect_error(
+        capsys,
+        ["--base", tmp_path / "nope", "--tuned", tuned, "--out", out],
+        "nope",
+        "no such file",
+    )
     (tmp_path / "empty").mkdir()
-    expect_error(capsys, ["--base", tmp_path / "empty", "--tuned", tuned, "--out", out], "no .safetensors")
-    expect_error(capsys, ["--base", base, "--tuned", tuned, "--out", tuned / "sub"], "overlaps the input")
+    expect_error(
+        capsys, ["--base", tmp_path / "empty", "--tuned", tuned, "--out", out], "no .safetensors"
+    )
+    expect_error(
+        capsys, ["--base", base, "--tuned", tuned, "--out", tuned / "sub"], "overlaps the input"
+    )
 
     shard = base / "model-00002-of-00002.safetensors"
     truncated = tmp_path / "trunc"
     truncated.mkdir()
     (truncated / "model.safetensors").write_bytes(shard.read_bytes()[:-100])
-    expect_error(capsys, ["--base", truncated, "--tuned", tuned, "--out", out], "truncated", "trunc")
+    expect_error(
+        capsys, ["--base", truncated, "--tuned", tuned, "--out", out], "truncated", "trunc"
+    )
     assert not out.exists() and not list(tmp_path.glob(".out.*"))
     assert tree_digest(tmp_path / "in") == before
 
@@ -114,8 +159,12 @@ def test_bad_inputs_exit_2_and_leave_nothing(tmp_path, capsys):
 def test_shape_mismatch_exits_2_naming_the_tensor(tmp_path, capsys):
     write_single(tmp_path / "b", {"model.layers.0.mlp.up_proj.weight": torch.zeros(4, 3)})
     write_single(tmp_path / "t", {"model.layers.0.mlp.up_proj.weight": torch.zeros(4, 5)})
-    expect_error(capsys, ["--base", tmp_path / "b", "--tuned", tmp_path / "t", "--out", tmp_path / "o"],
-                 "model.layers.0.mlp.up_proj.weight", "shape [4, 5] in tuned")
+    expect_error(
+        capsys,
+        ["--base", tmp_path / "b", "--tuned", tmp_path / "t", "--out", tmp_path / "o"],
+        "model.layers.0.mlp.up_proj.weight",
+        "shape [4, 5] in tuned",
+    )
     assert not (tmp_path / "o").exists()
 
 
@@ -136,7 +185,9 @@ def test_nonfinite_delta_is_an_error_unless_allowed(tmp_path, capsys):
 def test_existing_output_exits_2_without_overwrite(pair, capsys):
     base, tuned, out = pair
     out.mkdir()
-    expect_error(capsys, ["--base", base, "--tuned", tuned, "--out", out], "already exists", "--overwrite")
+    expect_error(
+        capsys, ["--base", base, "--tuned", tuned, "--out", out], "already exists", "--overwrite"
+    )
     assert run_cli("--base", base, "--tuned", tuned, "--out", out, "--overwrite") == 0
 
 

@@ -26,7 +26,10 @@ def test_sharded_merge_keeps_tuned_layout_and_equals_the_per_tensor_op(tmp_path)
     tuned_ckpt, out_ckpt = Checkpoint(tuned), Checkpoint(out)
     assert [f.name for f in out_ckpt.files] == [f.name for f in tuned_ckpt.files]
     index = json.loads((out / "model.safetensors.index.json").read_text())
-    assert index["weight_map"] == json.loads((tuned / "model.safetensors.index.json").read_text())["weight_map"]
+    assert (
+        index["weight_map"]
+        == json.loads((tuned / "model.safetensors.index.json").read_text())["weight_map"]
+    )
     for name in ("config.json", "generation_config.json", "tokenizer.json"):
         assert (out / name).read_bytes() == (tuned / name).read_bytes()
     base_ckpt = Checkpoint(base)
@@ -38,7 +41,9 @@ def test_sharded_merge_keeps_tuned_layout_and_equals_the_per_tensor_op(tmp_path)
     entries = {t["name"]: t for t in report["tensors"]}
     assert set(entries) == set(tuned_ckpt.names())
     up = entries["model.layers.0.mlp.up_proj.weight"]
-    assert up["axis"] == "row" and up["restored"] == int(0.3 * 48) and up["kept"] == int(0.2 * 48 * 32)
+    assert (
+        up["axis"] == "row" and up["restored"] == int(0.3 * 48) and up["kept"] == int(0.2 * 48 * 32)
+    )
     assert entries["model.layers.1.self_attn.o_proj.weight"]["axis"] == "col"
     on_disk = json.loads((out / "fusion_report.json").read_text())
     assert on_disk["params"]["restore"] == "replace" and on_disk["params"]["density"] == 0.2
@@ -53,12 +58,20 @@ def test_single_file_inputs_and_single_safetensors_path(tmp_path):
     write_single(tmp_path / "base", base)
     write_single(tmp_path / "tuned", tuned, config={"model_type": "x"})
     params = params_for("ties")
-    merge_checkpoints(tmp_path / "base", tmp_path / "tuned", tmp_path / "o1", params, progress=False)
     merge_checkpoints(
-        tmp_path / "base" / "model.safetensors", tmp_path / "tuned" / "model.safetensors",
-        tmp_path / "o2", params, progress=False,
+        tmp_path / "base", tmp_path / "tuned", tmp_path / "o1", params, progress=False
     )
-    one, two = load_file(tmp_path / "o1" / "model.safetensors"), load_file(tmp_path / "o2" / "model.safetensors")
+    merge_checkpoints(
+        tmp_path / "base" / "model.safetensors",
+        tmp_path / "tuned" / "model.safetensors",
+        tmp_path / "o2",
+        params,
+        progress=False,
+    )
+    one, two = (
+        load_file(tmp_path / "o1" / "model.safetensors"),
+        load_file(tmp_path / "o2" / "model.safetensors"),
+    )
     assert one.keys() == two.keys() == base.keys()
     for name in one:
         assert_tensors_equal(one[name], two[name], name)
@@ -68,16 +81,24 @@ def test_single_file_inputs_and_single_safetensors_path(tmp_path):
 
 def test_tuned_only_and_non_float_tensors_are_copied_and_base_only_skipped(tmp_path, caplog):
     base = {"w": torch.randn(4, 4), "ids": torch.arange(5), "old": torch.ones(2)}
-    tuned = {"w": base["w"] + 1, "ids": torch.arange(5) * 2, "new": torch.zeros(3, dtype=torch.bfloat16)}
+    tuned = {
+        "w": base["w"] + 1,
+        "ids": torch.arange(5) * 2,
+        "new": torch.zeros(3, dtype=torch.bfloat16),
+    }
     write_single(tmp_path / "base", base)
     write_single(tmp_path / "tuned", tuned)
     plan = build_plan(Checkpoint(tmp_path / "base"), Checkpoint(tmp_path / "tuned"))
     actions = {n: (t.action, t.reason) for n, t in plan.tasks.items()}
     assert actions == {
-        "w": ("merge", ""), "ids": ("copy", "I64 is not a float dtype"), "new": ("copy", "only in tuned")
+        "w": ("merge", ""),
+        "ids": ("copy", "I64 is not a float dtype"),
+        "new": ("copy", "only in tuned"),
     }
     assert plan.skipped == ["old"]
-    report = merge_checkpoints(tmp_path / "base", tmp_path / "tuned", tmp_path / "out", params_for("ties"), progress=False)
+    report = merge_checkpoints(
+        tmp_path / "base", tmp_path / "tuned", tmp_path / "out", params_for("ties"), progress=False
+    )
     out = load_file(tmp_path / "out" / "model.safetensors")
     assert torch.equal(out["ids"], tuned["ids"]) and torch.equal(out["new"], tuned["new"])
     assert "old" not in out and report["totals"]["skipped_base_only"] == ["old"]
@@ -87,7 +108,9 @@ def test_tuned_only_and_non_float_tensors_are_copied_and_base_only_skipped(tmp_p
 def test_shape_and_dtype_mismatch_are_plan_errors_naming_the_tensor(tmp_path):
     write_single(tmp_path / "base", {"w": torch.zeros(4, 4), "v": torch.zeros(2)})
     write_single(tmp_path / "t1", {"w": torch.zeros(4, 5), "v": torch.zeros(2)})
-    write_single(tmp_path / "t2", {"w": torch.zeros(4, 4), "v": torch.zeros(2, dtype=torch.float16)})
+    write_single(
+        tmp_path / "t2", {"w": torch.zeros(4, 4), "v": torch.zeros(2, dtype=torch.float16)}
+    )
     with pytest.raises(PlanError, match=r"'w': shape \[4, 5\] in tuned"):
         build_plan(Checkpoint(tmp_path / "base"), Checkpoint(tmp_path / "t1"))
     with pytest.raises(PlanError, match="'v': dtype F16 in tuned"):
@@ -103,7 +126,7 @@ def test_max_shard_size_regroups_output_and_writes_an_index(tmp_path):
     assert ckpt.names() == Checkpoint(tuned).names()
     for file in ckpt.files:
         with safe_open(str(file), "pt") as fh:
-            sizes = [fh.get_slice(n).get_shape() for n in fh.keys()]
+            sizes = [fh.get_slice(n).get_shape() for n in fh.keys()]  # noqa: SIM118 (safe_open is not a dict)
         total = sum(torch.Size(s).numel() * 2 for s in sizes)
         assert total <= 10_000 or len(sizes) == 1
 
@@ -143,7 +166,10 @@ def test_user_neuron_rules_override_defaults_and_must_fit_the_shape(tmp_path):
     ids=["short-header", "truncated-data", "bad-json", "trailing-bytes", "bad-dtype"],
 )
 def test_corrupt_safetensors_are_checkpoint_errors_naming_the_file(tmp_path, mutate, message):
-    path = write_single(tmp_path / "c", {"w": torch.zeros(4, 4), "v": torch.ones(3)}) / "model.safetensors"
+    path = (
+        write_single(tmp_path / "c", {"w": torch.zeros(4, 4), "v": torch.ones(3)})
+        / "model.safetensors"
+    )
     path.write_bytes(mutate(path.read_bytes()))
     with pytest.raises(CheckpointError, match=message) as info:
         Checkpoint(path.parent)
@@ -168,5 +194,5 @@ def test_directories_without_a_checkpoint_are_errors(tmp_path):
     with pytest.raises(CheckpointError, match="no such file"):
         Checkpoint(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="no .safetensors checkpoint"):
+    with pytest.raises(CheckpointError, match=r"no \.safetensors checkpoint"):
         Checkpoint(tmp_path / "empty")

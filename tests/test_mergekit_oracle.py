@@ -6,7 +6,9 @@ from conftest import assert_tensors_equal, make_pair
 
 from fusion_kernels import merge_tensor
 
-sparsify = pytest.importorskip("mergekit.sparsify", reason="mergekit is installed by the test extra")
+sparsify = pytest.importorskip(
+    "mergekit.sparsify", reason="mergekit is installed by the test extra"
+)
 
 
 def untied_pair(shape, seed):
@@ -38,7 +40,9 @@ def test_ties_equals_mergekit_magnitude_on_float32_without_ties(density, shape):
 def test_breadcrumbs_equals_mergekit_magnitude_outliers(density, gamma, shape):
     base, tuned = untied_pair(shape, seed=12)
     delta = tuned - base
-    ours, stats = merge_tensor(base, tuned, "w", suppress="breadcrumbs", density=density, gamma=gamma)
+    ours, stats = merge_tensor(
+        base, tuned, "w", suppress="breadcrumbs", density=density, gamma=gamma
+    )
     theirs = sparsify.magnitude_outliers(delta, density=density, gamma=gamma)
     assert stats.kept == int((theirs != 0).sum())
     assert_tensors_equal(ours, base + theirs, f"breadcrumbs density {density} gamma {gamma}")
@@ -54,7 +58,9 @@ def test_dare_and_della_kept_fraction_and_l1_norm_match_mergekit(method, density
         ours, stats = merge_tensor(base, tuned, "w", suppress="random", density=density)
         theirs = sparsify.bernoulli(delta, density=density, rescale_norm=sparsify.RescaleNorm.l1)
     else:
-        ours, stats = merge_tensor(base, tuned, "w", suppress="della", density=density, epsilon=0.05)
+        ours, stats = merge_tensor(
+            base, tuned, "w", suppress="della", density=density, epsilon=0.05
+        )
         theirs = sparsify.della_magprune(
             delta, density=density, epsilon=0.05, rescale_norm=sparsify.RescaleNorm.l1
         )

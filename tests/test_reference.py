@@ -73,8 +73,12 @@ def test_ties_among_equal_magnitudes_follow_the_tie_hash_then_index():
     tuned = torch.full((64, 64), 0.5, dtype=torch.bfloat16)
     masks = []
     for seed in (0, 1):
-        merged, stats = merge_tensor(base, tuned, NAME, suppress="magnitude", density=0.1, seed=seed)
-        expected, kept, *_ = spec_merge(base, tuned, NAME, "none", dict(suppress="magnitude", density=0.1, seed=seed))
+        merged, stats = merge_tensor(
+            base, tuned, NAME, suppress="magnitude", density=0.1, seed=seed
+        )
+        expected, kept, *_ = spec_merge(
+            base, tuned, NAME, "none", dict(suppress="magnitude", density=0.1, seed=seed)
+        )
         assert_tensors_equal(merged, expected)
         assert stats.kept == kept == int(0.1 * 64 * 64)
         masks.append(merged != 0)
@@ -97,7 +101,14 @@ def test_replace_restores_neurons_bit_identical_to_tuned(axis, dtype):
     else:
         tuned[:, planted] = (tuned[:, planted].float() + 0.5).to(dtype)
     merged, stats = merge_tensor(
-        base, tuned, "w", axis=axis, suppress="magnitude", density=0.1, restore="replace", top_neurons=3 / 40 + 1e-9
+        base,
+        tuned,
+        "w",
+        axis=axis,
+        suppress="magnitude",
+        density=0.1,
+        restore="replace",
+        top_neurons=3 / 40 + 1e-9,
     )
     assert stats.restored == 3
     view_m, view_t = (merged, tuned) if axis == "row" else (merged.t(), tuned.t())
@@ -110,7 +121,14 @@ def test_replace_restores_neurons_bit_identical_to_tuned(axis, dtype):
 def test_rescale_restores_the_change_score_of_restored_neurons(axis):
     base, tuned = make_pair((32, 24), torch.float32, seed=5)
     merged, stats = merge_tensor(
-        base, tuned, "w", axis=axis, suppress="magnitude", density=0.2, restore="rescale", top_neurons=0.25
+        base,
+        tuned,
+        "w",
+        axis=axis,
+        suppress="magnitude",
+        density=0.2,
+        restore="rescale",
+        top_neurons=0.25,
     )
     dim = 1 if axis == "row" else 0
     change = (tuned - base).abs().double().sum(dim)
@@ -123,7 +141,14 @@ def test_rescale_restores_the_change_score_of_restored_neurons(axis):
 def test_rescale_falls_back_to_replace_when_nothing_was_kept():
     base, tuned = make_pair((10, 10), torch.float32, seed=6)
     merged, stats = merge_tensor(
-        base, tuned, "w", axis="row", suppress="magnitude", density=0.0, restore="rescale", top_neurons=0.3
+        base,
+        tuned,
+        "w",
+        axis="row",
+        suppress="magnitude",
+        density=0.0,
+        restore="rescale",
+        top_neurons=0.3,
     )
     assert stats.kept == 0 and stats.restored == 3 and stats.fallbacks == 3
     top = torch.sort((tuned - base).abs().double().sum(1), descending=True, stable=True).indices[:3]
@@ -146,7 +171,16 @@ def test_weight_scales_the_suppressed_delta_but_not_replaced_neurons():
     base, tuned = make_pair((20, 16), torch.float32, seed=9)
     half, _ = merge_tensor(base, tuned, "w", axis="none", suppress="none", weight=0.5)
     torch.testing.assert_close(half - base, 0.5 * (tuned - base), rtol=1e-5, atol=1e-7)
-    merged, stats = merge_tensor(base, tuned, "w", axis="row", suppress="none", weight=0.0, restore="replace", top_neurons=0.25)
+    merged, stats = merge_tensor(
+        base,
+        tuned,
+        "w",
+        axis="row",
+        suppress="none",
+        weight=0.0,
+        restore="replace",
+        top_neurons=0.25,
+    )
     restored = (merged == tuned).all(dim=1)
     assert restored.sum().item() == stats.restored == 5
     assert torch.equal(merged[~restored], base[~restored])
@@ -155,18 +189,27 @@ def test_weight_scales_the_suppressed_delta_but_not_replaced_neurons():
 def test_nonfinite_delta_is_an_error_naming_the_tensor_or_copied_on_request():
     base, tuned = make_pair((4, 4))
     tuned[1, 2] = float("inf")
-    with pytest.raises(NonFiniteDeltaError, match="layers.0.x"):
+    with pytest.raises(NonFiniteDeltaError, match=r"layers\.0\.x"):
         merge_tensor(base, tuned, "layers.0.x", suppress="magnitude")
-    merged, stats = merge_tensor(base, tuned, "layers.0.x", suppress="magnitude", allow_nonfinite=True)
+    merged, stats = merge_tensor(
+        base, tuned, "layers.0.x", suppress="magnitude", allow_nonfinite=True
+    )
     assert stats.action == "copy-nonfinite"
     assert torch.equal(merged, tuned)
 
 
 @pytest.mark.parametrize(
     "bad",
-    [dict(density=1.5), dict(density=-0.1), dict(top_neurons=2.0), dict(gamma=1.0),
-     dict(suppress="della", density=0.1, epsilon=0.15), dict(suppress="nope"),
-     dict(suppress="magnitude", rescale="l1"), dict(weight=float("nan"))],
+    [
+        dict(density=1.5),
+        dict(density=-0.1),
+        dict(top_neurons=2.0),
+        dict(gamma=1.0),
+        dict(suppress="della", density=0.1, epsilon=0.15),
+        dict(suppress="nope"),
+        dict(suppress="magnitude", rescale="l1"),
+        dict(weight=float("nan")),
+    ],
     ids=str,
 )
 def test_bad_parameters_are_rejected(bad):
@@ -177,7 +220,9 @@ def test_bad_parameters_are_rejected(bad):
 
 def test_default_axis_comes_from_the_name_and_3d_tensors_have_no_neurons():
     base, tuned = make_pair((8, 6))
-    _, stats = merge_tensor(base, tuned, "model.layers.0.self_attn.o_proj.weight", method="neu-p-ties")
+    _, stats = merge_tensor(
+        base, tuned, "model.layers.0.self_attn.o_proj.weight", method="neu-p-ties"
+    )
     assert stats.axis == "col" and stats.restored == int(0.3 * 6)
     _, stats = merge_tensor(base, tuned, "model.layers.0.mlp.up_proj.weight", method="neu-p-ties")
     assert stats.axis == "row" and stats.restored == int(0.3 * 8)

@@ -14,8 +14,14 @@ transformers = pytest.importorskip("transformers", reason="installed by the test
 
 def tiny_llama_pair(root, dtype=torch.bfloat16):
     config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=False,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(0)
     base = transformers.LlamaForCausalLM(config).to(dtype)
@@ -33,7 +39,22 @@ def tiny_llama_pair(root, dtype=torch.bfloat16):
 def test_merged_tiny_llama_loads_and_runs(tmp_path, method):
     base, tuned = tiny_llama_pair(tmp_path)
     out = tmp_path / "merged"
-    assert main(["--base", str(base), "--tuned", str(tuned), "--out", str(out), "--method", method, "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "--base",
+                str(base),
+                "--tuned",
+                str(tuned),
+                "--out",
+                str(out),
+                "--method",
+                method,
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     model = transformers.LlamaForCausalLM.from_pretrained(out)
     logits = model(torch.tensor([[1, 5, 9, 2]])).logits
     assert logits.shape == (1, 4, 128) and bool(torch.isfinite(logits).all())

@@ -162,7 +162,7 @@ def merge_tensor(
     """Merge one tensor pair as SPEC.md defines.
 
     Args:
-        base, tuned: tensors of one shape and float dtype (float32, float16 or bfloat16), same device.
+        base, tuned: tensors of one shape, dtype (float32, float16, bfloat16) and device.
         name: the tensor's checkpoint name; seeds the hashes and picks the default neuron axis.
         axis: ``row``, ``col`` or ``none``; default: SPEC's rules for ``name`` (2-D tensors only).
         backend: ``auto`` (default, or ``$FUSION_KERNELS_BACKEND``), ``torch``, ``cpp``, ``triton``.

@@ -37,7 +37,9 @@ def spec_order(keys: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.sort(keys, dim=dim, descending=True, stable=True).indices
 
 
-def suppress(delta: torch.Tensor, name: str, params: MergeParams) -> tuple[torch.Tensor, KernelStats]:
+def suppress(
+    delta: torch.Tensor, name: str, params: MergeParams
+) -> tuple[torch.Tensor, KernelStats]:
     """``Sub(Δ)`` (float32, same shape) and the suppress part of the stats."""
     flat = delta.reshape(-1)
     n = flat.numel()
@@ -125,7 +127,12 @@ def restore(
 
 
 def merge_reference(
-    base: torch.Tensor, tuned: torch.Tensor, out: torch.Tensor, name: str, axis: str, params: MergeParams
+    base: torch.Tensor,
+    tuned: torch.Tensor,
+    out: torch.Tensor,
+    name: str,
+    axis: str,
+    params: MergeParams,
 ) -> KernelStats:
     """Write ``cast(f32(base) + Δ', base.dtype)`` into ``out``; return the stats."""
     delta = tuned.float() - base.float()
