@@ -47,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="regroup output shards (e.g. 5GB); default: tuned's shard layout",
     )
+    io.add_argument(
+        "--map",
+        action="append",
+        default=[],
+        metavar="TUNED_PREFIX=BASE_PREFIX",
+        help="rename tuned tensors to base names (repeatable); default: detected",
+    )
     io.add_argument("--dry-run", action="store_true", help="print the plan and stop")
     io.add_argument(
         "--demo",
@@ -133,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         raise FusionError(f"missing {', '.join(missing)} (or use --demo)")
     if args.dry_run:
-        _, _, plan = plan_merge(args.base, args.tuned, rules, args.max_shard_size)
+        _, _, plan = plan_merge(args.base, args.tuned, rules, args.max_shard_size, args.map)
         print(plan.describe())
         print(f"params: {params.as_dict()}")
         return 0
@@ -146,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
         backend=args.backend,
         device=args.device,
         max_shard_size=args.max_shard_size,
+        name_map=args.map,
         overwrite=args.overwrite,
         progress=not args.quiet,
     )

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .errors import FusionError, ParameterError
+from .namemap import detect, user_map
 from .neurons import NeuronRules
 from .ops import TensorStats, merge_tensor
 from .params import MergeParams
@@ -35,10 +36,18 @@ def plan_merge(
     tuned: str | os.PathLike,
     rules: NeuronRules | None = None,
     max_shard_size: int | None = None,
+    name_map: list[str] | None = None,
 ) -> tuple[Checkpoint, Checkpoint, MergePlan]:
-    """Open both checkpoints and plan the merge; nothing is written."""
+    """Open both checkpoints and plan the merge; nothing is written.
+
+    ``name_map``: ``TUNED_PREFIX=BASE_PREFIX`` rewrites; default: detected from names and shapes.
+    """
     base_ckpt, tuned_ckpt = Checkpoint(base), Checkpoint(tuned)
-    return base_ckpt, tuned_ckpt, build_plan(base_ckpt, tuned_ckpt, rules, max_shard_size)
+    mapping = (
+        user_map(base_ckpt, tuned_ckpt, name_map) if name_map else detect(base_ckpt, tuned_ckpt)
+    )
+    plan = build_plan(base_ckpt, tuned_ckpt, rules, max_shard_size, mapping)
+    return base_ckpt, tuned_ckpt, plan
 
 
 def check_output_path(out: Path, inputs: list[Path]) -> None:
@@ -68,6 +77,7 @@ def merge_checkpoints(
     backend: str | None = None,
     device: str = "cpu",
     max_shard_size: int | None = None,
+    name_map: list[str] | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -81,13 +91,14 @@ def merge_checkpoints(
         backend: ``auto`` (default), ``torch``, ``cpp`` or ``triton``.
         device: where tensors are merged (``cpu``, ``cuda``, ``cuda:1``).
         max_shard_size: regroup output shards to at most this many bytes (default: tuned's).
+        name_map: ``TUNED_PREFIX=BASE_PREFIX`` rewrites (default: detected, e.g. for LLaVA).
         overwrite: replace an existing ``out``.
         progress: show a progress bar on stderr.
     """
     out_dir = Path(out)
     params = params.validated()
     rules = rules or NeuronRules()
-    base_ckpt, tuned_ckpt, plan = plan_merge(base, tuned, rules, max_shard_size)
+    base_ckpt, tuned_ckpt, plan = plan_merge(base, tuned, rules, max_shard_size, name_map)
     check_output_path(out_dir, [base_ckpt.path, tuned_ckpt.path])
     for name in plan.skipped:
         log.warning("tensor %r is only in base (%s); it is not in the output", name, base_ckpt.path)
@@ -107,7 +118,7 @@ def _run(
 
     def load(task: TensorTask) -> tuple[torch.Tensor | None, torch.Tensor]:
         tuned = tuned_ckpt.read(task.name)
-        base = base_ckpt.read(task.name) if task.action == "merge" else None
+        base = base_ckpt.read(task.base.name) if task.action == "merge" else None
         return base, tuned
 
     results: list[TensorStats] = []
@@ -144,10 +155,12 @@ def _compute(task, base, tuned, params, backend, device) -> tuple[torch.Tensor, 
     if task.action == "copy":
         return tuned, TensorStats(kept=0, name=task.name, numel=task.tuned.numel, action="copy")
     start = time.perf_counter()
+    # A grown vocabulary merges the rows base has; the added rows come from tuned as they are.
+    block = tuned if task.merge_rows is None else tuned[: task.merge_rows]
     try:
         merged, stats = merge_tensor(
             base.to(device, non_blocking=True),
-            tuned.to(device, non_blocking=True),
+            block.to(device, non_blocking=True),
             task.name,
             axis=task.axis,
             backend=backend,
@@ -157,6 +170,8 @@ def _compute(task, base, tuned, params, backend, device) -> tuple[torch.Tensor, 
         # Name the file too: the user has to find the bad tensor on disk.
         exc.args = (f"{task.tuned.file}: {exc}",)
         raise
+    if task.merge_rows is not None:
+        merged = torch.cat([merged.cpu(), tuned[task.merge_rows :]])
     stats.seconds = time.perf_counter() - start
     return merged.cpu(), stats
 
@@ -168,6 +183,11 @@ def _report(plan, params, rules, base_ckpt, tuned_ckpt, stats, device, started) 
         task = plan.tasks[item.name]
         if task.reason:
             entry["reason"] = task.reason
+        if task.base is not None and task.base.name != item.name:
+            entry["base_name"] = task.base.name
+        if task.merge_rows is not None:
+            entry["merged_rows"] = task.merge_rows
+            entry["rows_from_tuned"] = task.tuned.shape[0] - task.merge_rows
         tensors.append(entry)
     merged = [s for s in stats if s.action == "merge"]
     return {
@@ -176,6 +196,10 @@ def _report(plan, params, rules, base_ckpt, tuned_ckpt, stats, device, started) 
         "tuned": str(tuned_ckpt.path),
         "params": params.as_dict(),
         "neuron_rules": [{"pattern": r.pattern, "axis": r.axis} for r in rules.rules],
+        "name_map": {
+            "detected": plan.name_map.detected,
+            "rules": [{"tuned": t, "base": b} for t, b in plan.name_map.rules],
+        },
         "device": device,
         "backends": sorted({s.backend for s in merged}),
         "totals": {

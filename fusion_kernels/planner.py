@@ -1,9 +1,10 @@
 """Planner: decide, before any output is written, what happens to every tensor and where it goes.
 
-Each tuned tensor is paired with the base tensor of the same name: ``merge`` (float in both, same
-shape and dtype; with its neuron axis), or ``copy`` (only in tuned, or not a float dtype). Base-only
-tensors are skipped with a warning. Output shards keep tuned's grouping, or are regrouped by
-``max_shard_size``.
+Each tuned tensor is paired with its base tensor (same name, or the name under the checkpoints'
+:class:`~fusion_kernels.namemap.NameMap`): ``merge`` (float in both, same shape and dtype; with its
+neuron axis), or ``copy`` (no base counterpart, or not a float dtype). An embedding or lm_head whose
+vocabulary grew in tuned merges its leading rows and copies the rest. Base-only tensors are skipped
+with a warning. Output shards keep tuned's grouping, or are regrouped by ``max_shard_size``.
 """
 
 from __future__ import annotations
@@ -12,13 +13,17 @@ import re
 from dataclasses import dataclass, field
 
 from .errors import ParameterError, PlanError
+from .namemap import NameMap
 from .neurons import DEFAULT_RULES, NeuronRules
 from .reader import MERGEABLE, Checkpoint, TensorInfo
 
 
 @dataclass(frozen=True)
 class TensorTask:
-    """One output tensor: ``merge`` with ``axis``, or ``copy`` from tuned (``reason`` says why)."""
+    """One output tensor: ``merge`` with ``axis``, or ``copy`` from tuned (``reason`` says why).
+
+    ``merge_rows`` is set when tuned's vocabulary grew: only the leading rows that base has merge.
+    """
 
     name: str
     action: str
@@ -26,6 +31,7 @@ class TensorTask:
     base: TensorInfo | None = None
     axis: str = "none"
     reason: str = ""
+    merge_rows: int | None = None
 
 
 @dataclass
@@ -43,6 +49,7 @@ class MergePlan:
     tasks: dict[str, TensorTask]
     shards: list[ShardPlan]
     skipped: list[str] = field(default_factory=list)
+    name_map: NameMap = field(default_factory=NameMap)
 
     @property
     def merge_count(self) -> int:
@@ -54,7 +61,7 @@ class MergePlan:
 
     def describe(self) -> str:
         """The plan as text, one line per tensor, for ``--dry-run``."""
-        lines = []
+        lines = [f"name map (tuned -> base): {'; '.join(self.name_map.describe())}"]
         for shard in self.shards:
             lines.append(f"{shard.filename}:")
             for name in shard.names:
@@ -77,12 +84,18 @@ def build_plan(
     tuned: Checkpoint,
     rules: NeuronRules | None = None,
     max_shard_size: int | None = None,
+    name_map: NameMap | None = None,
 ) -> MergePlan:
     """Pair tuned with base tensors and lay out the output shards. Raises PlanError on mismatch."""
     rules = rules or NeuronRules()
+    name_map = name_map or NameMap()
     names = tuned.names()
-    tasks = {name: _task(name, tuned.info(name), base, rules) for name in names}
-    skipped = [name for name in base.names() if name not in tuned]
+    tasks = {}
+    for name in names:
+        base_name = name_map.base_name(name, base.tensors)
+        tasks[name] = _task(name, tuned.info(name), base_name and base.info(base_name), rules)
+    paired = {t.base.name for t in tasks.values() if t.base is not None}
+    skipped = [name for name in base.names() if name not in paired]
     if max_shard_size is None:
         shards = [
             ShardPlan(file.name, [n for n in names if tuned.info(n).file == file])
@@ -90,18 +103,31 @@ def build_plan(
         ]
     else:
         shards = _regroup(names, tuned, max_shard_size)
-    return MergePlan(tasks, [s for s in shards if s.names], skipped)
+    return MergePlan(tasks, [s for s in shards if s.names], skipped, name_map)
 
 
-def _task(name: str, info: TensorInfo, base: Checkpoint, rules: NeuronRules) -> TensorTask:
-    if name not in base:
-        return TensorTask(name, "copy", info, reason="only in tuned")
-    other = base.info(name)
+# Tensors whose first dimension is the vocabulary, which a multimodal fine-tune may grow.
+_VOCAB = re.compile(r"(embed_tokens|lm_head|embed_out|wte|word_embeddings)\.weight$")
+
+
+def _task(name: str, info: TensorInfo, other: TensorInfo | None, rules: NeuronRules) -> TensorTask:
+    if other is None:
+        return TensorTask(name, "copy", info, reason="no base counterpart")
+    merge_rows = None
     if other.shape != info.shape:
-        raise PlanError(
-            f"tensor {name!r}: shape {list(info.shape)} in tuned ({info.file}) but "
-            f"{list(other.shape)} in base ({other.file}); the two must share an architecture"
+        grown = (
+            len(info.shape) == 2
+            and info.shape[1:] == other.shape[1:]
+            and info.shape[0] > other.shape[0]
+            and _VOCAB.search(name) is not None
         )
+        if not grown:
+            raise PlanError(
+                f"tensor {name!r}: shape {list(info.shape)} in tuned ({info.file}) but "
+                f"{list(other.shape)} in base {other.name!r} ({other.file}); the two must share "
+                "an architecture"
+            )
+        merge_rows = other.shape[0]
     if other.dtype != info.dtype:
         raise PlanError(
             f"tensor {name!r}: dtype {info.dtype} in tuned ({info.file}) but {other.dtype} in "
@@ -109,7 +135,8 @@ def _task(name: str, info: TensorInfo, base: Checkpoint, rules: NeuronRules) -> 
         )
     if info.dtype not in MERGEABLE:
         return TensorTask(name, "copy", info, other, reason=f"{info.dtype} is not a float dtype")
-    return TensorTask(name, "merge", info, other, axis=_axis(name, info, rules))
+    axis = _axis(other.name, info, rules)
+    return TensorTask(name, "merge", info, other, axis=axis, merge_rows=merge_rows)
 
 
 def _axis(name: str, info: TensorInfo, rules: NeuronRules) -> str:

@@ -93,7 +93,7 @@ def test_tuned_only_and_non_float_tensors_are_copied_and_base_only_skipped(tmp_p
     assert actions == {
         "w": ("merge", ""),
         "ids": ("copy", "I64 is not a float dtype"),
-        "new": ("copy", "only in tuned"),
+        "new": ("copy", "no base counterpart"),
     }
     assert plan.skipped == ["old"]
     report = merge_checkpoints(
