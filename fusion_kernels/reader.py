@@ -2,21 +2,23 @@
 
 A checkpoint is a directory holding one ``.safetensors`` file, or shards named by
 ``model.safetensors.index.json``, or a single ``.safetensors`` file. Headers are parsed and checked
-here (so a corrupt file is a clear error naming it); data is memory-mapped through safetensors'
-``safe_open`` and copied out one tensor at a time.
+here (so a corrupt file is a clear error naming it); shards are memory-mapped, and each tensor is
+copied out on its own and its pages released from the mapping, so the process's resident memory
+holds the tensors in flight, not the shards it has read.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors import safe_open
 
 from .errors import CheckpointError
 
@@ -158,8 +160,9 @@ class Checkpoint:
         self.files = self._shard_files()
         self.tensors: dict[str, TensorInfo] = {}
         self.metadata: dict[str, str] = {}
+        self._data_start: dict[Path, int] = {}
         for file in self.files:
-            tensors, metadata, _ = read_header(file)
+            tensors, metadata, self._data_start[file] = read_header(file)
             for name in tensors.keys() & self.tensors.keys():
                 raise CheckpointError(
                     f"{file}: tensor {name!r} also appears in {self.tensors[name].file}"
@@ -167,7 +170,7 @@ class Checkpoint:
             self.tensors.update(tensors)
             self.metadata = self.metadata or metadata
         self._check_index()
-        self._handles: dict[Path, object] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
 
     def _shard_files(self) -> list[Path]:
         if self.path.is_file():
@@ -233,18 +236,40 @@ class Checkpoint:
     def read(self, name: str) -> torch.Tensor:
         """One tensor, copied out of the memory-mapped shard into its own CPU memory."""
         info = self.tensors[name]
-        handle = self._handles.get(info.file)
+        tensor = torch.empty(info.shape, dtype=info.torch_dtype)
+        if info.nbytes == 0:
+            return tensor
+        start = self._data_start[info.file] + info.begin
         try:
-            if handle is None:
-                handle = safe_open(str(info.file), framework="pt")
-                self._handles[info.file] = handle
-            return handle.get_tensor(name)
-        except Exception as exc:  # safetensors raises its own error types for bad files
+            mapped = self._maps.get(info.file) or self._map(info.file)
+            source = np.frombuffer(mapped, dtype=np.uint8, count=info.nbytes, offset=start)
+            tensor.view(-1).view(torch.uint8).numpy()[:] = source
+        except (OSError, ValueError) as exc:
             raise CheckpointError(f"{info.file}: cannot read tensor {name!r} ({exc})") from None
+        del source
+        _release(mapped, start, info.nbytes)
+        return tensor
+
+    def _map(self, file: Path) -> mmap.mmap:
+        with open(file, "rb") as fh:
+            self._maps[file] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._maps[file]
 
     def close(self) -> None:
-        self._handles.clear()
+        """Unmap the shards (reading again maps them anew)."""
+        for mapped in self._maps.values():
+            mapped.close()
+        self._maps.clear()
 
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
+
+
+def _release(mapped: mmap.mmap, start: int, length: int) -> None:
+    """Drop a read range's pages from this process (they stay in the page cache)."""
+    if not hasattr(mapped, "madvise"):
+        return
+    page = mmap.PAGESIZE
+    begin = start - start % page
+    mapped.madvise(mmap.MADV_DONTNEED, begin, min(len(mapped) - begin, start + length - begin))
