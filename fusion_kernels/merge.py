@@ -109,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     run.add_argument("--select", choices=SELECT_MODES, help="exact (default) or approx selection")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--verify",
+        action="store_true",
+        help="re-read the output and check every tensor's name, shape, dtype and checksum",
+    )
     return parser
 
 
@@ -156,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
         name_map=args.map,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        verify=args.verify,
     )
     print(summary(report, args.out))
     return 0
@@ -175,6 +181,8 @@ def summary(report: dict, out: Path) -> str:
     ]
     if t["copied_nonfinite"]:
         lines.append(f"copied unchanged (non-finite delta): {', '.join(t['copied_nonfinite'])}")
+    if report.get("verified"):
+        lines.append("verified: every tensor re-read and matched its checksum")
     if t["skipped_base_only"]:
         lines.append(f"skipped (only in base): {len(t['skipped_base_only'])} tensors")
     lines.append(f"output: {out}")
@@ -213,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     # SIGTERM unwinds like Ctrl-C, so the writer removes its temporary directory.
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    # Past a file-size limit, let the write fail with EFBIG (a clear error) instead of dying.
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     args = build_parser().parse_args(argv)
     try:
         return run(args)

@@ -26,7 +26,7 @@ from .ops import TensorStats, merge_tensor
 from .params import MergeParams
 from .planner import MergePlan, TensorTask, build_plan
 from .reader import Checkpoint
-from .writer import CheckpointWriter
+from .writer import CheckpointWriter, checksum
 
 log = logging.getLogger("fusion_kernels")
 
@@ -80,6 +80,7 @@ def merge_checkpoints(
     name_map: list[str] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    verify: bool = False,
 ) -> dict[str, Any]:
     """Merge the checkpoint ``tuned`` back with ``base`` into ``out``; returns the report.
 
@@ -94,6 +95,7 @@ def merge_checkpoints(
         name_map: ``TUNED_PREFIX=BASE_PREFIX`` rewrites (default: detected, e.g. for LLaVA).
         overwrite: replace an existing ``out``.
         progress: show a progress bar on stderr.
+        verify: re-read the written files and check every tensor against what was computed.
     """
     out_dir = Path(out)
     params = params.validated()
@@ -105,14 +107,18 @@ def merge_checkpoints(
     torch_device = torch.device(device)
     started = time.perf_counter()
     with CheckpointWriter(out_dir, plan, overwrite=overwrite) as writer:
-        stats = _run(plan, base_ckpt, tuned_ckpt, writer, params, backend, torch_device, progress)
+        checksums: dict[str, int] | None = {} if verify else None
+        stats = _run(
+            plan, base_ckpt, tuned_ckpt, writer, params, backend, torch_device, progress, checksums
+        )
         report = _report(plan, params, rules, base_ckpt, tuned_ckpt, stats, device, started)
-        writer.commit(tuned_ckpt.directory if tuned_ckpt.path.is_dir() else None, report)
+        report["verified"] = verify
+        writer.commit(tuned_ckpt.directory if tuned_ckpt.path.is_dir() else None, report, checksums)
     return report
 
 
 def _run(
-    plan, base_ckpt, tuned_ckpt, writer, params, backend, device, progress
+    plan, base_ckpt, tuned_ckpt, writer, params, backend, device, progress, checksums
 ) -> list[TensorStats]:
     order = [plan.tasks[name] for shard in plan.shards for name in shard.names]
 
@@ -120,6 +126,11 @@ def _run(
         tuned = tuned_ckpt.read(task.name)
         base = base_ckpt.read(task.base.name) if task.action == "merge" else None
         return base, tuned
+
+    def store(name: str, merged: torch.Tensor) -> None:
+        writer.write(name, merged)
+        if checksums is not None:
+            checksums[name] = checksum(merged)
 
     results: list[TensorStats] = []
     bar = tqdm(
@@ -143,7 +154,7 @@ def _run(
             results.append(stats)
             if in_flight is not None:
                 in_flight.result()
-            in_flight = out.submit(writer.write, task.name, merged)
+            in_flight = out.submit(store, task.name, merged)
             bar.update(task.tuned.nbytes)
             bar.set_postfix_str(f"tensors {position + 1}/{len(order)}", refresh=False)
         if in_flight is not None:

@@ -106,12 +106,10 @@ def _tensor_info(path: Path, name: str, entry: object) -> TensorInfo:
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
         raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise CheckpointError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
-    valid_shape = isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
-    valid_offsets = (
-        isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
-    )
+    valid_shape = isinstance(shape, list) and all(_is_count(d) for d in shape)
+    valid_offsets = isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))
     if not valid_shape or not valid_offsets:
         raise CheckpointError(f"{path}: tensor {name!r} has a malformed shape or data_offsets")
     begin, end = offsets
@@ -122,6 +120,11 @@ def _tensor_info(path: Path, name: str, entry: object) -> TensorInfo:
             f"but its offsets span {end - begin}"
         )
     return TensorInfo(name, path, dtype, tuple(shape), begin, end)
+
+
+def _is_count(value: object) -> bool:
+    # JSON true/false parse as bool, which Python also counts as int.
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _check_layout(path: Path, tensors: dict[str, TensorInfo], data_size: int) -> None:
@@ -181,6 +184,9 @@ class Checkpoint:
         if index.exists():
             self.index = self._load_index(index)
             files = sorted(set(self.index.values()))
+            outside = [f for f in files if Path(f).name != f or f in ("", ".", "..")]
+            if outside:
+                raise CheckpointError(f"{index}: shard {outside[0]!r} is not a file name here")
             missing = [f for f in files if not (self.path / f).is_file()]
             if missing:
                 raise CheckpointError(f"{index}: names shard {missing[0]!r}, which does not exist")

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import struct
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import torch
 
 from .errors import CheckpointError, OutputExistsError
 from .planner import MergePlan
-from .reader import DTYPES, INDEX_NAME
+from .reader import DTYPES, INDEX_NAME, Checkpoint
 
 REPORT_NAME = "fusion_report.json"
 # Files of the tuned directory that are weights (ours or another format) and are not copied.
@@ -49,9 +50,11 @@ class ShardFile:
         self.data_start = 8 + len(raw)
         self.path = path
         self.pending = set(self.layout)
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        _pwrite_all(self.fd, struct.pack("<Q", len(raw)) + raw, 0)
-        os.ftruncate(self.fd, self.data_start + position)
+        self.fd = -1
+        with _write_errors(path):
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            _pwrite_all(self.fd, struct.pack("<Q", len(raw)) + raw, 0)
+            os.ftruncate(self.fd, self.data_start + position)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write ``tensor`` (CPU, the planned dtype and shape) at its offset."""
@@ -61,9 +64,10 @@ class ShardFile:
                 f"{self.path}: tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, "
                 f"planned {dtype} {list(shape)}"
             )
-        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        data = tensor_bytes(tensor)
         assert data.nbytes == nbytes
-        _pwrite_all(self.fd, memoryview(data), self.data_start + begin)
+        with _write_errors(self.path):
+            _pwrite_all(self.fd, memoryview(data), self.data_start + begin)
         self.pending.discard(name)
 
     def close(self, sync: bool = True) -> None:
@@ -71,10 +75,39 @@ class ShardFile:
             return
         try:
             if sync:
-                os.fsync(self.fd)
+                with _write_errors(self.path):
+                    os.fsync(self.fd)
         finally:
             os.close(self.fd)
             self.fd = -1
+
+
+def tensor_bytes(tensor: torch.Tensor):
+    """The tensor's bytes as a flat uint8 numpy array (a view when it is contiguous)."""
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def checksum(tensor: torch.Tensor) -> int:
+    """crc32 of the tensor's bytes, for ``--verify``."""
+    return zlib.crc32(tensor_bytes(tensor))
+
+
+class _write_errors:
+    """Turn OSError (disk full, file too large, no permission) into a CheckpointError."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and issubclass(exc_type, OSError):
+            raise CheckpointError(
+                f"{self.path}: cannot write ({exc.strerror or exc}); free disk space or choose "
+                "another --out"
+            ) from None
+        return False
 
 
 def _pwrite_all(fd: int, data, offset: int) -> None:
@@ -97,11 +130,19 @@ class CheckpointWriter:
             raise OutputExistsError(
                 f"{self.out_dir}: output already exists; pass --overwrite or choose another --out"
             )
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        with _write_errors(self.out_dir.parent):
+            self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_partials(self.out_dir)
+        free = shutil.disk_usage(self.out_dir.parent).free
+        if free < plan.nbytes:
+            raise CheckpointError(
+                f"{self.out_dir.parent}: {free / 1e9:.2f} GB free but the merge writes "
+                f"{plan.nbytes / 1e9:.2f} GB; free disk space or choose another --out"
+            )
         self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}.partial-{os.getpid()}"
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
-        self.tmp_dir.mkdir()
+        with _write_errors(self.tmp_dir):
+            self.tmp_dir.mkdir()
         self.plan = plan
         self.shards: dict[str, ShardFile] = {}
         try:
@@ -132,30 +173,60 @@ class CheckpointWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         self.shards[name].write(name, tensor)
 
-    def commit(self, copy_from: Path | None, report: dict[str, Any]) -> Path:
-        """Close shards, write the index, copied files and report, then rename into place."""
+    def commit(
+        self,
+        copy_from: Path | None,
+        report: dict[str, Any],
+        checksums: dict[str, int] | None = None,
+    ) -> Path:
+        """Close shards, write the index, copied files and report, then rename into place.
+
+        With ``checksums`` (name → crc32 of the bytes computed), the written files are re-opened
+        and every tensor's name, dtype, shape and checksum checked first.
+        """
         unwritten = sorted(n for f in set(self.shards.values()) for n in f.pending)
         if unwritten:
             raise CheckpointError(f"internal error: tensors never written: {unwritten[:5]}")
         for file in set(self.shards.values()):
             file.close()
         if len(self.plan.shards) > 1:
-            self._write_json(
-                INDEX_NAME,
-                {
-                    "metadata": {"total_size": self.plan.nbytes},
-                    "weight_map": {n: s.filename for s in self.plan.shards for n in s.names},
-                },
-            )
-        if copy_from is not None:
-            for path in non_weight_files(copy_from):
-                shutil.copy2(path, self.tmp_dir / path.name)
-        self._write_json(REPORT_NAME, report)
-        self._rename_into_place()
+            weight_map = {n: s.filename for s in self.plan.shards for n in s.names}
+            index = {"metadata": {"total_size": self.plan.nbytes}, "weight_map": weight_map}
+            self._write_json(INDEX_NAME, index)
+        if checksums is not None:
+            self._verify(checksums)
+        with _write_errors(self.tmp_dir):
+            if copy_from is not None:
+                for path in non_weight_files(copy_from):
+                    shutil.copy2(path, self.tmp_dir / path.name)
+            self._write_json(REPORT_NAME, report)
+            self._rename_into_place()
         return self.out_dir
 
+    def _verify(self, checksums: dict[str, int]) -> None:
+        written = Checkpoint(self.tmp_dir)
+        try:
+            if set(written.tensors) != set(self.plan.tasks):
+                missing = sorted(set(self.plan.tasks) ^ set(written.tensors))
+                raise CheckpointError(f"--verify: tensor names differ from the plan: {missing[:5]}")
+            for name, task in self.plan.tasks.items():
+                info = written.info(name)
+                if (info.dtype, info.shape) != (task.tuned.dtype, task.tuned.shape):
+                    raise CheckpointError(
+                        f"--verify: {info.file}: tensor {name!r} is {info.dtype} "
+                        f"{list(info.shape)}, expected {task.tuned.dtype} {list(task.tuned.shape)}"
+                    )
+                if checksum(written.read(name)) != checksums[name]:
+                    raise CheckpointError(
+                        f"--verify: {info.file}: tensor {name!r} reads back with other bytes "
+                        "than were computed"
+                    )
+        finally:
+            written.close()
+
     def _write_json(self, filename: str, payload: dict[str, Any]) -> None:
-        (self.tmp_dir / filename).write_text(json.dumps(payload, indent=2) + "\n")
+        with _write_errors(self.tmp_dir / filename):
+            (self.tmp_dir / filename).write_text(json.dumps(payload, indent=2) + "\n")
 
     def _rename_into_place(self) -> None:
         old = None

@@ -48,12 +48,7 @@ class Backend:
 
     def kernel(self) -> KernelFn:
         """The kernel function; raises BackendUnavailableError (with the cause) if it can't run."""
-        if self._fn is None and self._error is None:
-            try:
-                self._fn = self.load()
-            except (ImportError, RuntimeError, OSError) as exc:
-                self._error = exc
-        if self._fn is None:
+        if not self.is_available():
             raise BackendUnavailableError(
                 f"backend {self.name!r} is not available: {self._error}. {self.hint} "
                 f"Available here: {', '.join(available_backends()) or 'none'}."
@@ -61,11 +56,13 @@ class Backend:
         return self._fn
 
     def is_available(self) -> bool:
-        try:
-            self.kernel()
-        except BackendUnavailableError:
-            return False
-        return True
+        """Load the backend once; remember why it failed."""
+        if self._fn is None and self._error is None:
+            try:
+                self._fn = self.load()
+            except (ImportError, RuntimeError, OSError) as exc:
+                self._error = exc
+        return self._fn is not None
 
 
 _REGISTRY: dict[str, Backend] = {}

@@ -1,0 +1,324 @@
+"""Faults, bad checkpoints and interrupted merges: nothing lost, nothing half-written, and a clear
+word on what went wrong."""
+
+import contextlib
+import json
+import os
+import random
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from checkpoints import tiny_pair, tree_digest, write_single
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+from fusion_kernels import available_backends, merge_checkpoints, params_for
+from fusion_kernels.errors import CheckpointError
+from fusion_kernels.merge import main
+from fusion_kernels.reader import Checkpoint
+
+METHODS = ["task_arithmetic", "ties", "breadcrumbs", "dare", "della", "neu-p-ties", "neu-s-bread"]
+
+
+def cli(*args) -> list[str]:
+    return [sys.executable, "-m", "fusion_kernels.merge", *map(str, args), "--quiet"]
+
+
+def leftovers(directory):
+    return sorted(p.name for p in directory.iterdir() if ".partial-" in p.name or ".old-" in p.name)
+
+
+# --- corrupt inputs -------------------------------------------------------------------------
+
+
+def rewrite_header(path, edit):
+    raw = path.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + length])
+    edit(header)
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    path.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + length :])
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (
+            lambda h: h["b"].update(data_offsets=[60, 68]),
+            "overlaps",
+        ),
+        (
+            lambda h: h["b"].update(
+                data_offsets=[h["b"]["data_offsets"][0] + 8, h["b"]["data_offsets"][1] + 8]
+            ),
+            "leaves a gap",
+        ),
+        (lambda h: h["a"].update(shape=[3, 3]), "needs 36 bytes"),
+        (lambda h: h["a"].update(dtype="Q7"), "unknown dtype"),
+        (lambda h: h["a"].update(shape=[True, 4]), "malformed shape"),
+        (lambda h: h.update(c=[1, 2]), "malformed header entry"),
+    ],
+    ids=["overlap", "gap", "shape-vs-bytes", "dtype", "bool-shape", "entry"],
+)
+def test_corrupt_headers_name_the_file_and_the_problem(tmp_path, edit, message):
+    path = (
+        write_single(tmp_path / "c", {"a": torch.zeros(4, 4), "b": torch.ones(2)})
+        / "model.safetensors"
+    )
+    rewrite_header(path, edit)
+    with pytest.raises(CheckpointError, match=message) as info:
+        Checkpoint(path)
+    assert str(path) in str(info.value)
+
+
+def test_duplicate_names_across_shards_and_bad_index_entries(tmp_path):
+    root = tmp_path / "dup"
+    root.mkdir()
+    save_file({"w": torch.zeros(2)}, str(root / "a.safetensors"))
+    save_file({"w": torch.ones(2)}, str(root / "b.safetensors"))
+    index = {"weight_map": {"w": "a.safetensors", "v": "b.safetensors"}}
+    (root / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="also appears in"):
+        Checkpoint(root)
+    (root / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"w": "../a.safetensors"}})
+    )
+    with pytest.raises(CheckpointError, match="not a file name"):
+        Checkpoint(root)
+    (root / "model.safetensors.index.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="not a valid index"):
+        Checkpoint(root)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_fuzzed_headers_read_correctly_or_raise_checkpoint_error(tmp_path, data):
+    path = tmp_path / "model.safetensors"
+    save_file(
+        {
+            "a": torch.arange(12, dtype=torch.float32).reshape(3, 4),
+            "b": torch.ones(5, dtype=torch.bfloat16),
+        },
+        str(path),
+    )
+    raw = bytearray(path.read_bytes())
+    length = int.from_bytes(raw[:8], "little")
+    if data.draw(st.booleans()):
+        for _ in range(data.draw(st.integers(1, 4))):
+            raw[data.draw(st.integers(0, 8 + length - 1))] = data.draw(st.integers(0, 255))
+    else:
+        header = json.loads(raw[8 : 8 + length])
+        name = data.draw(st.sampled_from(["a", "b"]))
+        field = data.draw(st.sampled_from(["dtype", "shape", "data_offsets"]))
+        value = data.draw(
+            st.recursive(
+                st.none() | st.booleans() | st.integers(-5, 100) | st.text(max_size=4),
+                lambda inner: st.lists(inner, max_size=3),
+                max_leaves=5,
+            )
+        )
+        header[name][field] = value
+        new = json.dumps(header).encode()
+        raw = bytearray(len(new).to_bytes(8, "little") + new + raw[8 + length :])
+    path.write_bytes(bytes(raw))
+    try:
+        ckpt = Checkpoint(path)
+        for name in ckpt.names():
+            ckpt.read(name)
+        ckpt.close()
+    except CheckpointError:
+        pass
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    index=st.recursive(
+        st.none() | st.integers() | st.text(max_size=12),
+        lambda inner: (
+            st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=12), inner, max_size=3)
+        ),
+        max_leaves=8,
+    )
+)
+def test_fuzzed_index_files_raise_checkpoint_error(tmp_path, index):
+    root = tmp_path / "idx"
+    root.mkdir(exist_ok=True)
+    save_file({"w": torch.zeros(2)}, str(root / "model-1.safetensors"))
+    (root / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
+    with contextlib.suppress(CheckpointError):
+        Checkpoint(root)
+
+
+# --- what gets copied ----------------------------------------------------------------------
+
+
+def test_non_float_tensors_are_copied_unchanged_and_reported(tmp_path):
+    extras = {
+        "ids": torch.arange(6, dtype=torch.int32),
+        "mask": torch.tensor([True, False, True]),
+        "scale_fp8": torch.linspace(-1, 1, 8).to(torch.float8_e4m3fn),
+    }
+    base = {"w": torch.randn(4, 4), **extras}
+    tuned = {
+        "w": base["w"] + 1,
+        "ids": extras["ids"] * 3,
+        "mask": ~extras["mask"],
+        "scale_fp8": (torch.linspace(-1, 1, 8) * 0.5).to(torch.float8_e4m3fn),
+    }
+    write_single(tmp_path / "b", base)
+    write_single(tmp_path / "t", tuned)
+    report = merge_checkpoints(
+        tmp_path / "b", tmp_path / "t", tmp_path / "o", params_for("ties"), progress=False
+    )
+    out = load_file(tmp_path / "o" / "model.safetensors")
+    for name in extras:
+        assert torch.equal(out[name].view(torch.uint8), tuned[name].view(torch.uint8)), name
+    reasons = {t["name"]: t.get("reason") for t in report["tensors"]}
+    assert (
+        reasons["scale_fp8"] == "F8_E4M3 is not a float dtype"
+        and reasons["mask"] == "BOOL is not a float dtype"
+    )
+
+
+# --- interrupted and failing runs ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_killed_merges_leave_no_output_and_inputs_untouched(tmp_path):
+    base, tuned = tiny_pair(tmp_path / "in", hidden=256, intermediate=768, layers=4, vocab=2048)
+    before = tree_digest(tmp_path / "in")
+    out = tmp_path / "out"
+    rng = random.Random(0)
+    interrupted = 0
+    for attempt in range(6):
+        proc = subprocess.Popen(
+            cli(
+                "--base", base, "--tuned", tuned, "--out", out, "--backend", "torch", "--overwrite"
+            ),
+            stderr=subprocess.PIPE,
+        )
+        time.sleep(rng.uniform(1.0, 3.0))
+        sig = [signal.SIGINT, signal.SIGTERM, signal.SIGKILL][attempt % 3]
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+        if proc.returncode != 0:
+            interrupted += 1
+            if sig != signal.SIGKILL:
+                assert proc.returncode == 130 and not leftovers(tmp_path), proc.stderr.read()
+        if out.exists():
+            assert Checkpoint(out).names(), "an output directory is always a complete merge"
+    assert interrupted >= 3, "the kills should land mid-merge"
+    done = subprocess.run(
+        cli("--base", base, "--tuned", tuned, "--out", out, "--overwrite"), check=False
+    )
+    assert done.returncode == 0
+    assert leftovers(tmp_path) == [], "the next run removes what killed runs left"
+    assert tree_digest(tmp_path / "in") == before
+
+
+def test_file_size_limit_is_a_clear_error_with_nothing_left(tmp_path):
+    base, tuned = tiny_pair(tmp_path / "in")
+    before = tree_digest(tmp_path / "in")
+    out = tmp_path / "out"
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    done = subprocess.run(
+        cli("--base", base, "--tuned", tuned, "--out", out),
+        preexec_fn=limit,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "cannot write (File too large)" in done.stderr.strip().splitlines()[-1]
+    assert not out.exists() and leftovers(tmp_path) == []
+    assert tree_digest(tmp_path / "in") == before
+
+
+def test_output_under_a_file_is_a_clear_error(tmp_path, capsys):
+    base, tuned = tiny_pair(tmp_path / "in")
+    (tmp_path / "afile").write_text("x")
+    assert (
+        main(
+            [
+                "--base",
+                str(base),
+                "--tuned",
+                str(tuned),
+                "--out",
+                str(tmp_path / "afile" / "out"),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
+    assert "cannot write" in capsys.readouterr().err
+
+
+# --- determinism and verification -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", [b for b in available_backends() if b != "triton"])
+@pytest.mark.parametrize("method", METHODS)
+def test_same_merge_twice_gives_byte_identical_files(tmp_path, method, backend):
+    base, tuned = tiny_pair(tmp_path / "in")
+    params = params_for(method, seed=1234)
+    outputs = []
+    for run in range(2):
+        out = tmp_path / f"out{run}"
+        merge_checkpoints(base, tuned, out, params, backend=backend, progress=False)
+        outputs.append({p.name: p.read_bytes() for p in out.glob("*.safetensors")})
+    assert outputs[0] == outputs[1]
+
+
+def test_verify_passes_and_catches_a_bad_write(tmp_path, monkeypatch, capsys):
+    base, tuned = tiny_pair(tmp_path / "in")
+    assert (
+        main(
+            [
+                "--base",
+                str(base),
+                "--tuned",
+                str(tuned),
+                "--out",
+                str(tmp_path / "ok"),
+                "--verify",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert "verified" in capsys.readouterr().out
+    import fusion_kernels.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "checksum", lambda tensor: 12345)
+    with pytest.raises(CheckpointError, match="reads back with other bytes"):
+        merge_checkpoints(
+            base, tuned, tmp_path / "bad", params_for("ties"), progress=False, verify=True
+        )
+    assert not (tmp_path / "bad").exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere, so nothing is unwritable")
+def test_unwritable_output_parent_is_a_clear_error(tmp_path, capsys):
+    base, tuned = tiny_pair(tmp_path / "in")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    assert (
+        main(["--base", str(base), "--tuned", str(tuned), "--out", str(locked / "o"), "--quiet"])
+        == 2
+    )
+    assert "not writable" in capsys.readouterr().err
