@@ -110,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--select", choices=SELECT_MODES, help="exact (default) or approx selection")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument(
+        "--plots",
+        action="store_true",
+        help="after the merge, write OUT/fusion_plots/index.html (locate plots + merge per layer)",
+    )
+    run.add_argument(
         "--verify",
         action="store_true",
         help="re-read the output and check every tensor's name, shape, dtype and checksum",
@@ -164,7 +169,25 @@ def run(args: argparse.Namespace) -> int:
         verify=args.verify,
     )
     print(summary(report, args.out))
+    if args.plots:
+        _write_plots(args, rules, report, args.out)
     return 0
+
+
+def _write_plots(args, rules, report, out: Path) -> None:
+    from .locate import locate_checkpoints, write_outputs
+
+    located = locate_checkpoints(
+        args.base,
+        args.tuned,
+        rules=rules,
+        name_map=args.map,
+        backend=args.backend,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    pngs = write_outputs(located, out / "fusion_plots", merge_report=report)
+    print(f"plots: {len(pngs)} in {out / 'fusion_plots' / 'index.html'}")
 
 
 def summary(report: dict, out: Path) -> str:

@@ -21,12 +21,14 @@ from ..errors import BackendUnavailableError, NonFiniteDeltaError, ParameterErro
 from ..neurons import AXES, default_axis
 from ..params import MergeParams, params_for
 from .contract import KernelStats
-from .reference import merge_reference
+from .reference import change_scores_reference, merge_reference
 
 log = logging.getLogger("fusion_kernels")
 
 #: ``fn(base, tuned, out, name, axis, params) -> KernelStats`` writes the merged tensor into out.
 KernelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, str, str, MergeParams], KernelStats]
+#: ``fn(base, tuned, axis) -> (Σ|Δ|, C(j) float64 or None)``: the first pass alone, for locate.
+ScoresFn = Callable[[torch.Tensor, torch.Tensor, str], tuple[float, "torch.Tensor | None"]]
 
 ENV_BACKEND = "FUSION_KERNELS_BACKEND"
 
@@ -36,13 +38,15 @@ class Backend:
     """A registered implementation of the op.
 
     ``load()`` returns the kernel function or raises ImportError/RuntimeError saying why it cannot
-    run; ``devices`` are the device types it serves; ``hint`` says how to get it.
+    run; ``devices`` are the device types it serves; ``hint`` says how to get it; ``scores`` is
+    the backend's first pass alone (Σ|Δ| and neuron sums) when it has one, else torch's is used.
     """
 
     name: str
     load: Callable[[], KernelFn]
     devices: tuple[str, ...]
     hint: str = ""
+    scores: ScoresFn | None = None
     _fn: KernelFn | None = field(default=None, repr=False)
     _error: Exception | None = field(default=None, repr=False)
 
@@ -200,6 +204,27 @@ def merge_tensor(
     return out, stats
 
 
+def change_scores(
+    base: torch.Tensor,
+    tuned: torch.Tensor,
+    name: str = "",
+    *,
+    axis: str | None = None,
+    backend: str | None = None,
+) -> tuple[float, torch.Tensor | None, str]:
+    """Locate's first pass: ``(Σ|Δ|, C(j) per neuron as float64 or None, backend used)``.
+
+    Raises NonFiniteDeltaError when Δ has NaN/Inf. ``axis`` defaults to SPEC's rules for ``name``.
+    """
+    _check_pair(base, tuned, name)
+    axis = resolve_axis(name, base.shape, axis)
+    chosen = select_backend(backend, base.device.type)
+    total, scores = (chosen.scores or change_scores_reference)(base, tuned, axis)
+    if total != total or total in (float("inf"), float("-inf")):
+        raise NonFiniteDeltaError(name)
+    return total, scores, chosen.name
+
+
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -221,6 +246,7 @@ __all__ = [
     "KernelStats",
     "TensorStats",
     "available_backends",
+    "change_scores",
     "merge_tensor",
     "register_backend",
     "select_backend",

@@ -126,6 +126,17 @@ def restore(
     return result.t() if axis == "col" else result
 
 
+def change_scores_reference(
+    base: torch.Tensor, tuned: torch.Tensor, axis: str
+) -> tuple[float, torch.Tensor | None]:
+    """Locate's first pass: ``Σ|Δ|`` and, for axis row/col, C(j) per neuron (float64)."""
+    abs_delta = (tuned.float() - base.float()).abs().double()
+    if axis == "none":
+        return float(abs_delta.sum()), None
+    scores = abs_delta.sum(dim=1 if axis == "row" else 0)
+    return float(scores.sum()), scores
+
+
 def merge_reference(
     base: torch.Tensor,
     tuned: torch.Tensor,

@@ -1,0 +1,124 @@
+"""Locate: change scores and summary figures against plain torch, the planted neurons ranked first,
+and the plots and page it writes."""
+
+import csv
+import json
+
+import matplotlib.image
+import pytest
+import torch
+from checkpoints import tiny_pair
+
+from fusion_kernels import available_backends
+from fusion_kernels.locate import locate_checkpoints, main
+from fusion_kernels.merge import main as merge_main
+from fusion_kernels.reader import Checkpoint
+
+
+def plain_summary(base: torch.Tensor, tuned: torch.Tensor, axis: str) -> dict:
+    """The figures locate reports, written out with plain torch on float64."""
+    delta = (tuned.double() - base.double()).abs()
+    scores = delta.sum(dim=1 if axis == "row" else 0)
+    ranked = scores.sort(descending=True).values
+    total = scores.sum().item()
+    shares = {
+        str(p): ranked[: max(1, int(p / 100 * len(ranked)))].sum().item() / total
+        for p in (1, 5, 10, 30)
+    }
+    ascending = ranked.flip(0)
+    n = len(ascending)
+    g = (2 * (torch.arange(1, n + 1) * ascending).sum().item() / (n * total)) - (n + 1) / n
+    return {"scores": scores, "total": delta.sum().item(), "top_share": shares, "gini": g}
+
+
+@pytest.mark.parametrize("backend", [b for b in available_backends() if b != "triton"])
+def test_scores_and_figures_equal_plain_torch(tmp_path, backend):
+    base_dir, tuned_dir = tiny_pair(tmp_path / "in")
+    result = locate_checkpoints(base_dir, tuned_dir, backend=backend, progress=False)
+    base, tuned = Checkpoint(base_dir), Checkpoint(tuned_dir)
+    entries = {e["name"]: e for e in result["tensors"]}
+    assert set(entries) == set(tuned.names())
+    for name, e in entries.items():
+        b, t = base.read(name), tuned.read(name)
+        assert e["total_abs"] == pytest.approx(
+            (t.double() - b.double()).abs().sum().item(), rel=1e-12
+        )
+        assert e["kept_for_density"]["0.2"] == max(1, int(0.2 * b.numel()))
+        if e["axis"] == "none":
+            assert "scores" not in e
+            continue
+        expected = plain_summary(b, t, e["axis"])
+        torch.testing.assert_close(
+            torch.tensor(e["scores"], dtype=torch.float64), expected["scores"], rtol=1e-12, atol=0
+        )
+        assert e["gini"] == pytest.approx(expected["gini"], rel=1e-9)
+        for p, share in expected["top_share"].items():
+            assert e["top_share"][p] == pytest.approx(share, rel=1e-9)
+
+
+def test_planted_large_change_neurons_rank_first(tmp_path):
+    base_dir, tuned_dir = tiny_pair(tmp_path / "in", hidden=64, intermediate=128)
+    planted = json.loads((tuned_dir / "planted_neurons.json").read_text())
+    result = locate_checkpoints(base_dir, tuned_dir, progress=False)
+    entries = {e["name"]: e for e in result["tensors"]}
+    for name, neurons in planted.items():
+        scores = torch.tensor(entries[name]["scores"])
+        top = scores.argsort(descending=True)[: len(neurons)].tolist()
+        assert sorted(top) == neurons, name
+
+
+def test_multimodal_pair_locates_under_the_name_map(tmp_path):
+    from test_multimodal import build_pair
+
+    base_dir, tuned_dir = build_pair(tmp_path, "llama", "classic")
+    result = locate_checkpoints(base_dir, tuned_dir, progress=False)
+    entries = {e["name"]: e for e in result["tensors"]}
+    up = entries["language_model.model.layers.0.mlp.up_proj.weight"]
+    assert up["base_name"] == "model.layers.0.mlp.up_proj.weight" and up["axis"] == "row"
+    assert sorted(torch.tensor(up["scores"]).argsort(descending=True)[:3].tolist()) == [0, 1, 2]
+    head = entries["language_model.lm_head.weight"]
+    assert head["shape"] == [128, 64], "only the rows base has are located"
+    assert not any(n.startswith("vision_tower") for n in entries)
+
+
+def test_cli_writes_tables_plots_and_a_page_referencing_every_plot(tmp_path, capsys):
+    base_dir, tuned_dir = tiny_pair(tmp_path / "in")
+    out = tmp_path / "report"
+    assert (
+        main(["--base", str(base_dir), "--tuned", str(tuned_dir), "--out", str(out), "--quiet"])
+        == 0
+    )
+    pngs = sorted(out.glob("*.png"))
+    # 4 C(j) plots (q_proj and up_proj of the first and last layer) + heatmap + 7 module curves.
+    assert len(pngs) == 4 + 1 + 7
+    page = (out / "index.html").read_text()
+    for png in pngs:
+        assert matplotlib.image.imread(png).ndim == 3
+        assert f'src="{png.name}"' in page
+    with open(out / "neurons.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(Checkpoint(tuned_dir).names())
+    assert "located change in 21 tensors" in capsys.readouterr().out
+
+
+def test_merge_plots_add_the_per_layer_figure(tmp_path):
+    base_dir, tuned_dir = tiny_pair(tmp_path / "in")
+    out = tmp_path / "merged"
+    assert (
+        merge_main(
+            [
+                "--base",
+                str(base_dir),
+                "--tuned",
+                str(tuned_dir),
+                "--out",
+                str(out),
+                "--plots",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    page = (out / "fusion_plots" / "index.html").read_text()
+    assert 'src="merge_layers.png"' in page
+    assert matplotlib.image.imread(out / "fusion_plots" / "merge_layers.png").ndim == 3
