@@ -22,7 +22,9 @@ from .params import (
     RESTORE_MODES,
     SELECT_MODES,
     SUPPRESS_METHODS,
+    TensorParams,
     params_for,
+    parse_override,
 )
 from .pipeline import merge_checkpoints, plan_merge
 from .planner import parse_size
@@ -93,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="neuron axis for names matching REGEX (repeatable; before the defaults)",
     )
     method.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="REGEX:key=value[,key=value]",
+        help="parameters for tensors matching REGEX, e.g. 'self_attn:density=0.3' (repeatable; "
+        "the first match wins)",
+    )
+    method.add_argument(
         "--allow-nonfinite",
         action="store_true",
         default=None,
@@ -140,7 +150,7 @@ def _params(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    params = _params(args)
+    params = TensorParams(_params(args), [parse_override(text) for text in args.set])
     rules = NeuronRules([parse_rule(r) for r in args.neuron_rule])
     if args.demo is not None:
         return _run_demo(Path(args.demo), args, params, rules)
@@ -152,7 +162,9 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         _, _, plan = plan_merge(args.base, args.tuned, rules, args.max_shard_size, args.map)
         print(plan.describe())
-        print(f"params: {params.as_dict()}")
+        print(f"params: {params.default.as_dict()}")
+        for override in params.overrides:
+            print(f"  for /{override.pattern}/: {override.changes}")
         return 0
     report = merge_checkpoints(
         args.base,
@@ -233,7 +245,7 @@ def _run_demo(root: Path, args, params, rules) -> int:
         progress=not args.quiet,
     )
     print(summary(report, out))
-    if params.restore == "replace":
+    if params.default.restore == "replace":
         found, total = planted_restored(tuned, out)
         print(f"planted large-change neurons restored bit-identical to tuned: {found} of {total}")
     return 0

@@ -6,6 +6,7 @@ One :class:`MergeParams` describes what every tensor of a merge computes; the op
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,3 +131,61 @@ def params_for(method: str | None = None, **overrides: Any) -> MergeParams:
         return MergeParams(**fields).validated()
     except TypeError as exc:
         raise ParameterError(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class ParamOverride:
+    """Parameter changes for tensors whose name matches ``pattern`` (a regex, searched)."""
+
+    pattern: str
+    changes: dict[str, Any]
+
+
+def parse_override(text: str) -> ParamOverride:
+    """``REGEX:key=value[,key=value...]``, e.g. ``self_attn:density=0.3,restore=rescale``."""
+    pattern, sep, assignments = text.rpartition(":")
+    if not sep or not pattern or not assignments:
+        raise ParameterError(f"--set {text!r} must look like REGEX:key=value[,key=value]")
+    fields = {f.name: f.type for f in dataclasses.fields(MergeParams)}
+    changes: dict[str, Any] = {}
+    for item in assignments.split(","):
+        key, eq, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or key not in fields:
+            raise ParameterError(f"--set {text!r}: unknown parameter {key!r}")
+        changes[key] = _convert(key, value.strip(), text)
+    return ParamOverride(pattern, changes)
+
+
+def _convert(key: str, value: str, text: str) -> Any:
+    kind = type(getattr(MergeParams(), key))
+    try:
+        if kind is bool:
+            return value.lower() in ("1", "true", "yes")
+        if key == "rescale" or kind is str:
+            return value
+        return kind(value)
+    except ValueError:
+        raise ParameterError(f"--set {text!r}: {key} cannot be {value!r}") from None
+
+
+class TensorParams:
+    """Parameters per tensor: ``default`` unless an override matches (the first match wins).
+
+    Every combination is validated up front, so a bad override fails before any work.
+    """
+
+    def __init__(self, default: MergeParams, overrides: tuple[ParamOverride, ...] | list = ()):
+        self.default = default.validated()
+        self.overrides = tuple(overrides)
+        self._resolved = [default.replace(**o.changes) for o in self.overrides]
+
+    def for_tensor(self, name: str) -> MergeParams:
+        for override, params in zip(self.overrides, self._resolved, strict=True):
+            if re.search(override.pattern, name):
+                return params
+        return self.default
+
+    def changes_for(self, name: str) -> dict[str, Any]:
+        """The overridden fields for ``name`` (empty when the default applies), for reports."""
+        return next((o.changes for o in self.overrides if re.search(o.pattern, name)), {})

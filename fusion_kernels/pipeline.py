@@ -23,7 +23,7 @@ from .errors import FusionError, ParameterError
 from .namemap import detect, user_map
 from .neurons import NeuronRules
 from .ops import TensorStats, merge_tensor
-from .params import MergeParams
+from .params import MergeParams, TensorParams
 from .planner import MergePlan, TensorTask, build_plan
 from .reader import Checkpoint
 from .writer import CheckpointWriter, checksum
@@ -71,7 +71,7 @@ def merge_checkpoints(
     base: str | os.PathLike,
     tuned: str | os.PathLike,
     out: str | os.PathLike,
-    params: MergeParams,
+    params: MergeParams | TensorParams,
     *,
     rules: NeuronRules | None = None,
     backend: str | None = None,
@@ -87,7 +87,8 @@ def merge_checkpoints(
     Args:
         base, tuned: checkpoint directories (or single ``.safetensors`` files).
         out: output directory; it appears only when the merge is complete.
-        params: what each tensor computes (see :class:`MergeParams`, SPEC.md).
+        params: what each tensor computes (see :class:`MergeParams`, SPEC.md), or a
+            :class:`TensorParams` with per-tensor overrides.
         rules: neuron rules (default: SPEC's rules for Llama/Mistral/Qwen2 names).
         backend: ``auto`` (default), ``torch``, ``cpp`` or ``triton``.
         device: where tensors are merged (``cpu``, ``cuda``, ``cuda:1``).
@@ -98,7 +99,7 @@ def merge_checkpoints(
         verify: re-read the written files and check every tensor against what was computed.
     """
     out_dir = Path(out)
-    params = params.validated()
+    params = params if isinstance(params, TensorParams) else TensorParams(params)
     rules = rules or NeuronRules()
     base_ckpt, tuned_ckpt, plan = plan_merge(base, tuned, rules, max_shard_size, name_map)
     check_output_path(out_dir, [base_ckpt.path, tuned_ckpt.path])
@@ -150,7 +151,8 @@ def _run(
             next_read = (
                 reader.submit(load, order[position + 1]) if position + 1 < len(order) else None
             )
-            merged, stats = _compute(task, base, tuned, params, backend, device)
+            tensor_params = params.for_tensor(task.name)
+            merged, stats = _compute(task, base, tuned, tensor_params, backend, device)
             results.append(stats)
             if in_flight is not None:
                 in_flight.result()
@@ -196,6 +198,8 @@ def _report(plan, params, rules, base_ckpt, tuned_ckpt, stats, device, started) 
             entry["reason"] = task.reason
         if task.base is not None and task.base.name != item.name:
             entry["base_name"] = task.base.name
+        if params.changes_for(item.name) and task.action == "merge":
+            entry["params"] = params.changes_for(item.name)
         if task.merge_rows is not None:
             entry["merged_rows"] = task.merge_rows
             entry["rows_from_tuned"] = task.tuned.shape[0] - task.merge_rows
@@ -205,7 +209,8 @@ def _report(plan, params, rules, base_ckpt, tuned_ckpt, stats, device, started) 
         "fusion_kernels_version": __version__,
         "base": str(base_ckpt.path),
         "tuned": str(tuned_ckpt.path),
-        "params": params.as_dict(),
+        "params": params.default.as_dict(),
+        "param_overrides": [{"pattern": o.pattern, **o.changes} for o in params.overrides],
         "neuron_rules": [{"pattern": r.pattern, "axis": r.axis} for r in rules.rules],
         "name_map": {
             "detected": plan.name_map.detected,

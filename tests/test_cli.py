@@ -195,3 +195,51 @@ def test_missing_paths_and_unavailable_backend_are_clear(pair, capsys):
     base, tuned, out = pair
     expect_error(capsys, ["--base", base], "missing --tuned, --out")
     assert run_cli("--base", base, "--tuned", tuned, "--out", out, "--backend", "torch") == 0
+
+
+def test_per_tensor_overrides_apply_first_match_and_are_reported(pair):
+    base, tuned, out = pair
+    assert (
+        run_cli(
+            "--base",
+            base,
+            "--tuned",
+            tuned,
+            "--out",
+            out,
+            "--method",
+            "neu-p-ties",
+            "--set",
+            r"self_attn\.:density=0.5,restore=rescale",
+            "--set",
+            "mlp:density=0.05",
+        )
+        == 0
+    )
+    report = json.loads((out / "fusion_report.json").read_text())
+    entries = {t["name"]: t for t in report["tensors"]}
+    q = entries["model.layers.0.self_attn.q_proj.weight"]
+    up = entries["model.layers.0.mlp.up_proj.weight"]
+    norm = entries["model.norm.weight"]
+    assert q["kept"] == int(0.5 * q["numel"]) and q["params"] == {
+        "density": 0.5,
+        "restore": "rescale",
+    }
+    assert up["kept"] == int(0.05 * up["numel"])
+    assert norm["kept"] == int(0.2 * norm["numel"]) and "params" not in norm
+    assert report["param_overrides"][1] == {"pattern": "mlp", "density": 0.05}
+
+
+def test_bad_override_is_rejected_before_any_work(pair, capsys):
+    base, tuned, out = pair
+    expect_error(
+        capsys,
+        ["--base", base, "--tuned", tuned, "--out", out, "--set", "mlp:density=2"],
+        "density must be in [0, 1]",
+    )
+    expect_error(
+        capsys,
+        ["--base", base, "--tuned", tuned, "--out", out, "--set", "mlp:colour=red"],
+        "unknown parameter 'colour'",
+    )
+    assert not out.exists()
