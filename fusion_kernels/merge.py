@@ -118,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     run.add_argument("--select", choices=SELECT_MODES, help="exact (default) or approx selection")
+    run.add_argument(
+        "--staging-size",
+        type=parse_size,
+        metavar="SIZE",
+        help="pinned staging buffers that tensors stream through to a GPU (default 256MiB)",
+    )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument(
         "--plots",
@@ -179,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.quiet,
         verify=args.verify,
+        staging_bytes=args.staging_size,
     )
     print(summary(report, args.out))
     if args.plots:

@@ -26,7 +26,8 @@ from .ops import TensorStats, merge_tensor
 from .params import MergeParams, TensorParams
 from .planner import MergePlan, TensorTask, build_plan
 from .reader import Checkpoint
-from .writer import CheckpointWriter, checksum
+from .transfer import make_transport
+from .writer import CheckpointWriter
 
 log = logging.getLogger("fusion_kernels")
 
@@ -81,6 +82,7 @@ def merge_checkpoints(
     overwrite: bool = False,
     progress: bool = True,
     verify: bool = False,
+    staging_bytes: int | None = None,
 ) -> dict[str, Any]:
     """Merge the checkpoint ``tuned`` back with ``base`` into ``out``; returns the report.
 
@@ -97,6 +99,8 @@ def merge_checkpoints(
         overwrite: replace an existing ``out``.
         progress: show a progress bar on stderr.
         verify: re-read the written files and check every tensor against what was computed.
+        staging_bytes: size of the pinned staging buffers that tensors stream through to and from
+            a GPU (default 256 MiB on CUDA; on CPU, giving it streams through staging too).
     """
     out_dir = Path(out)
     params = params if isinstance(params, TensorParams) else TensorParams(params)
@@ -109,8 +113,9 @@ def merge_checkpoints(
     started = time.perf_counter()
     with CheckpointWriter(out_dir, plan, overwrite=overwrite) as writer:
         checksums: dict[str, int] | None = {} if verify else None
+        transport = make_transport(torch_device, staging_bytes)
         stats = _run(
-            plan, base_ckpt, tuned_ckpt, writer, params, backend, torch_device, progress, checksums
+            plan, base_ckpt, tuned_ckpt, writer, params, backend, transport, progress, checksums
         )
         report = _report(plan, params, rules, base_ckpt, tuned_ckpt, stats, device, started)
         report["verified"] = verify
@@ -119,19 +124,19 @@ def merge_checkpoints(
 
 
 def _run(
-    plan, base_ckpt, tuned_ckpt, writer, params, backend, device, progress, checksums
+    plan, base_ckpt, tuned_ckpt, writer, params, backend, transport, progress, checksums
 ) -> list[TensorStats]:
     order = [plan.tasks[name] for shard in plan.shards for name in shard.names]
 
     def load(task: TensorTask) -> tuple[torch.Tensor | None, torch.Tensor]:
-        tuned = tuned_ckpt.read(task.name)
-        base = base_ckpt.read(task.base.name) if task.action == "merge" else None
+        tuned = transport.load(tuned_ckpt, task.tuned)
+        base = transport.load(base_ckpt, task.base) if task.action == "merge" else None
         return base, tuned
 
-    def store(name: str, merged: torch.Tensor) -> None:
-        writer.write(name, merged)
+    def store(name: str, merged: torch.Tensor, after) -> None:
+        crc = transport.store(writer, name, merged, checksums is not None, after)
         if checksums is not None:
-            checksums[name] = checksum(merged)
+            checksums[name] = crc
 
     results: list[TensorStats] = []
     bar = tqdm(
@@ -151,12 +156,16 @@ def _run(
             next_read = (
                 reader.submit(load, order[position + 1]) if position + 1 < len(order) else None
             )
+            for tensor in (base, tuned):
+                if tensor is not None:
+                    transport.ready(tensor)
             tensor_params = params.for_tensor(task.name)
-            merged, stats = _compute(task, base, tuned, tensor_params, backend, device)
+            merged, stats = _compute(task, base, tuned, tensor_params, backend)
+            done = transport.computed()
             results.append(stats)
             if in_flight is not None:
                 in_flight.result()
-            in_flight = out.submit(store, task.name, merged)
+            in_flight = out.submit(store, task.name, merged, done)
             bar.update(task.tuned.nbytes)
             bar.set_postfix_str(f"tensors {position + 1}/{len(order)}", refresh=False)
         if in_flight is not None:
@@ -164,7 +173,8 @@ def _run(
     return results
 
 
-def _compute(task, base, tuned, params, backend, device) -> tuple[torch.Tensor, TensorStats]:
+def _compute(task, base, tuned, params, backend) -> tuple[torch.Tensor, TensorStats]:
+    """Merge one task's tensors where they are (host or device); copies pass through."""
     if task.action == "copy":
         return tuned, TensorStats(kept=0, name=task.name, numel=task.tuned.numel, action="copy")
     start = time.perf_counter()
@@ -172,21 +182,16 @@ def _compute(task, base, tuned, params, backend, device) -> tuple[torch.Tensor, 
     block = tuned if task.merge_rows is None else tuned[: task.merge_rows]
     try:
         merged, stats = merge_tensor(
-            base.to(device, non_blocking=True),
-            block.to(device, non_blocking=True),
-            task.name,
-            axis=task.axis,
-            backend=backend,
-            params=params,
+            base, block, task.name, axis=task.axis, backend=backend, params=params
         )
     except FusionError as exc:
         # Name the file too: the user has to find the bad tensor on disk.
         exc.args = (f"{task.tuned.file}: {exc}",)
         raise
     if task.merge_rows is not None:
-        merged = torch.cat([merged.cpu(), tuned[task.merge_rows :]])
+        merged = torch.cat([merged, tuned[task.merge_rows :]])
     stats.seconds = time.perf_counter() - start
-    return merged.cpu(), stats
+    return merged, stats
 
 
 def _report(plan, params, rules, base_ckpt, tuned_ckpt, stats, device, started) -> dict[str, Any]:

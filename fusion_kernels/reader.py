@@ -256,6 +256,21 @@ class Checkpoint:
         _release(mapped, start, info.nbytes)
         return tensor
 
+    def read_into(self, name: str, offset: int, out) -> None:
+        """Copy bytes ``[offset, offset + len(out))`` of a tensor into ``out`` (a uint8 numpy
+        array, e.g. a pinned staging buffer), releasing the pages read."""
+        info = self.tensors[name]
+        length = len(out)
+        if offset < 0 or offset + length > info.nbytes:
+            raise ValueError(f"range [{offset}, {offset + length}) outside tensor {name!r}")
+        start = self._data_start[info.file] + info.begin + offset
+        try:
+            mapped = self._maps.get(info.file) or self._map(info.file)
+            out[:] = np.frombuffer(mapped, dtype=np.uint8, count=length, offset=start)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{info.file}: cannot read tensor {name!r} ({exc})") from None
+        _release(mapped, start, length)
+
     def _map(self, file: Path) -> mmap.mmap:
         with open(file, "rb") as fh:
             self._maps[file] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)

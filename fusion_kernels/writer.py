@@ -50,6 +50,7 @@ class ShardFile:
         self.data_start = 8 + len(raw)
         self.path = path
         self.pending = set(self.layout)
+        self._partial: dict[str, int] = {}
         self.fd = -1
         with _write_errors(path):
             self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -69,6 +70,18 @@ class ShardFile:
         with _write_errors(self.path):
             _pwrite_all(self.fd, memoryview(data), self.data_start + begin)
         self.pending.discard(name)
+
+    def write_range(self, name: str, offset: int, data) -> None:
+        """Write part of a tensor's bytes (a uint8 array) at ``offset`` within the tensor; the
+        tensor counts as written once all its bytes have been."""
+        _, _, begin, nbytes = self.layout[name]
+        if offset < 0 or offset + len(data) > nbytes:
+            raise ValueError(f"range [{offset}, {offset + len(data)}) outside tensor {name!r}")
+        with _write_errors(self.path):
+            _pwrite_all(self.fd, memoryview(data), self.data_start + begin + offset)
+        self._partial[name] = self._partial.get(name, 0) + len(data)
+        if self._partial[name] == nbytes:
+            self.pending.discard(name)
 
     def close(self, sync: bool = True) -> None:
         if self.fd < 0:
@@ -172,6 +185,9 @@ class CheckpointWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         self.shards[name].write(name, tensor)
+
+    def write_range(self, name: str, offset: int, data) -> None:
+        self.shards[name].write_range(name, offset, data)
 
     def commit(
         self,

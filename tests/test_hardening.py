@@ -302,9 +302,9 @@ def test_verify_passes_and_catches_a_bad_write(tmp_path, monkeypatch, capsys):
         == 0
     )
     assert "verified" in capsys.readouterr().out
-    import fusion_kernels.pipeline as pipeline
+    import fusion_kernels.transfer as transfer
 
-    monkeypatch.setattr(pipeline, "checksum", lambda tensor: 12345)
+    monkeypatch.setattr(transfer, "checksum", lambda tensor: 12345)
     with pytest.raises(CheckpointError, match="reads back with other bytes"):
         merge_checkpoints(
             base, tuned, tmp_path / "bad", params_for("ties"), progress=False, verify=True

@@ -1,0 +1,168 @@
+"""How tensors travel between the shards on disk and the device that merges them (the driver's
+I/O side).
+
+``HostTransport`` (CPU merges): a tensor is copied out of its memory-mapped shard into its own
+memory and written back whole. ``StagedTransport`` (GPU merges): bytes move through a few fixed
+pinned staging buffers, chunk by chunk, on their own CUDA streams, so host memory stays bounded by
+the staging buffers whatever the tensor size (a 128256×8192 lm_head passes through 256 MB of
+staging), uploads overlap the previous tensor's compute and downloads overlap the next one's.
+On CPU tensors the staged path runs the same chunking without pinning or streams (tests use it).
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+from .reader import Checkpoint, TensorInfo
+from .writer import CheckpointWriter, checksum
+
+DEFAULT_STAGING_BYTES = 256 * 2**20
+
+
+class HostTransport:
+    """Whole tensors in ordinary host memory (the CPU path)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def load(self, ckpt: Checkpoint, info: TensorInfo) -> torch.Tensor:
+        return ckpt.read(info.name).to(self.device)
+
+    def ready(self, tensor: torch.Tensor) -> None:
+        """Nothing to wait for: loads complete before they return."""
+
+    def computed(self):
+        """No event: CPU work is complete when it returns."""
+        return None
+
+    def store(
+        self, writer: CheckpointWriter, name: str, tensor: torch.Tensor, want_crc: bool, after=None
+    ):
+        host = tensor.cpu()
+        writer.write(name, host)
+        return checksum(host) if want_crc else None
+
+
+class _Staging:
+    """A ring of staging buffers, each with the event of the last copy that used it."""
+
+    def __init__(self, count: int, nbytes: int, cuda: bool):
+        self.buffers = [
+            torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda) for _ in range(count)
+        ]
+        self.events = [torch.cuda.Event() if cuda else None for _ in range(count)]
+        self.stream = torch.cuda.Stream() if cuda else None
+        self.next = 0
+
+    def take(self) -> tuple[torch.Tensor, object]:
+        """The next buffer, once the copy that last used it has finished."""
+        index = self.next
+        self.next = (index + 1) % len(self.buffers)
+        if self.events[index] is not None:
+            self.events[index].synchronize()
+        return self.buffers[index], self.events[index]
+
+
+class StagedTransport:
+    """Chunked copies through pinned staging buffers on dedicated copy streams.
+
+    Args:
+        device: where tensors are merged.
+        staging_bytes: size of each staging buffer (two for uploads, two for downloads).
+    """
+
+    def __init__(self, device: torch.device, staging_bytes: int = DEFAULT_STAGING_BYTES):
+        self.device = device
+        self.chunk = staging_bytes
+        cuda = device.type == "cuda"
+        self.uploads = _Staging(2, staging_bytes, cuda)
+        self.downloads = _Staging(2, staging_bytes, cuda)
+        self._loaded: dict[int, object] = {}
+
+    def load(self, ckpt: Checkpoint, info: TensorInfo) -> torch.Tensor:
+        """Allocate the tensor on the device and enqueue its upload; :meth:`ready` waits for it."""
+        target = torch.empty(info.nbytes, dtype=torch.uint8, device=self.device)
+        event = None
+        for offset in range(0, info.nbytes, self.chunk):
+            length = min(self.chunk, info.nbytes - offset)
+            buffer, event = self.uploads.take()
+            ckpt.read_into(info.name, offset, buffer[:length].numpy())
+            with _on(self.uploads.stream):
+                target[offset : offset + length].copy_(buffer[:length], non_blocking=True)
+                if event is not None:
+                    event.record()
+        tensor = target.view(info.torch_dtype).reshape(info.shape)
+        if event is not None:
+            self._loaded[id(tensor)] = event
+        return tensor
+
+    def ready(self, tensor: torch.Tensor) -> None:
+        """Make the compute stream wait for ``tensor``'s upload (a no-op on CPU)."""
+        event = self._loaded.pop(id(tensor), None)
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+
+    def computed(self):
+        """An event marking the work enqueued so far on this thread's stream (call it right after
+        launching a tensor's merge, on the launching thread), or None on CPU."""
+        if self.device.type != "cuda":
+            return None
+        return torch.cuda.current_stream(self.device).record_event()
+
+    def store(
+        self, writer: CheckpointWriter, name: str, tensor: torch.Tensor, want_crc: bool, after=None
+    ):
+        """Download ``tensor`` chunk by chunk (once ``after`` has happened) and write each chunk
+        at its offset; the copy of chunk k+1 overlaps the write of chunk k."""
+        source = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        if source.numel() == 0:
+            writer.write(name, tensor.cpu())
+            return 0 if want_crc else None
+        crc, pending = 0, None
+        for offset in range(0, source.numel(), self.chunk):
+            length = min(self.chunk, source.numel() - offset)
+            buffer, event = self.downloads.take()
+            with _on(self.downloads.stream):
+                if after is not None:
+                    self.downloads.stream.wait_event(after)
+                buffer[:length].copy_(source[offset : offset + length], non_blocking=True)
+                if event is not None:
+                    event.record()
+            if pending is not None:
+                crc = self._write_chunk(writer, name, *pending, crc, want_crc)
+            pending = (offset, buffer[:length], event)
+        crc = self._write_chunk(writer, name, *pending, crc, want_crc)
+        return crc if want_crc else None
+
+    @staticmethod
+    def _write_chunk(writer, name, offset, buffer, event, crc, want_crc) -> int:
+        if event is not None:
+            event.synchronize()
+        chunk = buffer.numpy()
+        writer.write_range(name, offset, chunk)
+        return zlib.crc32(chunk, crc) if want_crc else crc
+
+
+class _on:
+    """``torch.cuda.stream(stream)`` when there is a stream, else nothing."""
+
+    def __init__(self, stream):
+        self.context = torch.cuda.stream(stream) if stream is not None else None
+
+    def __enter__(self):
+        if self.context is not None:
+            self.context.__enter__()
+
+    def __exit__(self, *exc):
+        if self.context is not None:
+            self.context.__exit__(*exc)
+        return False
+
+
+def make_transport(device: torch.device, staging_bytes: int | None):
+    """Staged for CUDA (or when a staging size is given), whole tensors otherwise."""
+    if device.type == "cuda" or staging_bytes is not None:
+        return StagedTransport(device, staging_bytes or DEFAULT_STAGING_BYTES)
+    return HostTransport(device)
