@@ -56,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TUNED_PREFIX=BASE_PREFIX",
         help="rename tuned tensors to base names (repeatable); default: detected",
     )
+    io.add_argument(
+        "--config",
+        type=Path,
+        metavar="CONFIG.yml",
+        help="a mergekit YAML file: base, tuned model and method come from it "
+        "(task_arithmetic, ties, breadcrumbs, dare_linear, della_linear, neuron_fusion, ...)",
+    )
     io.add_argument("--dry-run", action="store_true", help="print the plan and stop")
     io.add_argument(
         "--demo",
@@ -69,7 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
     method.add_argument(
         "--method",
         choices=list(PRESETS),
-        default=DEFAULT_METHOD,
         help=f"preset (default {DEFAULT_METHOD})",
     )
     method.add_argument("--suppress", choices=SUPPRESS_METHODS, help="locate function Sub()")
@@ -140,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _params(args: argparse.Namespace):
     return params_for(
-        args.method,
+        args.method or DEFAULT_METHOD,
         suppress=args.suppress,
         density=args.density,
         gamma=args.gamma,
@@ -155,9 +161,49 @@ def _params(args: argparse.Namespace):
     )
 
 
+_METHOD_FLAGS = (
+    "suppress",
+    "density",
+    "gamma",
+    "epsilon",
+    "rescale",
+    "weight",
+    "restore",
+    "top_neurons",
+)
+
+
+def _from_config(args: argparse.Namespace) -> tuple[TensorParams, NeuronRules]:
+    """Models, parameters and neuron rules from a mergekit YAML file (``--config``)."""
+    from .config import load_merge_config
+    from .reader import Checkpoint
+
+    given = [f"--{n.replace('_', '-')}" for n in _METHOD_FLAGS if getattr(args, n) is not None]
+    given += ["--method"] * (args.method is not None)
+    given += ["--set"] * bool(args.set) + [f"--{n}" for n in ("base", "tuned") if getattr(args, n)]
+    if given or args.demo is not None:
+        raise FusionError(
+            f"--config sets the models and the method; drop {', '.join(given) or '--demo'}"
+        )
+    cfg = load_merge_config(args.config)
+    tuned = Checkpoint(cfg.tuned)
+    try:
+        cfg.check_dtypes(tuned.info(name).torch_dtype for name in tuned.names())
+    finally:
+        tuned.close()
+    args.base, args.tuned = cfg.base, cfg.tuned
+    extra = {"seed": args.seed, "select": args.select, "allow_nonfinite": args.allow_nonfinite}
+    default = cfg.params.default.replace(**{k: v for k, v in extra.items() if v is not None})
+    rules = [*(parse_rule(r) for r in args.neuron_rule), *cfg.rules.rules]
+    return TensorParams(default, cfg.params.overrides), NeuronRules(rules, use_defaults=False)
+
+
 def run(args: argparse.Namespace) -> int:
-    params = TensorParams(_params(args), [parse_override(text) for text in args.set])
-    rules = NeuronRules([parse_rule(r) for r in args.neuron_rule])
+    if args.config is not None:
+        params, rules = _from_config(args)
+    else:
+        params = TensorParams(_params(args), [parse_override(text) for text in args.set])
+        rules = NeuronRules([parse_rule(r) for r in args.neuron_rule])
     if args.demo is not None:
         return _run_demo(Path(args.demo), args, params, rules)
     missing = [f"--{n}" for n in ("base", "tuned", "out") if getattr(args, n) is None]
