@@ -142,6 +142,20 @@ def locate_checkpoints(
     }
 
 
+def locate_from_args(args: argparse.Namespace, rules: NeuronRules) -> dict[str, Any]:
+    """:func:`locate_checkpoints` with the options locate and merge share (base, tuned, map,
+    backend, device, quiet)."""
+    return locate_checkpoints(
+        args.base,
+        args.tuned,
+        rules=rules,
+        name_map=args.map,
+        backend=args.backend,
+        device=args.device,
+        progress=not args.quiet,
+    )
+
+
 def write_outputs(
     result: dict[str, Any],
     out: Path,
@@ -215,16 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        rules = NeuronRules([parse_rule(r) for r in args.neuron_rule])
-        result = locate_checkpoints(
-            args.base,
-            args.tuned,
-            rules=rules,
-            name_map=args.map,
-            backend=args.backend,
-            device=args.device,
-            progress=not args.quiet,
-        )
+        result = locate_from_args(args, NeuronRules([parse_rule(r) for r in args.neuron_rule]))
         plots = write_outputs(result, args.out, args.plot_tensors)
     except FusionError as exc:
         print(f"error: {exc}", file=sys.stderr)

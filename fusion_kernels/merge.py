@@ -240,17 +240,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _write_plots(args, rules, report, out: Path) -> None:
-    from .locate import locate_checkpoints, write_outputs
+    from .locate import locate_from_args, write_outputs
 
-    located = locate_checkpoints(
-        args.base,
-        args.tuned,
-        rules=rules,
-        name_map=args.map,
-        backend=args.backend,
-        device=args.device,
-        progress=not args.quiet,
-    )
+    located = locate_from_args(args, rules)
     pngs = write_outputs(located, out / "fusion_plots", merge_report=report)
     print(f"plots: {len(pngs)} in {out / 'fusion_plots' / 'index.html'}")
 
