@@ -15,9 +15,10 @@ from fusion_kernels.demo import PairSpec, generate_pair
 
 def one_tensor() -> None:
     # An up_proj weight: its rows are neurons. Four neurons changed a lot, the rest a little.
-    base = torch.randn(256, 128, dtype=torch.bfloat16)
-    tuned = (base.float() + 0.001 * torch.randn(256, 128)).to(torch.bfloat16)
-    tuned[[3, 50, 99, 200]] += 0.1
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(256, 128, generator=gen).to(torch.bfloat16)
+    tuned = (base.float() + 0.05 * torch.randn(256, 128, generator=gen)).to(torch.bfloat16)
+    tuned[[3, 50, 99, 200]] += 1.0
     merged, stats = fk.merge_tensor(
         base,
         tuned,
