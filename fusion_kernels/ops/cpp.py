@@ -1,1 +1,143 @@
-"""The ``cpp`` backend: the fused C++ CPU kernel (csrc/), registered when its extension loads."""
+"""The ``cpp`` backend: the fused C++ CPU kernel (csrc/), registered when its extension loads.
+
+The host side lives here: the counts and thresholds of :mod:`.contract`, the tensor seed, and
+numpy views of the CPU tensors (fp16/bf16 as their int16 bits). The extension does the rest in
+a few passes over base and tuned with the GIL released (see ``csrc/merge_kernel.h``).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+from types import ModuleType
+
+import numpy as np
+import torch
+
+from ..errors import NonFiniteDeltaError
+from ..hashing import tensor_seed
+from ..params import MergeParams
+from . import Backend, KernelFn, register_backend
+from .contract import (
+    L1_EPS,
+    KernelStats,
+    count,
+    inverse_scale_random,
+    magnitude_window,
+    neuron_count,
+    random_keep_threshold,
+)
+
+#: SPEC "Selection modes": approx keeps within 0.1 % of n of the exact count.
+APPROX_TOLERANCE = 1e-3
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def load() -> KernelFn:
+    """Import the compiled extension; raises ImportError when it was not built."""
+    return functools.partial(merge_cpp, importlib.import_module("fusion_kernels._cpp"))
+
+
+def merge_cpp(
+    ext: ModuleType,
+    base: torch.Tensor,
+    tuned: torch.Tensor,
+    out: torch.Tensor,
+    name: str,
+    axis: str,
+    params: MergeParams,
+    **options: int,
+) -> KernelStats:
+    """Write ``cast(f32(base) + Δ', base.dtype)`` into ``out`` (any layout) with the C++ kernel.
+
+    base, tuned: CPU tensors of one shape, float32/float16/bfloat16. When their dtypes differ the
+    kernel runs on float32 copies (exact: f32(x) is what SPEC's Δ uses) and ``out`` gets the
+    float32 result rounded to base's dtype, as the reference does. ``out`` may be base or tuned
+    itself. When Δ is not finite this raises :class:`NonFiniteDeltaError` and ``out``'s
+    contents are undefined (the kernel may have written part of it before it knew).
+
+    ``options`` go to the extension as they are, for tests and benchmarks: ``threads`` (0:
+    OpenMP's default), ``sample_size`` (keys sampled to bracket the window; -1 picks by size,
+    0 uses the radix select alone) and ``collect_cap`` (the largest group the radix select
+    collects at once).
+    """
+    for label, t in (("base", base), ("tuned", tuned), ("out", out)):
+        if t.device.type != "cpu":
+            raise ValueError(
+                f"tensor {name!r}: the cpp backend needs CPU tensors, {label} is on {t.device}"
+            )
+    if out.shape != base.shape or out.dtype != base.dtype:
+        raise ValueError(f"tensor {name!r}: out must have base's shape and dtype")
+    if tuned.dtype != base.dtype:
+        wide = torch.empty(base.shape, dtype=torch.float32)
+        stats = merge_cpp(ext, base.float(), tuned.float(), wide, name, axis, params, **options)
+        out.copy_(wide)
+        return stats
+    base_c = base.detach().contiguous()
+    tuned_c = tuned.detach().contiguous()
+    target = out if out.is_contiguous() else torch.empty_like(base_c)
+    args = _kernel_args(base_c, name, axis, params) | options
+    result = ext.merge(_bits(base_c), _bits(tuned_c), _bits(target), **args)
+    if result["nonfinite"]:
+        raise NonFiniteDeltaError(name, int(result["nonfinite"]))
+    if target is not out:
+        out.copy_(target)
+    return KernelStats(
+        kept=int(result["kept"]),
+        restored=int(result["restored"]),
+        fallbacks=int(result["fallbacks"]),
+        l1_scale=float(result["l1_scale"]),
+    )
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of a contiguous CPU tensor; 16-bit floats as their int16 bits."""
+    if t.dtype in (torch.float16, torch.bfloat16):
+        t = t.view(torch.int16)
+    return t.detach().numpy()
+
+
+def _kernel_args(base: torch.Tensor, name: str, axis: str, params: MergeParams) -> dict:
+    """The kernel's keyword arguments: SPEC's counts and thresholds from contract.py."""
+    n = base.numel()
+    shape = tuple(base.shape)
+    cols = shape[-1] if shape else 1
+    rows = math.prod(shape[:-1]) if shape else 1
+    method = params.suppress
+    window = magnitude_window(params, n) if method in ("magnitude", "breadcrumbs") else (0, 0)
+    neurons = {"row": rows, "col": cols}.get(axis, 0)
+    restoring = params.restore != "none" and axis != "none"
+    return dict(
+        dtype=_DTYPE_NAMES[base.dtype],
+        rows=rows,
+        cols=cols,
+        axis=axis,
+        suppress=method,
+        rescale=params.rescale_mode,
+        restore=params.restore,
+        window_start=window[0],
+        window_len=window[1],
+        drop_threshold=random_keep_threshold(params.density) if method == "random" else 0,
+        random_inverse=inverse_scale_random(params.density),
+        density=float(params.density),
+        epsilon=float(params.epsilon),
+        weight=float(params.weight),
+        restored_neurons=neuron_count(params.top_neurons, neurons) if restoring else 0,
+        tensor_seed=tensor_seed(params.seed, name),
+        approx=params.select == "approx",
+        approx_tolerance=count(APPROX_TOLERANCE, n),
+        l1_eps=L1_EPS,
+    )
+
+
+register_backend(
+    Backend(
+        "cpp",
+        load,
+        devices=("cpu",),
+        hint="Build it with `pip install -e .` (needs a C++ compiler with OpenMP); "
+        "FUSION_KERNELS_SKIP_CPP_BUILD=1 skips it.",
+    )
+)

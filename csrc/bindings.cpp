@@ -1,0 +1,147 @@
+// pybind11 boundary of the fused merge: raw numpy buffers in, a dict of counts out. No torch here,
+// so the extension does not depend on torch's C++ ABI. Everything is validated before the GIL is
+// released; the kernel itself never calls back into Python.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <string>
+
+#include "merge_kernel.h"
+#include "passes.h"
+
+namespace py = pybind11;
+
+namespace {
+
+[[noreturn]] void fail(const std::string& what) {
+  throw py::value_error("fusion_kernels._cpp.merge: " + what);
+}
+
+#define FK_CHECK(cond, what) \
+  do {                       \
+    if (!(cond)) fail(what); \
+  } while (0)
+
+template <class E>
+E choose(const std::string& field, const std::string& value,
+         std::initializer_list<std::pair<const char*, E>> options) {
+  std::string names;
+  for (const auto& opt : options) {
+    if (value == opt.first) return opt.second;
+    names += names.empty() ? opt.first : std::string(", ") + opt.first;
+  }
+  fail(field + " must be one of " + names + "; got '" + value + "'");
+}
+
+fk::DType parse_dtype(const std::string& name) {
+  return choose<fk::DType>("dtype", name,
+                           {{"float32", fk::DType::f32},
+                            {"float16", fk::DType::f16},
+                            {"bfloat16", fk::DType::bf16}});
+}
+
+// The array must be C-contiguous with n entries of the dtype's width (16-bit types arrive as
+// int16/uint16 views of their bits).
+void check_buffer(const py::array& a, const char* what, int64_t n, fk::DType dt, bool writable) {
+  const int64_t width = dt == fk::DType::f32 ? 4 : 2;
+  FK_CHECK(a.itemsize() == width, std::string(what) + " has " + std::to_string(a.itemsize()) +
+                                      "-byte items; the dtype needs " + std::to_string(width));
+  FK_CHECK(dt != fk::DType::f32 || a.dtype().kind() == 'f',
+           std::string(what) + " must be a float32 array for dtype float32");
+  FK_CHECK(a.flags() & py::array::c_style, std::string(what) + " must be C-contiguous");
+  FK_CHECK(int64_t(a.size()) == n, std::string(what) + " has " + std::to_string(a.size()) +
+                                       " entries; rows x cols is " + std::to_string(n));
+  FK_CHECK(!writable || a.writeable(), std::string(what) + " must be writable");
+}
+
+py::dict merge(const py::array& base, const py::array& tuned, py::array& out,
+               const std::string& dtype, int64_t rows, int64_t cols, const std::string& axis,
+               const std::string& suppress, const std::string& rescale, const std::string& restore,
+               int64_t window_start, int64_t window_len, uint64_t drop_threshold,
+               float random_inverse, double density, double epsilon, float weight,
+               int64_t restored_neurons, uint32_t tensor_seed, bool approx,
+               int64_t approx_tolerance, double l1_eps, int threads, int64_t sample_size,
+               uint64_t collect_cap) {
+  FK_CHECK(rows >= 0 && cols >= 0, "rows and cols must be non-negative");
+  const int64_t n = rows * cols;
+  const fk::DType dt = parse_dtype(dtype);
+  check_buffer(base, "base", n, dt, false);
+  check_buffer(tuned, "tuned", n, dt, false);
+  check_buffer(out, "out", n, dt, true);
+
+  fk::MergeConfig cfg;
+  cfg.axis = choose<fk::Axis>(
+      "axis", axis, {{"none", fk::Axis::none}, {"row", fk::Axis::row}, {"col", fk::Axis::col}});
+  cfg.suppress = choose<fk::Suppress>(
+      "suppress", suppress,
+      {{"none", fk::Suppress::none}, {"magnitude", fk::Suppress::magnitude},
+       {"breadcrumbs", fk::Suppress::breadcrumbs}, {"random", fk::Suppress::random},
+       {"della", fk::Suppress::della}});
+  cfg.rescale = choose<fk::Rescale>(
+      "rescale", rescale,
+      {{"none", fk::Rescale::none}, {"l1", fk::Rescale::l1}, {"inverse", fk::Rescale::inverse}});
+  cfg.restore = choose<fk::Restore>(
+      "restore", restore,
+      {{"none", fk::Restore::none},
+       {"replace", fk::Restore::replace},
+       {"rescale", fk::Restore::rescale}});
+  FK_CHECK(window_start >= 0 && window_len >= 0 && window_start + window_len <= n,
+           "the window [start, start + len) must lie within [0, n]");
+  FK_CHECK(drop_threshold <= (uint64_t(1) << 32), "drop_threshold must be at most 2^32");
+  const int64_t neurons = cfg.axis == fk::Axis::row ? rows : cfg.axis == fk::Axis::col ? cols : 0;
+  FK_CHECK(restored_neurons >= 0 && restored_neurons <= neurons,
+           "restored_neurons must be in [0, number of neurons] (0 for axis none)");
+  FK_CHECK(approx_tolerance >= 0, "approx_tolerance must be non-negative");
+  cfg.window_start = window_start;
+  cfg.window_len = window_len;
+  cfg.drop_threshold = drop_threshold;
+  cfg.random_inverse = random_inverse;
+  cfg.density = density;
+  cfg.epsilon = epsilon;
+  cfg.weight = weight;
+  cfg.restored_neurons = restored_neurons;
+  cfg.tensor_seed = tensor_seed;
+  cfg.approx = approx;
+  cfg.approx_tolerance = approx_tolerance;
+  cfg.l1_eps = l1_eps;
+  cfg.threads = threads;
+  cfg.sample_size = sample_size;
+  cfg.collect_cap = collect_cap;
+
+  const fk::Pair pair{base.data(), tuned.data(), dt, n, rows, cols};
+  void* dst = out.mutable_data();
+  fk::MergeResult r;
+  {
+    py::gil_scoped_release release;
+    r = fk::merge(pair, dst, cfg);
+  }
+  py::dict result;
+  result["nonfinite"] = r.nonfinite;
+  result["kept"] = r.kept;
+  result["restored"] = r.restored;
+  result["fallbacks"] = r.fallbacks;
+  result["l1_scale"] = double(r.l1_scale);
+  return result;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cpp, m) {
+  m.doc() = "Fused CPU kernel of fusion_kernels' per-tensor merge (see SPEC.md).";
+  m.def("merge", &merge,
+        "Merge one tensor pair into out; returns nonfinite, kept, restored, fallbacks, l1_scale.",
+        py::arg("base"), py::arg("tuned"), py::arg("out"), py::kw_only(), py::arg("dtype"),
+        py::arg("rows"), py::arg("cols"), py::arg("axis"), py::arg("suppress"),
+        py::arg("rescale"), py::arg("restore"), py::arg("window_start"), py::arg("window_len"),
+        py::arg("drop_threshold"), py::arg("random_inverse"), py::arg("density"),
+        py::arg("epsilon"), py::arg("weight"), py::arg("restored_neurons"),
+        py::arg("tensor_seed"), py::arg("approx"), py::arg("approx_tolerance"),
+        py::arg("l1_eps"), py::arg("threads") = 0, py::arg("sample_size") = int64_t(-1),
+        py::arg("collect_cap") = uint64_t(1) << 22);
+  m.def("default_threads", &fk::default_threads,
+        "Threads the kernel uses for large tensors by default (1 when built without OpenMP).");
+  m.def("isa", &fk::pass_isa, "Instruction set the streaming passes run with here.");
+  m.def("set_isa", &fk::set_pass_isa, py::arg("name"),
+        "Run the passes with the named build (baseline, avx2, avx512) if this CPU supports it; "
+        "returns whether it does. For tests.");
+}

@@ -1,0 +1,86 @@
+// Radix select over 64-bit keys: histogram the top 16 bits of (key − min) over the keys still in
+// play, keep the bin holding the rank, repeat; nth_element finishes once few are left. A few
+// linear passes instead of nth_element's partitioning, which matters at the half million
+// candidates of a large tensor. The bin edges met on the way are exact cuts with known counts,
+// which is what select=approx stops at.
+#include "rank.h"
+
+#include <algorithm>
+#include <functional>
+
+namespace fk {
+namespace {
+
+constexpr size_t kFinish = 2048;
+
+// One level: the bin of (key − lo) >> shift holding `rank`, the keys in higher bins, and the
+// keys of that bin moved to the front of `keys` (which is resized to them).
+struct Level {
+  uint64_t lo;
+  int shift;
+  size_t bin;
+  int64_t over;     // keys in higher bins
+  int64_t in_bin;   // keys in the bin
+};
+
+bool narrow(std::vector<uint64_t>& keys, int64_t& rank, std::vector<uint32_t>& hist, Level& level) {
+  uint64_t lo = keys[0], hi = keys[0];
+  for (uint64_t k : keys) {
+    lo = std::min(lo, k);
+    hi = std::max(hi, k);
+  }
+  const uint64_t span = hi - lo;
+  if (span == 0) return false;
+  const int shift = std::max(0, 64 - __builtin_clzll(span) - 16);
+  hist.assign(size_t(span >> shift) + 1, 0);
+  for (uint64_t k : keys) ++hist[(k - lo) >> shift];
+  size_t bin = hist.size();
+  int64_t over = 0;
+  while (rank >= int64_t(hist[--bin])) {
+    rank -= hist[bin];
+    over += hist[bin];
+  }
+  level = Level{lo, shift, bin, over, int64_t(hist[bin])};
+  return true;
+}
+
+void keep_bin(std::vector<uint64_t>& keys, const Level& level) {
+  size_t kept = 0;  // branch-free: about as many keys leave the bin as stay in it
+  for (uint64_t k : keys) {
+    keys[kept] = k;
+    kept += ((k - level.lo) >> level.shift) == level.bin;
+  }
+  keys.resize(kept);
+}
+
+}  // namespace
+
+uint64_t key_at_rank(std::vector<uint64_t> keys, int64_t rank) {
+  std::vector<uint32_t> hist;
+  Level level;
+  while (keys.size() > kFinish && narrow(keys, rank, hist, level)) keep_bin(keys, level);
+  std::nth_element(keys.begin(), keys.begin() + rank, keys.end(), std::greater<uint64_t>());
+  return keys[size_t(rank)];
+}
+
+RankCut cut_at_rank(std::vector<uint64_t> keys, int64_t rank, int64_t tolerance) {
+  std::vector<uint32_t> hist;
+  Level level;
+  int64_t above = 0;  // keys above those still in play
+  while (keys.size() > kFinish && narrow(keys, rank, hist, level)) {
+    above += level.over;
+    if (tolerance >= 0) {
+      // The bin's edges: keys from its top (`above` of them) or from its bottom.
+      const uint64_t top = level.lo + ((uint64_t(level.bin) + 1) << level.shift);
+      const uint64_t bottom = level.lo + (uint64_t(level.bin) << level.shift);
+      if (rank <= tolerance) return {Cut{top, ~uint64_t(0)}, above};
+      if (level.in_bin - rank <= tolerance)
+        return {Cut{bottom, ~uint64_t(0)}, above + level.in_bin};
+    }
+    keep_bin(keys, level);
+  }
+  std::nth_element(keys.begin(), keys.begin() + rank, keys.end(), std::greater<uint64_t>());
+  return {Cut{keys[size_t(rank)], 0}, above + rank};
+}
+
+}  // namespace fk

@@ -1,0 +1,215 @@
+// Radix select of the SPEC order's window boundaries: the exact fallback of the brackets.
+//
+// A boundary (the entry at position p of the order) is found level by level: a histogram of the
+// top 16 |Δ| bits names the bin that holds it; while that bin's group is too large to
+// hold in memory, another pass histograms the next digit of the key within the group; once it is
+// small, one pass collects the group's (key, index) pairs and nth_element picks the entry.
+// bf16 deltas tie a lot, so a group can be large even at full |Δ| resolution: the TIE-hash
+// digits then split it evenly.
+#include "select.h"
+
+#include <algorithm>
+#include <cstdlib>
+
+#include "kernel_common.h"
+#include "passes.h"
+
+namespace fk {
+namespace {
+
+// A group at level L shares the key bits above kPrefixShift[L]: level 1 the top 16 |Δ| bits,
+// level 2 all |Δ| bits, level 3 also the TIE hash's top 16 bits, level 4 the whole key.
+constexpr int kPrefixShift[5] = {63, 47, 32, 16, 0};
+constexpr int kLastLevel = 4;
+
+inline bool precedes(const Candidate& a, const Candidate& b) {
+  return a.key > b.key || (a.key == b.key && a.index < b.index);
+}
+
+// Where rank (0 = first in order) falls in a histogram read from its top bin down.
+struct Located {
+  uint64_t bin;
+  uint64_t rank;   // within the bin
+  uint64_t count;  // entries in the bin
+};
+
+Located locate(const std::vector<uint64_t>& hist, uint64_t rank) {
+  for (size_t b = hist.size(); b-- > 0;) {
+    if (rank < hist[b]) return {b, rank, hist[b]};
+    rank -= hist[b];
+  }
+  return {0, 0, 0};  // rank beyond the total: callers only ask for ranks < n
+}
+
+// One boundary still being resolved: the group of entries whose key >> kPrefixShift[level]
+// equals prefix, and the rank of the boundary entry within it.
+struct Query {
+  int level = 0;
+  uint64_t prefix = 0;
+  uint64_t count = 0;
+  uint64_t rank = 0;
+  bool done = false;
+  Cut cut = kCutNone;
+};
+
+// What one pass does for one group: histogram the next key digit, or collect the entries.
+struct Job {
+  int level;
+  uint64_t prefix;
+  bool collect;
+  int abs_shift;        // cheap test on |Δ| bits first: (a >> abs_shift) == abs_prefix
+  uint32_t abs_prefix;
+  bool needs_key;       // the TIE hash is needed (collecting, or a digit below the |Δ| bits)
+  int digit_shift;
+  uint64_t digit_mask;
+  std::vector<std::vector<uint64_t>> hist;    // per thread
+  std::vector<std::vector<Candidate>> found;  // per thread
+};
+
+Job make_job(const Query& q, uint64_t collect_cap, int threads) {
+  Job j{};
+  j.level = q.level;
+  j.prefix = q.prefix;
+  j.collect = q.count <= collect_cap || q.level == kLastLevel;
+  const int shift = kPrefixShift[q.level];
+  if (shift >= 32) {
+    j.abs_shift = shift - 32;
+    j.abs_prefix = uint32_t(q.prefix);
+  } else {
+    j.abs_shift = 0;
+    j.abs_prefix = uint32_t(q.prefix >> (32 - shift));
+  }
+  if (j.collect) {
+    j.needs_key = true;
+    j.found.resize(threads);
+  } else {
+    j.digit_shift = kPrefixShift[q.level + 1];
+    j.digit_mask = (uint64_t(1) << (shift - j.digit_shift)) - 1;
+    j.needs_key = j.digit_shift < 32;
+    j.hist.assign(threads, std::vector<uint64_t>(j.digit_mask + 1, 0));
+  }
+  return j;
+}
+
+// One pass over base and tuned serving every job.
+template <class C>
+void refine_pass(const Pair& p, uint32_t tensor_seed, std::vector<Job>& jobs, int threads) {
+  parallel_slices(p.n, threads, [&](int tid, int64_t lo, int64_t hi) {
+    const HashStream tie(tensor_seed, kStreamTie);
+    float d[kTile];
+    for_each_tile(lo, hi, p.cols, [&](const Tile& t) {
+      load_delta<C>(p, t, d);
+      for (int64_t k = 0; k < t.len; ++k) {
+        const uint32_t a = bits_of(d[k]) & kAbsMask;
+        for (Job& j : jobs) {
+          if ((a >> j.abs_shift) != j.abs_prefix) continue;
+          const int64_t i = t.start + k;
+          const uint64_t key = j.needs_key ? order_key(a, tie.at(i)) : uint64_t(a) << 32;
+          if ((key >> kPrefixShift[j.level]) != j.prefix) continue;
+          if (j.collect)
+            j.found[tid].push_back({key, i, 0, 0.0f});
+          else
+            ++j.hist[tid][(key >> j.digit_shift) & j.digit_mask];
+        }
+      }
+    });
+  });
+}
+
+// Advances q with its job's result: the boundary entry itself, or the next level's group.
+void advance(Query& q, Job& j) {
+  if (j.collect) {
+    std::vector<Candidate> all;
+    for (auto& part : j.found) all.insert(all.end(), part.begin(), part.end());
+    auto nth = all.begin() + int64_t(q.rank);
+    std::nth_element(all.begin(), nth, all.end(), precedes);
+    q.cut = Cut{nth->key, uint64_t(nth->index)};
+    q.done = true;
+    return;
+  }
+  std::vector<uint64_t> merged(j.digit_mask + 1, 0);
+  for (auto& h : j.hist)
+    for (size_t b = 0; b < merged.size(); ++b) merged[b] += h[b];
+  const Located at = locate(merged, q.rank);
+  const int bits = kPrefixShift[q.level] - kPrefixShift[q.level + 1];
+  q.prefix = (q.prefix << bits) | at.bin;
+  q.rank = at.rank;
+  q.count = at.count;
+  q.level += 1;
+}
+
+Query start_query(int64_t position, int64_t n, const std::vector<uint64_t>& top) {
+  Query q;
+  if (position <= 0 || position >= n) {
+    q.done = true;
+    q.cut = position <= 0 ? kCutNone : kCutAll;
+    return q;
+  }
+  const Located at = locate(top, uint64_t(position));
+  q.level = 1;
+  q.prefix = at.bin;
+  q.rank = at.rank;
+  q.count = at.count;
+  return q;
+}
+
+// The cut at the histogram-bin edge nearest `position`, and the position of that edge.
+std::pair<Cut, int64_t> nearest_edge(int64_t position, int64_t n,
+                                     const std::vector<uint64_t>& top) {
+  if (position <= 0) return {kCutNone, 0};
+  if (position >= n) return {kCutAll, n};
+  const Located at = locate(top, uint64_t(position));
+  const int64_t above = position - int64_t(at.rank);
+  const int64_t below = above + int64_t(at.count);
+  const int shift = kPrefixShift[1];
+  if (position - above <= below - position)
+    return {Cut{(at.bin + 1) << shift, ~uint64_t(0)}, above};
+  return {Cut{at.bin << shift, ~uint64_t(0)}, below};
+}
+
+// The window's cuts from the top-bits histogram: bin edges in approx mode when one is close
+// enough, else radix select, one pass per level.
+Window select_levels(const Pair& p, const std::vector<uint64_t>& top_histogram,
+                     const WindowRequest& req) {
+  const int64_t first = req.start;
+  const int64_t end = req.start + req.len;
+  if (req.len == 0) return Window{kCutNone, kCutNone, 0};
+  if (req.approx) {
+    const auto upper = nearest_edge(first, p.n, top_histogram);
+    const auto lower = nearest_edge(end, p.n, top_histogram);
+    const int64_t kept = lower.second - upper.second;
+    if (std::llabs(kept - req.len) <= req.tolerance) return Window{upper.first, lower.first, kept};
+  }
+  Query queries[2] = {start_query(first, p.n, top_histogram), start_query(end, p.n, top_histogram)};
+  while (!queries[0].done || !queries[1].done) {
+    std::vector<Job> jobs;
+    int job_of[2] = {-1, -1};
+    for (int q = 0; q < 2; ++q) {
+      if (queries[q].done) continue;
+      for (size_t j = 0; j < jobs.size(); ++j)
+        if (jobs[j].level == queries[q].level && jobs[j].prefix == queries[q].prefix)
+          job_of[q] = int(j);
+      if (job_of[q] < 0) {
+        job_of[q] = int(jobs.size());
+        jobs.push_back(make_job(queries[q], req.collect_cap, req.threads));
+      }
+    }
+    dispatch_dtype(p.dtype, [&](auto codec) {
+      refine_pass<decltype(codec)>(p, req.tensor_seed, jobs, req.threads);
+    });
+    for (int q = 0; q < 2; ++q)
+      if (job_of[q] >= 0) advance(queries[q], jobs[job_of[q]]);
+  }
+  return Window{queries[0].cut, queries[1].cut, req.len};
+}
+
+}  // namespace
+
+Window radix_window(const Pair& p, const WindowRequest& req) {
+  FirstPassPlan plan;
+  plan.histogram = true;
+  const FirstPassResult top = run_first_pass(p, plan, req.threads);
+  return select_levels(p, top.histogram, req);
+}
+
+}  // namespace fk

@@ -1,0 +1,68 @@
+// Selecting the window [start, start + len) of the SPEC order (magnitude, breadcrumbs) without
+// sorting the tensor. Two routes to the same exact cuts:
+//
+//   bracket (bracket.cpp)  a sample of order keys brackets each boundary; the first pass counts
+//                          the entries above the bracket and collects those inside it, and
+//                          nth_element over those few finds the boundary entry. No extra pass.
+//   radix   (select.cpp)   the fallback when a bracket misses (rare) or is not wanted: radix
+//                          select over the key (|Δ| bits, TIE hash, then the index), one pass
+//                          per level, collecting the last group.
+#pragma once
+
+#include <vector>
+
+#include "types.h"
+
+namespace fk {
+
+struct WindowRequest {
+  int64_t start;
+  int64_t len;
+  uint32_t tensor_seed;
+  // approx: cuts may sit at bucket edges when that keeps within `tolerance` of len.
+  bool approx;
+  int64_t tolerance;
+  // Keys sampled to bracket the boundaries: < 0 picks by n, 0 goes straight to the radix select.
+  int64_t sample_size;
+  // Largest radix group collected in one pass (16 bytes an entry); larger groups are split by
+  // histogramming the next key digit first. Tests lower it to reach every radix level.
+  uint64_t collect_cap;
+  int threads;
+  // Order keys are all distinct (the TIE hash is a bijection within each 2^32 block of indices),
+  // so selection can ignore the index tie-break; true when n <= 2^32.
+  bool unique_keys;
+};
+
+// The kept window as two cuts: kept iff in lower and not in upper.
+struct Window {
+  Cut upper;
+  Cut lower;
+  int64_t kept;
+};
+
+// The boundaries (start and start + len) and, for those strictly inside the tensor, brackets.
+struct WindowPlan {
+  int64_t position[2] = {0, 0};
+  bool radix = false;  // a boundary inside the tensor is left to the radix select
+  int brackets = 0;
+  int boundary_of[2] = {0, 0};  // which boundary bracket b belongs to
+  Bracket bracket[2] = {};
+  uint64_t collect_cap = 0;  // twice the candidates the brackets should hold
+};
+
+// Samples the order keys and brackets the boundaries (bracket.cpp).
+WindowPlan plan_window(const Pair& p, const WindowRequest& req);
+
+// Adds the brackets' counting and collecting to the first pass.
+void add_window_work(const WindowPlan& w, const WindowRequest& req, FirstPassPlan& plan);
+
+// The cuts from the first pass's bracket results: radix select among the candidates, stopping
+// at a histogram-bin edge in approx mode (bracket.cpp). False when a bracket missed.
+bool resolve_brackets(const WindowPlan& w, const WindowRequest& req, FirstPassResult& first,
+                      Window& out);
+
+// The window by radix select alone: a pass for the top-bits histogram, then one per level
+// (select.cpp). For when there are no brackets, or one missed.
+Window radix_window(const Pair& p, const WindowRequest& req);
+
+}  // namespace fk
