@@ -8,7 +8,9 @@ import sys
 import pytest
 import torch
 from checkpoints import tiny_pair, tree_digest, write_single
+from conftest import assert_within_ulp
 
+from fusion_kernels import available_backends
 from fusion_kernels.merge import main
 from fusion_kernels.reader import Checkpoint
 
@@ -243,3 +245,32 @@ def test_bad_override_is_rejected_before_any_work(pair, capsys):
         "unknown parameter 'colour'",
     )
     assert not out.exists()
+
+
+@pytest.mark.skipif(
+    "triton" not in available_backends(), reason="needs triton and a GPU or TRITON_INTERPRET=1"
+)
+def test_cli_merge_on_the_triton_backend_equals_torch(tmp_path):
+    base, tuned = tiny_pair(tmp_path / "in", hidden=16, intermediate=24, layers=1, vocab=32)
+    outputs = {}
+    for backend in ("torch", "triton"):
+        out = tmp_path / backend
+        assert (
+            run_cli(
+                "--base",
+                base,
+                "--tuned",
+                tuned,
+                "--out",
+                out,
+                "--method",
+                "neu-s-bread",
+                "--backend",
+                backend,
+            )
+            == 0
+        )
+        outputs[backend] = Checkpoint(out)
+        assert json.loads((out / "fusion_report.json").read_text())["backends"] == [backend]
+    for name in outputs["torch"].names():
+        assert_within_ulp(outputs["triton"].read(name), outputs["torch"].read(name), 1, name)

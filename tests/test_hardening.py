@@ -271,10 +271,18 @@ def test_output_under_a_file_is_a_clear_error(tmp_path, capsys):
 # --- determinism and verification -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", [b for b in available_backends() if b != "triton"])
-@pytest.mark.parametrize("method", METHODS)
+# The interpreter is slow, so triton runs the random methods (where determinism is at stake).
+DETERMINISM_CASES = [
+    (method, backend)
+    for backend in available_backends()
+    for method in (METHODS if backend != "triton" else ["dare", "della", "neu-p-ties"])
+]
+
+
+@pytest.mark.parametrize("method,backend", DETERMINISM_CASES)
 def test_same_merge_twice_gives_byte_identical_files(tmp_path, method, backend):
-    base, tuned = tiny_pair(tmp_path / "in")
+    small = dict(hidden=16, intermediate=24, layers=1, vocab=32) if backend == "triton" else {}
+    base, tuned = tiny_pair(tmp_path / "in", **small)
     params = params_for(method, seed=1234)
     outputs = []
     for run in range(2):
