@@ -196,7 +196,7 @@ def test_non_float_tensors_are_copied_unchanged_and_reported(tmp_path):
 
 @pytest.mark.slow
 def test_killed_merges_leave_no_output_and_inputs_untouched(tmp_path):
-    base, tuned = tiny_pair(tmp_path / "in", hidden=256, intermediate=768, layers=4, vocab=2048)
+    base, tuned = tiny_pair(tmp_path / "in", hidden=256, intermediate=768, layers=8, vocab=2048)
     before = tree_digest(tmp_path / "in")
     out = tmp_path / "out"
     rng = random.Random(0)
@@ -208,7 +208,13 @@ def test_killed_merges_leave_no_output_and_inputs_untouched(tmp_path):
             ),
             stderr=subprocess.PIPE,
         )
-        time.sleep(rng.uniform(1.0, 3.0))
+        # Kill shortly after the merge starts writing (its temporary directory appears), so the
+        # signal lands mid-merge however fast the machine is.
+        deadline = time.monotonic() + 60
+        while not (tmp_path / f".out.partial-{proc.pid}").exists() and proc.poll() is None:
+            assert time.monotonic() < deadline, "the merge never started writing"
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, 0.15))
         sig = [signal.SIGINT, signal.SIGTERM, signal.SIGKILL][attempt % 3]
         proc.send_signal(sig)
         proc.wait(timeout=60)
