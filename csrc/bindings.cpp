@@ -54,7 +54,7 @@ void check_buffer(const py::array& a, const char* what, int64_t n, fk::DType dt,
   FK_CHECK(!writable || a.writeable(), std::string(what) + " must be writable");
 }
 
-py::dict merge(const py::array& base, const py::array& tuned, py::array& out,
+py::dict merge(const py::array& base, const py::array& tuned, py::array out,
                const std::string& dtype, int64_t rows, int64_t cols, const std::string& axis,
                const std::string& suppress, const std::string& rescale, const std::string& restore,
                int64_t window_start, int64_t window_len, uint64_t drop_threshold,

@@ -3,6 +3,7 @@
 #include "merge_kernel.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <numeric>
 #include <type_traits>
 
@@ -51,11 +52,13 @@ Mask initial_mask(const Pair& p, const MergeConfig& cfg) {
   return m;
 }
 
+// Whether out shares memory with base or tuned (an in-place merge): then nothing may be written
+// before the last read, which rules out the fused route.
 bool overlaps(const Pair& p, const void* out) {
-  const auto* o = static_cast<const char*>(out);
-  const int64_t bytes = p.n * (p.dtype == DType::f32 ? 4 : 2);
+  const uintptr_t o = reinterpret_cast<uintptr_t>(out);
+  const uintptr_t bytes = uintptr_t(p.n) * (p.dtype == DType::f32 ? 4 : 2);
   for (const void* in : {p.base, p.tuned}) {
-    const auto* i = static_cast<const char*>(in);
+    const uintptr_t i = reinterpret_cast<uintptr_t>(in);
     if (o < i + bytes && i < o + bytes) return true;
   }
   return false;
