@@ -17,7 +17,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from tqdm import tqdm
@@ -27,6 +27,7 @@ from .neurons import NeuronRules, parse_rule
 from .ops import change_scores
 from .ops.contract import count
 from .pipeline import plan_merge
+from .process import run_and_exit
 
 TOP_PERCENTS = (1, 5, 10, 30)
 DENSITIES = (0.05, 0.1, 0.2, 0.3, 0.5)
@@ -241,5 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli() -> NoReturn:
+    """Console-script entry point: :func:`main`, then a fast exit."""
+    run_and_exit(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

@@ -12,6 +12,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from .errors import FusionError
 from .neurons import NeuronRules, parse_rule
@@ -28,6 +29,7 @@ from .params import (
 )
 from .pipeline import merge_checkpoints, plan_merge
 from .planner import parse_size
+from .process import run_and_exit
 
 DEFAULT_METHOD = "neuron_fusion"
 DEMO_DIR = "fusion_demo"
@@ -319,5 +321,10 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def cli() -> NoReturn:
+    """Console-script entry point: :func:`main`, then a fast exit."""
+    run_and_exit(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

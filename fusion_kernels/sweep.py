@@ -34,11 +34,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .errors import FusionError, ParameterError
 from .params import PRESETS, MergeParams, params_for
 from .pipeline import check_output_path, merge_checkpoints, plan_merge
+from .process import run_and_exit
 
 RESULTS_NAME = "results.csv"
 SWEEP_NAME = "sweep.json"
@@ -587,5 +588,10 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def cli() -> NoReturn:
+    """Console-script entry point: :func:`main`, then a fast exit."""
+    run_and_exit(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()
