@@ -133,10 +133,18 @@ def _run(
         base = transport.load(base_ckpt, task.base) if task.action == "merge" else None
         return base, tuned
 
-    def store(name: str, merged: torch.Tensor, after) -> None:
-        crc = transport.store(writer, name, merged, checksums is not None, after)
+    def release(task: TensorTask) -> None:
+        transport.release(tuned_ckpt, task.tuned)
+        if task.action == "merge":
+            transport.release(base_ckpt, task.base)
+
+    def store(task: TensorTask, merged: torch.Tensor, after) -> None:
+        crc = transport.store(writer, task.name, merged, checksums is not None, after)
         if checksums is not None:
-            checksums[name] = crc
+            checksums[task.name] = crc
+        # A copied tensor is written straight from its input view.
+        if task.action == "copy":
+            release(task)
 
     results: list[TensorStats] = []
     bar = tqdm(
@@ -160,12 +168,15 @@ def _run(
                 if tensor is not None:
                     transport.ready(tensor)
             tensor_params = params.for_tensor(task.name)
-            merged, stats = _compute(task, base, tuned, tensor_params, backend)
+            merged, stats = _compute(task, base, tuned, tensor_params, backend, transport)
             done = transport.computed()
+            if task.action == "merge":
+                release(task)
             results.append(stats)
+            # Wait for the previous store before the next compute: it may reuse that output.
             if in_flight is not None:
                 in_flight.result()
-            in_flight = out.submit(store, task.name, merged, done)
+            in_flight = out.submit(store, task, merged, done)
             bar.update(task.tuned.nbytes)
             bar.set_postfix_str(f"tensors {position + 1}/{len(order)}", refresh=False)
         if in_flight is not None:
@@ -173,16 +184,20 @@ def _run(
     return results
 
 
-def _compute(task, base, tuned, params, backend) -> tuple[torch.Tensor, TensorStats]:
-    """Merge one task's tensors where they are (host or device); copies pass through."""
+def _compute(task, base, tuned, params, backend, transport) -> tuple[torch.Tensor, TensorStats]:
+    """Merge one task's tensors where they are (host or device); copies pass through.
+
+    A merged result never shares memory with base or tuned (the caller releases them after
+    this); a copy is tuned itself."""
     if task.action == "copy":
         return tuned, TensorStats(kept=0, name=task.name, numel=task.tuned.numel, action="copy")
     start = time.perf_counter()
     # A grown vocabulary merges the rows base has; the added rows come from tuned as they are.
     block = tuned if task.merge_rows is None else tuned[: task.merge_rows]
     try:
+        out = transport.output(block.shape, base.dtype)
         merged, stats = merge_tensor(
-            base, block, task.name, axis=task.axis, backend=backend, params=params
+            base, block, task.name, axis=task.axis, backend=backend, params=params, out=out
         )
     except FusionError as exc:
         # Name the file too: the user has to find the bad tensor on disk.

@@ -2,18 +2,21 @@
 
 A checkpoint is a directory holding one ``.safetensors`` file, or shards named by
 ``model.safetensors.index.json``, or a single ``.safetensors`` file. Headers are parsed and checked
-here (so a corrupt file is a clear error naming it); shards are memory-mapped, and each tensor is
-copied out on its own and its pages released from the mapping, so the process's resident memory
-holds the tensors in flight, not the shards it has read.
+here (so a corrupt file is a clear error naming it); shards are memory-mapped. A tensor is either
+copied out on its own (:meth:`Checkpoint.read`) or handed out as a zero-copy view of the mapping
+(:meth:`Checkpoint.view`); either way its pages are released from the mapping once used, so the
+process's resident memory holds the tensors in flight, not the shards it has read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import mmap
 import os
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +46,8 @@ DTYPES: dict[str, tuple[torch.dtype, int]] = {
 MERGEABLE = ("F32", "F16", "BF16")
 # A header larger than this is certainly corrupt (real ones are a few MB at most).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+# madvise(2) advice that Python's mmap module lacks: fault a range's pages in (Linux 5.14+).
+_MADV_POPULATE_READ = 22 if sys.platform.startswith("linux") else None
 
 
 @dataclass(frozen=True)
@@ -239,6 +244,36 @@ class Checkpoint:
     def info(self, name: str) -> TensorInfo:
         return self.tensors[name]
 
+    def view(self, name: str) -> torch.Tensor:
+        """One tensor as a view of the memory-mapped shard, with its pages mapped in now.
+
+        No bytes are copied: the CPU merge reads straight from the page cache. The mapping is
+        private, so writing to the view never reaches the file. Call :meth:`release` when done
+        with it to drop its pages from this process (the view stays readable; it maps them
+        again). A tensor whose bytes are not aligned to its dtype is copied instead.
+        """
+        info = self.tensors[name]
+        start = self._data_start[info.file] + info.begin
+        width = DTYPES[info.dtype][1]
+        if info.nbytes == 0 or start % width:
+            return self.read(name)
+        try:
+            mapped = self._maps.get(info.file) or self._map(info.file)
+            _populate(mapped, start, info.nbytes)
+            # Through numpy: its array holds the mapping's buffer export for as long as the
+            # tensor lives, so the mapping cannot be closed under it (torch.frombuffer does not).
+            raw = np.frombuffer(mapped, dtype=np.uint8, count=info.nbytes, offset=start)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{info.file}: cannot read tensor {name!r} ({exc})") from None
+        return torch.from_numpy(raw).view(info.torch_dtype).view(info.shape)
+
+    def release(self, name: str) -> None:
+        """Drop a tensor's pages from this process's mapping (they stay in the page cache)."""
+        info = self.tensors[name]
+        mapped = self._maps.get(info.file)
+        if mapped is not None and info.nbytes:
+            _release(mapped, self._data_start[info.file] + info.begin, info.nbytes)
+
     def read(self, name: str) -> torch.Tensor:
         """One tensor, copied out of the memory-mapped shard into its own CPU memory."""
         info = self.tensors[name]
@@ -273,18 +308,38 @@ class Checkpoint:
 
     def _map(self, file: Path) -> mmap.mmap:
         with open(file, "rb") as fh:
-            self._maps[file] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            # Private and writable: views of it are ordinary tensors, and nothing reaches the file.
+            self._maps[file] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
         return self._maps[file]
 
     def close(self) -> None:
-        """Unmap the shards (reading again maps them anew)."""
+        """Unmap the shards (reading again maps them anew). A shard that views from
+        :meth:`view` still use is unmapped when the last of them is gone."""
         for mapped in self._maps.values():
-            mapped.close()
+            with contextlib.suppress(BufferError):
+                mapped.close()
         self._maps.clear()
 
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
+
+
+def _populate(mapped: mmap.mmap, start: int, length: int) -> None:
+    """Map a range's pages in now (reading them from disk if needed), so that the thread that
+    calls this does the faulting, not the merge that reads the view later."""
+    if not hasattr(mapped, "madvise"):
+        return
+    page = mmap.PAGESIZE
+    begin = start - start % page
+    if _MADV_POPULATE_READ is not None:
+        try:
+            mapped.madvise(_MADV_POPULATE_READ, begin, start + length - begin)
+            return
+        except OSError:
+            # Kernels before Linux 5.14 lack it; read-ahead is the next best thing.
+            pass
+    mapped.madvise(mmap.MADV_WILLNEED, begin, start + length - begin)
 
 
 def _release(mapped: mmap.mmap, start: int, length: int) -> None:

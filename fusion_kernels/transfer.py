@@ -1,16 +1,18 @@
 """How tensors travel between the shards on disk and the device that merges them (the driver's
 I/O side).
 
-``HostTransport`` (CPU merges): a tensor is copied out of its memory-mapped shard into its own
-memory and written back whole. ``StagedTransport`` (GPU merges): bytes move through a few fixed
-pinned staging buffers, chunk by chunk, on their own CUDA streams, so host memory stays bounded by
-the staging buffers whatever the tensor size (a 128256×8192 lm_head passes through 256 MB of
-staging), uploads overlap the previous tensor's compute and downloads overlap the next one's.
-On CPU tensors the staged path runs the same chunking without pinning or streams (tests use it).
+``HostTransport`` (CPU merges): a tensor is read in place from its memory-mapped shard (no copy)
+and its result, merged into one of two reused buffers, is written back whole.
+``StagedTransport`` (GPU merges): bytes move through a few fixed pinned staging buffers, chunk by
+chunk, on their own CUDA streams, so host memory stays bounded by the staging buffers whatever the
+tensor size (a 128256×8192 lm_head passes through 256 MB of staging), uploads overlap the
+previous tensor's compute and downloads overlap the next one's. On CPU tensors the staged path
+runs the same chunking without pinning or streams (tests use it).
 """
 
 from __future__ import annotations
 
+import math
 import zlib
 
 import torch
@@ -22,13 +24,46 @@ DEFAULT_STAGING_BYTES = 256 * 2**20
 
 
 class HostTransport:
-    """Whole tensors in ordinary host memory (the CPU path)."""
+    """Whole tensors in host memory (the CPU path), moved as little as possible.
+
+    On CPU, inputs are zero-copy views of the shards' mappings (released by :meth:`release`
+    once merged) and results are written into two reused output buffers, so a tensor costs no
+    copy in and no fresh allocation out.
+    """
 
     def __init__(self, device: torch.device):
         self.device = device
+        self._outputs: list[torch.Tensor] = [torch.empty(0, dtype=torch.uint8)] * 2
+        self._next_output = 0
 
     def load(self, ckpt: Checkpoint, info: TensorInfo) -> torch.Tensor:
+        if self.device.type == "cpu":
+            return ckpt.view(info.name)
         return ckpt.read(info.name).to(self.device)
+
+    def release(self, ckpt: Checkpoint, info: TensorInfo) -> None:
+        """The loaded tensor is no longer needed: drop its pages from this process."""
+        if self.device.type == "cpu":
+            ckpt.release(info.name)
+
+    def output(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor | None:
+        """A tensor to merge into, from a ring of two buffers (None off the CPU).
+
+        Each call hands out the buffer the call before last did, so the caller must have
+        finished storing that result first: the driver stores one result while it computes
+        the next. A buffer more than twice the size asked for is replaced by one of the
+        right size, so a large buffer does not stay resident through small tensors.
+        """
+        if self.device.type != "cpu":
+            return None
+        nbytes = math.prod(shape) * dtype.itemsize
+        index, self._next_output = self._next_output, 1 - self._next_output
+        size = self._outputs[index].numel()
+        if not nbytes <= size <= 2 * nbytes:
+            # Free the old buffer before allocating its successor, not after.
+            self._outputs[index] = torch.empty(0, dtype=torch.uint8)
+            self._outputs[index] = torch.empty(nbytes, dtype=torch.uint8)
+        return self._outputs[index][:nbytes].view(dtype).view(shape)
 
     def ready(self, tensor: torch.Tensor) -> None:
         """Nothing to wait for: loads complete before they return."""
@@ -97,6 +132,13 @@ class StagedTransport:
         if event is not None:
             self._loaded[id(tensor)] = event
         return tensor
+
+    def release(self, ckpt: Checkpoint, info: TensorInfo) -> None:
+        """Nothing to release: loads went through staging, which released the pages."""
+
+    def output(self, shape: torch.Size, dtype: torch.dtype) -> None:
+        """None: the merge allocates its result on the device."""
+        return None
 
     def ready(self, tensor: torch.Tensor) -> None:
         """Make the compute stream wait for ``tensor``'s upload (a no-op on CPU)."""

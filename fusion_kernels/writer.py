@@ -69,7 +69,7 @@ class ShardFile:
         assert data.nbytes == nbytes
         with _write_errors(self.path):
             _pwrite_all(self.fd, memoryview(data), self.data_start + begin)
-        self.pending.discard(name)
+        self._written(name)
 
     def write_range(self, name: str, offset: int, data) -> None:
         """Write part of a tensor's bytes (a uint8 array) at ``offset`` within the tensor; the
@@ -81,7 +81,14 @@ class ShardFile:
             _pwrite_all(self.fd, memoryview(data), self.data_start + begin + offset)
         self._partial[name] = self._partial.get(name, 0) + len(data)
         if self._partial[name] == nbytes:
-            self.pending.discard(name)
+            self._written(name)
+
+    def _written(self, name: str) -> None:
+        self.pending.discard(name)
+        # Sync a complete shard now, while later shards are still being merged, rather than
+        # all shards at the end.
+        if not self.pending:
+            self.close()
 
     def close(self, sync: bool = True) -> None:
         if self.fd < 0:

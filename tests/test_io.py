@@ -196,3 +196,71 @@ def test_directories_without_a_checkpoint_are_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match=r"no \.safetensors checkpoint"):
         Checkpoint(tmp_path / "empty")
+
+
+def _raw_safetensors(path, tensors: dict[str, tuple[str, list[int], bytes]]) -> None:
+    """A safetensors file with tensors laid out back to back, exactly as given (no padding
+    between them, so a tensor may start at an odd byte)."""
+    header, data = {}, b""
+    for name, (dtype, shape, raw) in tensors.items():
+        header[name] = {
+            "dtype": dtype,
+            "shape": shape,
+            "data_offsets": [len(data), len(data) + len(raw)],
+        }
+        data += raw
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + data)
+
+
+def test_views_equal_copies_and_never_write_to_the_file(tmp_path):
+    gen = torch.Generator().manual_seed(3)
+    tensors = {
+        "f32": torch.randn(7, 5, generator=gen),
+        "bf16": torch.randn(4, 9, generator=gen).bfloat16(),
+        "f16": torch.randn(13, generator=gen).half(),
+        "i64": torch.arange(6).reshape(2, 3),
+        "flags": torch.tensor([True, False, True]),
+        "f8": torch.randn(5, generator=gen).to(torch.float8_e4m3fn),
+        "empty": torch.zeros(0, 4),
+    }
+    write_single(tmp_path / "ckpt", tensors)
+    file = tmp_path / "ckpt" / "model.safetensors"
+    before = file.read_bytes()
+    ckpt = Checkpoint(tmp_path / "ckpt")
+    for name, expected in tensors.items():
+        view = ckpt.view(name)
+        assert view.dtype == expected.dtype and view.shape == expected.shape, name
+        assert torch.equal(view.view(torch.uint8), expected.view(torch.uint8)), name
+        view.zero_()
+        ckpt.release(name)
+        assert torch.equal(ckpt.read(name).view(torch.uint8), expected.view(torch.uint8)), name
+    ckpt.close()
+    assert file.read_bytes() == before
+
+
+def test_views_stay_readable_after_release_and_close(tmp_path):
+    tensors = {"w": torch.randn(64, 1024)}
+    write_single(tmp_path / "ckpt", tensors)
+    ckpt = Checkpoint(tmp_path / "ckpt")
+    view = ckpt.view("w")
+    ckpt.release("w")
+    assert torch.equal(view, tensors["w"])
+    ckpt.close()
+    assert torch.equal(view, tensors["w"])
+
+
+def test_a_tensor_not_aligned_to_its_dtype_is_read_by_copy(tmp_path):
+    values = torch.tensor([1.5, -2.0, 3.25], dtype=torch.bfloat16)
+    _raw_safetensors(
+        tmp_path / "model.safetensors",
+        {
+            "pad": ("U8", [1], b"\x07"),
+            "w": ("BF16", [3], values.view(torch.uint8).numpy().tobytes()),
+        },
+    )
+    ckpt = Checkpoint(tmp_path / "model.safetensors")
+    view = ckpt.view("w")
+    assert view.data_ptr() % 2 == 0
+    assert torch.equal(view, values)

@@ -1,13 +1,16 @@
-"""The staged (GPU-style) transport: chunked reads into staging buffers and chunked writes give
-the same files as whole-tensor I/O, for tensors far larger than a staging buffer."""
+"""Transports. The staged (GPU-style) one: chunked reads into staging buffers and chunked writes
+give the same files as whole-tensor I/O, for tensors far larger than a staging buffer. The host
+one: zero-copy loads and a ring of two reused output buffers."""
 
 import pytest
 import torch
 from checkpoints import tiny_pair
 
 from fusion_kernels import merge_checkpoints, params_for
+from fusion_kernels.planner import build_plan
 from fusion_kernels.reader import Checkpoint
-from fusion_kernels.transfer import StagedTransport
+from fusion_kernels.transfer import HostTransport, StagedTransport
+from fusion_kernels.writer import CheckpointWriter
 
 
 @pytest.mark.parametrize("staging_bytes", [1, 1000, 4099, 1 << 20])
@@ -37,3 +40,45 @@ def test_staged_load_reassembles_a_tensor_larger_than_the_buffer(tmp_path):
     loaded = transport.load(ckpt, info)
     transport.ready(loaded)
     assert torch.equal(loaded.view(torch.int16), ckpt.read(info.name).view(torch.int16))
+
+
+def test_host_outputs_alternate_between_two_reused_buffers():
+    transport = HostTransport(torch.device("cpu"))
+    shape = torch.Size([96, 40])
+    first = transport.output(shape, torch.bfloat16)
+    second = transport.output(shape, torch.bfloat16)
+    third = transport.output(torch.Size([50, 40]), torch.bfloat16)
+    fourth = transport.output(torch.Size([48, 40]), torch.float32)
+    assert first.shape == shape and first.dtype == torch.bfloat16
+    assert first.data_ptr() != second.data_ptr()
+    # The call before last's buffer comes back when it is big enough and not more than 2x.
+    assert third.data_ptr() == first.data_ptr() and third.shape == (50, 40)
+    assert fourth.dtype == torch.float32 and fourth.shape == (48, 40)
+    assert fourth.data_ptr() == second.data_ptr()
+    small = transport.output(torch.Size([3]), torch.bfloat16)
+    assert small.data_ptr() != first.data_ptr(), "a buffer far too large is replaced"
+
+
+def test_host_load_is_a_view_of_the_mapping_and_release_keeps_it_valid(tmp_path):
+    _, tuned = tiny_pair(tmp_path / "in")
+    ckpt = Checkpoint(tuned)
+    transport = HostTransport(torch.device("cpu"))
+    info = ckpt.info("model.embed_tokens.weight")
+    loaded = transport.load(ckpt, info)
+    copy = ckpt.read(info.name)
+    transport.release(ckpt, info)
+    assert torch.equal(loaded.view(torch.int16), copy.view(torch.int16))
+
+
+def test_a_shard_is_synced_and_closed_once_its_last_tensor_is_written(tmp_path):
+    base, tuned = tiny_pair(tmp_path / "in")
+    plan = build_plan(Checkpoint(base), Checkpoint(tuned))
+    assert len(plan.shards) > 1
+    tuned_ckpt = Checkpoint(tuned)
+    with CheckpointWriter(tmp_path / "out", plan) as writer:
+        first, second = plan.shards[:2]
+        for name in first.names:
+            writer.write(name, tuned_ckpt.read(name))
+        assert writer.shards[first.names[0]].fd == -1
+        assert writer.shards[second.names[0]].fd >= 0
+        writer.abort()
