@@ -1,6 +1,7 @@
-// pybind11 boundary of the fused merge: raw numpy buffers in, a dict of counts out. No torch here,
-// so the extension does not depend on torch's C++ ABI. Everything is validated before the GIL is
-// released; the kernel itself never calls back into Python.
+// pybind11 boundary of the fused merge and of its first pass alone (locate's change scores): raw
+// numpy buffers in, a dict out. No torch here, so the extension does not depend on torch's C++
+// ABI. Everything is validated before the GIL is released; the kernel never calls back into
+// Python.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -8,13 +9,14 @@
 
 #include "merge_kernel.h"
 #include "passes.h"
+#include "scores.h"
 
 namespace py = pybind11;
 
 namespace {
 
 [[noreturn]] void fail(const std::string& what) {
-  throw py::value_error("fusion_kernels._cpp.merge: " + what);
+  throw py::value_error("fusion_kernels._cpp: " + what);
 }
 
 #define FK_CHECK(cond, what) \
@@ -54,6 +56,22 @@ void check_buffer(const py::array& a, const char* what, int64_t n, fk::DType dt,
   FK_CHECK(!writable || a.writeable(), std::string(what) + " must be writable");
 }
 
+fk::Axis parse_axis(const std::string& name) {
+  return choose<fk::Axis>(
+      "axis", name, {{"none", fk::Axis::none}, {"row", fk::Axis::row}, {"col", fk::Axis::col}});
+}
+
+// base and tuned checked as rows x cols entries of dtype.
+fk::Pair checked_pair(const py::array& base, const py::array& tuned, const std::string& dtype,
+                      int64_t rows, int64_t cols) {
+  FK_CHECK(rows >= 0 && cols >= 0, "rows and cols must be non-negative");
+  const int64_t n = rows * cols;
+  const fk::DType dt = parse_dtype(dtype);
+  check_buffer(base, "base", n, dt, false);
+  check_buffer(tuned, "tuned", n, dt, false);
+  return fk::Pair{base.data(), tuned.data(), dt, n, rows, cols};
+}
+
 py::dict merge(const py::array& base, const py::array& tuned, py::array out,
                const std::string& dtype, int64_t rows, int64_t cols, const std::string& axis,
                const std::string& suppress, const std::string& rescale, const std::string& restore,
@@ -62,16 +80,12 @@ py::dict merge(const py::array& base, const py::array& tuned, py::array out,
                int64_t restored_neurons, uint32_t tensor_seed, bool approx,
                int64_t approx_tolerance, double l1_eps, int threads, int64_t sample_size,
                uint64_t collect_cap) {
-  FK_CHECK(rows >= 0 && cols >= 0, "rows and cols must be non-negative");
-  const int64_t n = rows * cols;
-  const fk::DType dt = parse_dtype(dtype);
-  check_buffer(base, "base", n, dt, false);
-  check_buffer(tuned, "tuned", n, dt, false);
-  check_buffer(out, "out", n, dt, true);
+  const fk::Pair pair = checked_pair(base, tuned, dtype, rows, cols);
+  const int64_t n = pair.n;
+  check_buffer(out, "out", n, pair.dtype, true);
 
   fk::MergeConfig cfg;
-  cfg.axis = choose<fk::Axis>(
-      "axis", axis, {{"none", fk::Axis::none}, {"row", fk::Axis::row}, {"col", fk::Axis::col}});
+  cfg.axis = parse_axis(axis);
   cfg.suppress = choose<fk::Suppress>(
       "suppress", suppress,
       {{"none", fk::Suppress::none}, {"magnitude", fk::Suppress::magnitude},
@@ -108,7 +122,6 @@ py::dict merge(const py::array& base, const py::array& tuned, py::array out,
   cfg.sample_size = sample_size;
   cfg.collect_cap = collect_cap;
 
-  const fk::Pair pair{base.data(), tuned.data(), dt, n, rows, cols};
   void* dst = out.mutable_data();
   fk::MergeResult r;
   {
@@ -121,6 +134,23 @@ py::dict merge(const py::array& base, const py::array& tuned, py::array out,
   result["restored"] = r.restored;
   result["fallbacks"] = r.fallbacks;
   result["l1_scale"] = double(r.l1_scale);
+  return result;
+}
+
+py::dict scores(const py::array& base, const py::array& tuned, const std::string& dtype,
+                int64_t rows, int64_t cols, const std::string& axis, int threads) {
+  const fk::Pair pair = checked_pair(base, tuned, dtype, rows, cols);
+  const fk::Axis neurons = parse_axis(axis);
+  fk::ScoresResult r;
+  {
+    py::gil_scoped_release release;
+    r = fk::change_scores(pair, neurons, threads);
+  }
+  py::dict result;
+  result["nonfinite"] = r.nonfinite;
+  result["total"] = r.total;
+  // One float64 per neuron: copying them out costs nothing next to the pass over n entries.
+  result["scores"] = py::array_t<double>(py::ssize_t(r.scores.size()), r.scores.data());
   return result;
 }
 
@@ -138,6 +168,11 @@ PYBIND11_MODULE(_cpp, m) {
         py::arg("tensor_seed"), py::arg("approx"), py::arg("approx_tolerance"),
         py::arg("l1_eps"), py::arg("threads") = 0, py::arg("sample_size") = int64_t(-1),
         py::arg("collect_cap") = uint64_t(1) << 22);
+  m.def("scores", &scores,
+        "The merge's first pass alone (locate): returns nonfinite, total (Σ|Δ|) and scores, "
+        "C(j) as float64 per row (axis row), per column (col) or none (none).",
+        py::arg("base"), py::arg("tuned"), py::kw_only(), py::arg("dtype"), py::arg("rows"),
+        py::arg("cols"), py::arg("axis"), py::arg("threads") = 0);
   m.def("default_threads", &fk::default_threads,
         "Threads the kernel uses for large tensors by default (1 when built without OpenMP).");
   m.def("isa", &fk::pass_isa, "Instruction set the streaming passes run with here.");

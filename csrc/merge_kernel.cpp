@@ -10,6 +10,7 @@
 #include "della.h"
 #include "kernel_common.h"
 #include "passes.h"
+#include "scores.h"
 #include "select.h"
 
 namespace fk {
@@ -17,12 +18,6 @@ namespace {
 
 bool neurons_active(const MergeConfig& cfg) {
   return cfg.restore != Restore::none && cfg.axis != Axis::none;
-}
-
-int64_t neuron_total(const Pair& p, Axis axis) {
-  if (axis == Axis::row) return p.rows;
-  if (axis == Axis::col) return p.cols;
-  return 1;
 }
 
 // The mask as far as it is known before any pass: all and random are complete; top and window
@@ -168,11 +163,11 @@ struct MergeRun {
 // window candidates, fixed up afterwards, and the restored neurons, rewritten afterwards).
 void prepare(MergeRun& run) {
   const MergeConfig& cfg = run.cfg;
-  // Without neurons the row structure only matters to della's mask: stream the rest as one row.
-  if (!neurons_active(cfg)) {
-    run.work.rows = 1;
-    run.work.cols = std::max<int64_t>(run.pair.n, 1);
-  }
+  // C(j) only when restoring; without neurons the pass streams the pair as one row (della,
+  // the one mask that needs rows, reads run.pair).
+  const FirstPass pass = first_pass_for(run.pair, neurons_active(cfg) ? cfg.axis : Axis::none);
+  run.work = pass.work;
+  run.plan = pass.plan;
   run.mask = initial_mask(run.work, cfg);
   run.windowed = run.mask.kind == MaskKind::top || run.mask.kind == MaskKind::window;
   run.l1 = cfg.rescale == Rescale::l1 &&
@@ -180,9 +175,6 @@ void prepare(MergeRun& run) {
   run.rescale_neurons = neurons_active(cfg) && cfg.restore == Restore::rescale;
 
   FirstPassPlan& plan = run.plan;
-  plan.change = neurons_active(cfg);
-  plan.per_column = cfg.axis == Axis::col;
-  plan.neurons = neuron_total(run.work, cfg.axis);
   plan.total_abs = run.l1;
   plan.mask = &run.mask;
   plan.weight = cfg.weight;

@@ -4,7 +4,8 @@
 //   sample     magnitude/breadcrumbs: order keys of a sample bracket the window (select.h)
 //   pass 1     Δ, the non-finite check, neuron change scores C(j), Σ|Δ|, the random mask's
 //              sums, the bracket counts and candidates; and, when the mask is known by then
-//              (the fused route), out itself, with the window's candidates written as dropped
+//              (the fused route), out itself, with the window's candidates written as dropped.
+//              Locate runs this pass alone for C(j) and Σ|Δ| (scores.h)
 //   select     radix select among the candidates (radix passes only when a bracket missed)
 //   fix-up     the fused route rewrites the candidates the window keeps
 //   della      one pass over rows, sorting each row's keys (della.h)

@@ -2,7 +2,9 @@
 and the plots and page it writes."""
 
 import csv
+import importlib.util
 import json
+import math
 
 import matplotlib.image
 import pytest
@@ -12,6 +14,7 @@ from checkpoints import tiny_pair
 from fusion_kernels import available_backends
 from fusion_kernels.locate import locate_checkpoints, main
 from fusion_kernels.merge import main as merge_main
+from fusion_kernels.ops.triton import interpreting
 from fusion_kernels.reader import Checkpoint
 
 
@@ -54,6 +57,59 @@ def test_scores_and_figures_equal_plain_torch(tmp_path, backend):
         assert e["gini"] == pytest.approx(expected["gini"], rel=1e-9)
         for p, share in expected["top_share"].items():
             assert e["top_share"][p] == pytest.approx(share, rel=1e-9)
+
+
+def run_locate_json(base_dir, tuned_dir, out, backend: str) -> dict:
+    """locate.json of ``python -m fusion_kernels.locate ... --backend backend`` (run in-process)."""
+    args = ["--base", str(base_dir), "--tuned", str(tuned_dir), "--out", str(out), "--quiet"]
+    assert main([*args, "--backend", backend]) == 0
+    return json.loads((out / "locate.json").read_text())
+
+
+def assert_same_figures(got, want, where: str = "") -> None:
+    """Equal structure, counts and names; floats within 1e-9 relative (see the caller)."""
+    if isinstance(want, dict):
+        assert got.keys() == want.keys(), where
+        for key in want:
+            assert_same_figures(got[key], want[key], f"{where}.{key}")
+    elif isinstance(want, list):
+        assert len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert_same_figures(g, w, f"{where}[{i}]")
+    elif isinstance(want, float):
+        assert math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-12), f"{where}: {got} != {want}"
+    else:
+        assert got == want, where
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        pytest.param(
+            "cpp",
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("fusion_kernels._cpp") is None, reason="cpp not built"
+            ),
+        ),
+        pytest.param(
+            "triton",
+            marks=pytest.mark.skipif(
+                not interpreting() or importlib.util.find_spec("triton") is None,
+                reason="CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1",
+            ),
+        ),
+    ],
+)
+def test_cli_backend_gives_the_figures_torch_does(tmp_path, backend):
+    base_dir, tuned_dir = tiny_pair(tmp_path / "in")
+    want = run_locate_json(base_dir, tuned_dir, tmp_path / "torch", "torch")
+    got = run_locate_json(base_dir, tuned_dir, tmp_path / backend, backend)
+    # The report names the backend whose first pass computed the scores.
+    assert (want["backends"], got["backends"]) == (["torch"], [backend])
+    del want["backends"], got["backends"]
+    # Scores and totals agree to float64 summation order (1e-12, see test_scores.py); shares
+    # and the Gini index are ratios and differences of such sums, hence 1e-9.
+    assert_same_figures(got, want, "locate.json")
 
 
 def test_planted_large_change_neurons_rank_first(tmp_path):

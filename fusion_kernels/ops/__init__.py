@@ -27,7 +27,9 @@ log = logging.getLogger("fusion_kernels")
 
 #: ``fn(base, tuned, out, name, axis, params) -> KernelStats`` writes the merged tensor into out.
 KernelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, str, str, MergeParams], KernelStats]
-#: ``fn(base, tuned, axis) -> (Σ|Δ|, C(j) float64 or None)``: the first pass alone, for locate.
+#: ``fn(base, tuned, axis) -> (Σ|Δ|, C(j) float64 or None)``: the op's first pass alone, for
+#: locate. C(j) has one entry per row (axis row) or column (col); a non-finite Δ gives a
+#: non-finite Σ|Δ| (the function has no name to put in an error; change_scores raises).
 ScoresFn = Callable[[torch.Tensor, torch.Tensor, str], tuple[float, "torch.Tensor | None"]]
 
 ENV_BACKEND = "FUSION_KERNELS_BACKEND"
@@ -39,7 +41,9 @@ class Backend:
 
     ``load()`` returns the kernel function or raises ImportError/RuntimeError saying why it cannot
     run; ``devices`` are the device types it serves; ``hint`` says how to get it; ``scores`` is
-    the backend's first pass alone (Σ|Δ| and neuron sums) when it has one, else torch's is used.
+    its kernel's first pass alone (Σ|Δ| and the neuron sums C(j), see :data:`ScoresFn`), which
+    locate streams the checkpoints through. Every built-in backend has one; a backend without
+    one gets the torch reference's.
     """
 
     name: str
@@ -214,7 +218,10 @@ def change_scores(
 ) -> tuple[float, torch.Tensor | None, str]:
     """Locate's first pass: ``(Σ|Δ|, C(j) per neuron as float64 or None, backend used)``.
 
-    Raises NonFiniteDeltaError when Δ has NaN/Inf. ``axis`` defaults to SPEC's rules for ``name``.
+    Computed by the chosen backend's :attr:`Backend.scores` (the first pass of its fused merge:
+    one read of base and tuned, sums in float64), chosen as :func:`merge_tensor` chooses.
+    C(j) is on the tensors' device; None for axis none. Raises NonFiniteDeltaError naming the
+    tensor when Δ has NaN/Inf. ``axis`` defaults to SPEC's rules for ``name``.
     """
     _check_pair(base, tuned, name)
     axis = resolve_axis(name, base.shape, axis)
@@ -239,7 +246,11 @@ def _check_pair(base: torch.Tensor, tuned: torch.Tensor, name: str) -> None:
         raise ParameterError(f"tensor {name!r}: base on {base.device}, tuned on {tuned.device}")
 
 
-register_backend(Backend("torch", lambda: merge_reference, devices=("cpu", "cuda")))
+register_backend(
+    Backend(
+        "torch", lambda: merge_reference, devices=("cpu", "cuda"), scores=change_scores_reference
+    )
+)
 
 __all__ = [
     "Backend",

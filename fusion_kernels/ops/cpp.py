@@ -2,7 +2,8 @@
 
 The host side lives here: the counts and thresholds of :mod:`.contract`, the tensor seed, and
 numpy views of the CPU tensors (fp16/bf16 as their int16 bits). The extension does the rest in
-a few passes over base and tuned with the GIL released (see ``csrc/merge_kernel.h``).
+a few passes over base and tuned with the GIL released (see ``csrc/merge_kernel.h``); locate's
+change scores are its first pass alone (``csrc/scores.h``).
 """
 
 from __future__ import annotations
@@ -92,6 +93,40 @@ def merge_cpp(
     )
 
 
+def scores_cpp(
+    base: torch.Tensor, tuned: torch.Tensor, axis: str, *, threads: int = 0
+) -> tuple[float, torch.Tensor | None]:
+    """Locate's first pass with the C++ kernel: ``(Σ|Δ|, C(j) as float64 or None)``.
+
+    base, tuned: CPU tensors of one shape, float32/float16/bfloat16, any layout; mixed dtypes
+    run on float32 copies (exact, as in :func:`merge_cpp`). C(j) has one entry per row (axis
+    row) or column (col) of the 2-D tensor; None for axis none. When Δ is not finite the total
+    is NaN, which :func:`~fusion_kernels.ops.change_scores` turns into NonFiniteDeltaError.
+    ``threads``: 0 for OpenMP's default.
+    """
+    ext = importlib.import_module("fusion_kernels._cpp")
+    for label, t in (("base", base), ("tuned", tuned)):
+        if t.device.type != "cpu":
+            raise ValueError(f"the cpp backend needs CPU tensors, {label} is on {t.device}")
+    if tuned.dtype != base.dtype:
+        base, tuned = base.float(), tuned.float()
+    base_c, tuned_c = base.detach().contiguous(), tuned.detach().contiguous()
+    rows, cols = _matrix_shape(base_c)
+    result = ext.scores(
+        _bits(base_c), _bits(tuned_c), dtype=_DTYPE_NAMES[base_c.dtype], rows=rows, cols=cols,
+        axis=axis, threads=threads,
+    )  # fmt: skip
+    if result["nonfinite"]:
+        return math.nan, None
+    return float(result["total"]), None if axis == "none" else torch.from_numpy(result["scores"])
+
+
+def _matrix_shape(t: torch.Tensor) -> tuple[int, int]:
+    """The tensor as 2-D (rows, cols): leading dimensions flattened; a scalar is 1 x 1."""
+    shape = tuple(t.shape)
+    return (math.prod(shape[:-1]), shape[-1]) if shape else (1, 1)
+
+
 def _bits(t: torch.Tensor) -> np.ndarray:
     """A numpy view of a contiguous CPU tensor; 16-bit floats as their int16 bits."""
     if t.dtype in (torch.float16, torch.bfloat16):
@@ -102,9 +137,7 @@ def _bits(t: torch.Tensor) -> np.ndarray:
 def _kernel_args(base: torch.Tensor, name: str, axis: str, params: MergeParams) -> dict:
     """The kernel's keyword arguments: SPEC's counts and thresholds from contract.py."""
     n = base.numel()
-    shape = tuple(base.shape)
-    cols = shape[-1] if shape else 1
-    rows = math.prod(shape[:-1]) if shape else 1
+    rows, cols = _matrix_shape(base)
     method = params.suppress
     window = magnitude_window(params, n) if method in ("magnitude", "breadcrumbs") else (0, 0)
     neurons = {"row": rows, "col": cols}.get(axis, 0)
@@ -137,6 +170,7 @@ register_backend(
         "cpp",
         load,
         devices=("cpu",),
+        scores=scores_cpp,
         hint="Build it with `pip install -e .` (needs a C++ compiler with OpenMP); "
         "FUSION_KERNELS_SKIP_CPP_BUILD=1 skips it.",
     )

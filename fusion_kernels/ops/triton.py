@@ -14,7 +14,8 @@ each reading both inputs once:
 - write: Sub, restore and α, cast to the output dtype; counts kept and non-finite entries.
 
 Task Arithmetic and DARE without l1/restore are one pass; TIES is three (sums, refine, write).
-A single host sync at the end reads the counters.
+A single host sync at the end reads the counters. Locate's change scores are the sums pass alone
+(:func:`scores_triton`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from .contract import (
     neuron_count,
     random_keep_threshold,
 )
-from .reference import merge_reference
+from .reference import change_scores_reference, merge_reference
 
 HINT = (
     "pip install triton, and a CUDA GPU (or TRITON_INTERPRET=1 to run on CPU tensors through "
@@ -386,8 +387,26 @@ def merge_triton(
     return stats
 
 
+def scores_triton(
+    base: torch.Tensor, tuned: torch.Tensor, axis: str
+) -> tuple[float, torch.Tensor | None]:
+    """Locate's first pass: merge's sums pass with C(j) and Σ|Δ| only.
+
+    Returns ``(Σ|Δ|, C(j) as float64 on the tensors' device, or None for axis none)``; dtypes
+    may differ and any layout is taken. A non-finite Δ gives a non-finite total, which
+    :func:`~fusion_kernels.ops.change_scores` turns into NonFiniteDeltaError.
+    """
+    if base.numel() == 0:
+        return change_scores_reference(base, tuned, axis)
+    # The sums pass reads only base, tuned and the shape; the default parameters and an output
+    # that is never written complete the job.
+    job = _prepare(base, tuned, base, "", MergeParams())
+    sums = _sums(job, {"none": 0, "row": 1, "col": 2}[axis], totals=1)
+    return float(sums.total.sum()), sums.neurons
+
+
 def _devices() -> tuple[str, ...]:
     return ("cuda", "cpu") if interpreting() else ("cuda",)
 
 
-register_backend(Backend("triton", load, devices=_devices(), hint=HINT))
+register_backend(Backend("triton", load, devices=_devices(), hint=HINT, scores=scores_triton))
