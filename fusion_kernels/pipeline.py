@@ -168,7 +168,7 @@ def _run(
                 if tensor is not None:
                     transport.ready(tensor)
             tensor_params = params.for_tensor(task.name)
-            merged, stats = _compute(task, base, tuned, tensor_params, backend, transport)
+            merged, stats = _compute(task, base, tuned, tensor_params, backend, transport, writer)
             done = transport.computed()
             if task.action == "merge":
                 release(task)
@@ -184,7 +184,9 @@ def _run(
     return results
 
 
-def _compute(task, base, tuned, params, backend, transport) -> tuple[torch.Tensor, TensorStats]:
+def _compute(
+    task, base, tuned, params, backend, transport, writer
+) -> tuple[torch.Tensor, TensorStats]:
     """Merge one task's tensors where they are (host or device); copies pass through.
 
     A merged result never shares memory with base or tuned (the caller releases them after
@@ -195,7 +197,7 @@ def _compute(task, base, tuned, params, backend, transport) -> tuple[torch.Tenso
     # A grown vocabulary merges the rows base has; the added rows come from tuned as they are.
     block = tuned if task.merge_rows is None else tuned[: task.merge_rows]
     try:
-        out = transport.output(block.shape, base.dtype)
+        out = transport.output(block.shape, base.dtype, writer.position(task.name))
         merged, stats = merge_tensor(
             base, block, task.name, axis=task.axis, backend=backend, params=params, out=out
         )

@@ -17,6 +17,7 @@ import zlib
 
 import torch
 
+from .directio import PAGE, page_offset
 from .reader import Checkpoint, TensorInfo
 from .writer import CheckpointWriter, checksum
 
@@ -46,24 +47,32 @@ class HostTransport:
         if self.device.type == "cpu":
             ckpt.release(info.name)
 
-    def output(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor | None:
+    def output(
+        self, shape: torch.Size, dtype: torch.dtype, position: int = 0
+    ) -> torch.Tensor | None:
         """A tensor to merge into, from a ring of two buffers (None off the CPU).
 
         Each call hands out the buffer the call before last did, so the caller must have
         finished storing that result first: the driver stores one result while it computes
         the next. A buffer more than twice the size asked for is replaced by one of the
-        right size, so a large buffer does not stay resident through small tensors.
+        right size, so a large buffer does not stay resident through small tensors. The
+        tensor starts at the same offset within a page as ``position``, where it goes in its
+        output file, so the writer can send its whole pages straight to disk (directio.py).
         """
         if self.device.type != "cpu":
             return None
         nbytes = math.prod(shape) * dtype.itemsize
+        needed = nbytes + PAGE
         index, self._next_output = self._next_output, 1 - self._next_output
-        size = self._outputs[index].numel()
-        if not nbytes <= size <= 2 * nbytes:
+        if not needed <= self._outputs[index].numel() <= 2 * needed:
             # Free the old buffer before allocating its successor, not after.
             self._outputs[index] = torch.empty(0, dtype=torch.uint8)
-            self._outputs[index] = torch.empty(nbytes, dtype=torch.uint8)
-        return self._outputs[index][:nbytes].view(dtype).view(shape)
+            self._outputs[index] = torch.empty(needed, dtype=torch.uint8)
+        buffer = self._outputs[index]
+        start = (page_offset(position) - buffer.data_ptr()) % PAGE
+        # A view as ``dtype`` must start at a multiple of its width.
+        start = start if start % dtype.itemsize == 0 else 0
+        return buffer[start : start + nbytes].view(dtype).view(shape)
 
     def ready(self, tensor: torch.Tensor) -> None:
         """Nothing to wait for: loads complete before they return."""
@@ -113,7 +122,8 @@ class StagedTransport:
         self.chunk = staging_bytes
         cuda = device.type == "cuda"
         self.uploads = _Staging(2, staging_bytes, cuda)
-        self.downloads = _Staging(2, staging_bytes, cuda)
+        # A page more, so each download can sit at its file offset's place within a page.
+        self.downloads = _Staging(2, staging_bytes + PAGE, cuda)
         self._loaded: dict[int, object] = {}
 
     def load(self, ckpt: Checkpoint, info: TensorInfo) -> torch.Tensor:
@@ -136,7 +146,7 @@ class StagedTransport:
     def release(self, ckpt: Checkpoint, info: TensorInfo) -> None:
         """Nothing to release: loads went through staging, which released the pages."""
 
-    def output(self, shape: torch.Size, dtype: torch.dtype) -> None:
+    def output(self, shape: torch.Size, dtype: torch.dtype, position: int = 0) -> None:
         """None: the merge allocates its result on the device."""
         return None
 
@@ -163,18 +173,22 @@ class StagedTransport:
             writer.write(name, tensor.cpu())
             return 0 if want_crc else None
         crc, pending = 0, None
+        position = writer.position(name)
         for offset in range(0, source.numel(), self.chunk):
             length = min(self.chunk, source.numel() - offset)
             buffer, event = self.downloads.take()
+            # Where the chunk's whole pages can be written straight to disk (directio.py).
+            shift = (page_offset(position + offset) - buffer.data_ptr()) % PAGE
+            target = buffer[shift : shift + length]
             with _on(self.downloads.stream):
                 if after is not None:
                     self.downloads.stream.wait_event(after)
-                buffer[:length].copy_(source[offset : offset + length], non_blocking=True)
+                target.copy_(source[offset : offset + length], non_blocking=True)
                 if event is not None:
                     event.record()
             if pending is not None:
                 crc = self._write_chunk(writer, name, *pending, crc, want_crc)
-            pending = (offset, buffer[:length], event)
+            pending = (offset, target, event)
         crc = self._write_chunk(writer, name, *pending, crc, want_crc)
         return crc if want_crc else None
 

@@ -17,8 +17,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from .directio import OffsetFile
 from .errors import CheckpointError, OutputExistsError
 from .planner import MergePlan
 from .reader import DTYPES, INDEX_NAME, Checkpoint
@@ -51,11 +53,19 @@ class ShardFile:
         self.path = path
         self.pending = set(self.layout)
         self._partial: dict[str, int] = {}
-        self.fd = -1
+        self.file: OffsetFile | None = None
         with _write_errors(path):
-            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            _pwrite_all(self.fd, struct.pack("<Q", len(raw)) + raw, 0)
-            os.ftruncate(self.fd, self.data_start + position)
+            self.file = OffsetFile(path)
+            self.file.write_at(np.frombuffer(struct.pack("<Q", len(raw)) + raw, np.uint8), 0)
+            self.file.truncate(self.data_start + position)
+
+    @property
+    def closed(self) -> bool:
+        return self.file is None or self.file.fd < 0
+
+    def position(self, name: str) -> int:
+        """Where a tensor's bytes start in the file."""
+        return self.data_start + self.layout[name][2]
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write ``tensor`` (CPU, the planned dtype and shape) at its offset."""
@@ -68,7 +78,7 @@ class ShardFile:
         data = tensor_bytes(tensor)
         assert data.nbytes == nbytes
         with _write_errors(self.path):
-            _pwrite_all(self.fd, memoryview(data), self.data_start + begin)
+            self.file.write_at(data, self.data_start + begin)
         self._written(name)
 
     def write_range(self, name: str, offset: int, data) -> None:
@@ -78,7 +88,7 @@ class ShardFile:
         if offset < 0 or offset + len(data) > nbytes:
             raise ValueError(f"range [{offset}, {offset + len(data)}) outside tensor {name!r}")
         with _write_errors(self.path):
-            _pwrite_all(self.fd, memoryview(data), self.data_start + begin + offset)
+            self.file.write_at(data, self.data_start + begin + offset)
         self._partial[name] = self._partial.get(name, 0) + len(data)
         if self._partial[name] == nbytes:
             self._written(name)
@@ -91,15 +101,9 @@ class ShardFile:
             self.close()
 
     def close(self, sync: bool = True) -> None:
-        if self.fd < 0:
-            return
-        try:
-            if sync:
-                with _write_errors(self.path):
-                    os.fsync(self.fd)
-        finally:
-            os.close(self.fd)
-            self.fd = -1
+        if self.file is not None:
+            with _write_errors(self.path):
+                self.file.close(sync)
 
 
 def tensor_bytes(tensor: torch.Tensor):
@@ -128,13 +132,6 @@ class _write_errors:
                 "another --out"
             ) from None
         return False
-
-
-def _pwrite_all(fd: int, data, offset: int) -> None:
-    view = memoryview(data).cast("B")
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written
 
 
 class CheckpointWriter:
@@ -189,6 +186,10 @@ class CheckpointWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.abort()
+
+    def position(self, name: str) -> int:
+        """Where a tensor's bytes start in its shard file."""
+        return self.shards[name].position(name)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         self.shards[name].write(name, tensor)

@@ -79,6 +79,6 @@ def test_a_shard_is_synced_and_closed_once_its_last_tensor_is_written(tmp_path):
         first, second = plan.shards[:2]
         for name in first.names:
             writer.write(name, tuned_ckpt.read(name))
-        assert writer.shards[first.names[0]].fd == -1
-        assert writer.shards[second.names[0]].fd >= 0
+        assert writer.shards[first.names[0]].closed
+        assert not writer.shards[second.names[0]].closed
         writer.abort()
