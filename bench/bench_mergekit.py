@@ -1,12 +1,17 @@
-"""Stock mergekit against ``python -m fusion_kernels.mergekit`` (accelerated mode) on one ties YAML.
+"""End to end on the CPU: stock mergekit, mergekit with our op, and our CLI, side by side.
 
 Input: a generated 2-layer pair with Llama-3-8B's shapes (hidden 4096, intermediate 14336,
 32 heads / 8 KV heads, vocabulary 32000, bf16, 0.7 B parameters per model), cached in
-``.bench_data/``. The same YAML (ties, density 0.2, weight 1) is run by ``mergekit-yaml`` and by
-the launcher, which swaps mergekit's sparsify for the fused op and changes nothing else; our own
-CLI on the same merge (``--method ties --density 0.2``) is the third row. Wall time and peak RSS
-of each command, measured from outside. The two mergekit outputs may differ only in how ties of
-bf16 |Δ| at the kept threshold are broken; the run checks that and records the fraction.
+``.bench_data/``. TIES (density 0.2, weight 1): the same YAML run by ``mergekit-yaml`` and by
+``python -m fusion_kernels.mergekit`` (the launcher: mergekit's pipeline, our sparsify), and our
+CLI with ``--method ties --density 0.2``; as floors, ``python -c "import torch"`` and ``cp -r`` of
+the tuned directory (the bytes our CLI writes). Neu-P-TIES (the ``neuron_fusion`` preset), which
+stock mergekit cannot do: the launcher with ``merge_method: neuron_fusion`` and our CLI. Each round
+runs every command once, in turn, into an output directory removed beforehand (outside the timing);
+wall time and peak RSS are measured from outside. Medians over ``FK_BENCH_ROUNDS`` rounds
+(default 3). The run checks that the two mergekit TIES outputs differ only in how ties of bf16
+|Δ| at the kept threshold are broken, and that the launcher's and our CLI's Neu-P-TIES outputs are
+byte-identical.
 
 Run:  python -m pytest bench/bench_mergekit.py -q -s --benchmark-only
 """
@@ -14,6 +19,8 @@ Run:  python -m pytest bench/bench_mergekit.py -q -s --benchmark-only
 from __future__ import annotations
 
 import os
+import shutil
+import statistics
 import sys
 from pathlib import Path
 
@@ -33,15 +40,14 @@ MERGEKIT_YAML = Path(sys.executable).parent / "mergekit-yaml"
 FLAGS = ["--no-copy-tokenizer", "--no-write-model-card", "--quiet"]
 
 
-def ties_config(path: Path, base: Path, tuned: Path) -> Path:
+def write_config(path: Path, method: str, base: Path, tuned: Path, **parameters) -> Path:
+    """A one-model mergekit YAML: ``tuned`` merged onto ``base`` with ``method``."""
     path.write_text(
         yaml.safe_dump(
             {
-                "merge_method": "ties",
+                "merge_method": method,
                 "base_model": str(base.resolve()),
-                "models": [
-                    {"model": str(tuned.resolve()), "parameters": {"weight": 1.0, "density": 0.2}}
-                ],
+                "models": [{"model": str(tuned.resolve()), "parameters": parameters}],
             }
         )
     )
@@ -67,39 +73,72 @@ def differing_outside_ties(stock: Path, fast: Path, base: Path, tuned: Path) -> 
     return differ / total, outside
 
 
-def test_mergekit_ties_stock_vs_accelerated(benchmark, bench_dir):
+def commands(bench_dir: Path, base: Path, tuned: Path) -> dict[str, tuple[list, Path | None]]:
+    """Row label → (command, output directory to remove before it runs)."""
+    ties_yaml = write_config(bench_dir / "ties.yml", "ties", base, tuned, weight=1.0, density=0.2)
+    fusion_yaml = write_config(bench_dir / "neuron_fusion.yml", "neuron_fusion", base, tuned)
+    launcher = [sys.executable, "-m", "fusion_kernels.mergekit"]
+    rows = {
+        "ties: mergekit-yaml": ([MERGEKIT_YAML, ties_yaml], "mergekit-stock"),
+        "ties: fusion_kernels.mergekit": ([*launcher, ties_yaml], "mergekit-fast"),
+        "ties: fusion_kernels.merge": (["--method", "ties", "--density", "0.2"], "ours-ties"),
+        "neu-p-ties: fusion_kernels.mergekit": ([*launcher, fusion_yaml], "mergekit-fusion"),
+        "neu-p-ties: fusion_kernels.merge": (["--method", "neu-p-ties"], "ours-fusion"),
+    }
+    built = {}
+    for label, (args, directory) in rows.items():
+        out = bench_dir / directory
+        if label.endswith("fusion_kernels.merge"):
+            built[label] = (merge_command(base, tuned, out, *args), out)
+        else:
+            built[label] = ([*args, out, *FLAGS], out)
+    # Floors for our CLI: starting Python with torch, and copying the bytes it writes.
+    built["floor: python -c 'import torch'"] = ([sys.executable, "-c", "import torch"], None)
+    copy = bench_dir / "plain-copy"
+    built["floor: cp -r tuned/"] = (["cp", "-r", tuned, copy], copy)
+    return built
+
+
+def test_mergekit_vs_fusion_kernels_end_to_end(benchmark, bench_dir):
     base, tuned = cached_pair("llama3-8b-shapes-2l", SPEC)
-    config = ties_config(bench_dir / "ties.yml", base, tuned)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    stock_out, fast_out = bench_dir / "mergekit-stock", bench_dir / "mergekit-fast"
-    stock = measure([MERGEKIT_YAML, config, stock_out, *FLAGS])
-    fast = measure([sys.executable, "-m", "fusion_kernels.mergekit", config, fast_out, *FLAGS])
-    ours = measure(
-        merge_command(base, tuned, bench_dir / "ours-ties", "--method", "ties", "--density", "0.2")
-    )
-    differ, outside = differing_outside_ties(stock_out, fast_out, base, tuned)
-    ratio = stock["seconds"] / fast["seconds"]
-    benchmark.extra_info.update(
-        {
-            "stock_seconds": stock["seconds"],
-            "accelerated_seconds": fast["seconds"],
-            "fusion_kernels_cli_seconds": ours["seconds"],
-            "speedup": ratio,
-            "stock_peak_rss_MB": stock["peak_rss"] / 1e6,
-            "accelerated_peak_rss_MB": fast["peak_rss"] / 1e6,
-            "fusion_kernels_cli_peak_rss_MB": ours["peak_rss"] / 1e6,
-            "differing_entries_fraction": differ,
-            "differing_outside_threshold_ties": outside,
-        }
+    rows = commands(bench_dir, base, tuned)
+    runs: dict[str, list[dict]] = {label: [] for label in rows}
+    for _ in range(int(os.environ.get("FK_BENCH_ROUNDS", "3"))):
+        for label, (command, out) in rows.items():
+            if out is not None:
+                shutil.rmtree(out, ignore_errors=True)
+            runs[label].append(measure(command))
+    seconds = {label: statistics.median(r["seconds"] for r in rs) for label, rs in runs.items()}
+    stock = seconds["ties: mergekit-yaml"]
+    print()
+    for label, rs in runs.items():
+        rss = max(r["peak_rss"] for r in rs) / 1e6
+        times = ", ".join(f"{r['seconds']:.2f}" for r in rs)
+        speedup = stock / seconds[label] if label.startswith("ties") else None
+        against = f", {speedup:.1f}x faster than mergekit-yaml" if speedup else ""
+        print(f"{label}: median {seconds[label]:.2f} s ({times}){against}, peak RSS {rss:.0f} MB")
+        benchmark.extra_info[label] = {"seconds": seconds[label], "peak_rss_MB": rss}
+    differ, outside = differing_outside_ties(
+        rows["ties: mergekit-yaml"][1], rows["ties: fusion_kernels.mergekit"][1], base, tuned
     )
     print(
-        f"\nmergekit-yaml ties: {stock['seconds']:.1f} s, peak RSS {stock['peak_rss'] / 1e6:.0f} MB"
-        f"\nfusion_kernels.mergekit (accelerated): {fast['seconds']:.1f} s, peak RSS "
-        f"{fast['peak_rss'] / 1e6:.0f} MB  -> {ratio:.2f}x"
-        f"\nfusion_kernels.merge --method ties: {ours['seconds']:.1f} s, peak RSS "
-        f"{ours['peak_rss'] / 1e6:.0f} MB"
-        f"\nentries differing between the two mergekit outputs: {differ:.2e} of all, "
+        f"entries differing between the two mergekit ties outputs: {differ:.2e} of all, "
         f"{outside} of them not ties at the threshold"
     )
+    benchmark.extra_info["differing_entries_fraction"] = differ
     benchmark.pedantic(lambda: None, rounds=1)
     assert outside == 0, "accelerated ties differs from stock beyond the threshold ties"
+    fusion_outputs = [rows[k][1] for k in rows if k.startswith("neu-p-ties")]
+    assert same_tensors(*fusion_outputs), "launcher and CLI neu-p-ties outputs differ"
+
+
+def same_tensors(first: Path, second: Path) -> bool:
+    """Whether two checkpoints hold the same tensor names with the same bytes."""
+    a, b = Checkpoint(first), Checkpoint(second)
+    if set(a.names()) != set(b.names()):
+        return False
+    return all(
+        torch.equal(a.read(n).view(-1).view(torch.uint8), b.read(n).view(-1).view(torch.uint8))
+        for n in a.names()
+    )
