@@ -116,12 +116,14 @@ def locate_checkpoints(
     base_ckpt, tuned_ckpt, plan = plan_merge(base, tuned, rules, None, name_map)
     tasks = [t for t in plan.tasks.values() if t.action == "merge"]
     entries, backends = [], set()
+    # On the CPU the scores pass reads the shards in place; elsewhere tensors are copied over.
+    in_place = torch.device(device).type == "cpu"
     bar = tqdm(tasks, desc="locating", unit="tensor", disable=not progress, dynamic_ncols=True)
     for task in bar:
         rows = task.merge_rows
-        tuned_tensor = tuned_ckpt.read(task.name)
+        tuned_tensor = tuned_ckpt.view(task.name) if in_place else tuned_ckpt.read(task.name)
         block = tuned_tensor if rows is None else tuned_tensor[:rows]
-        base_tensor = base_ckpt.read(task.base.name)
+        base_tensor = base_ckpt.view(task.base.name) if in_place else base_ckpt.read(task.base.name)
         try:
             total, scores, used = change_scores(
                 base_tensor.to(device), block.to(device), task.name, axis=task.axis, backend=backend
@@ -129,6 +131,10 @@ def locate_checkpoints(
         except NonFiniteDeltaError:
             entries.append({"name": task.name, "nonfinite": True})
             continue
+        finally:
+            if in_place:
+                tuned_ckpt.release(task.name)
+                base_ckpt.release(task.base.name)
         backends.add(used)
         scores = None if scores is None else scores.cpu()
         entries.append(
