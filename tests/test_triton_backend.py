@@ -149,6 +149,7 @@ def test_index_tie_break():
     # Exact key ties need more than 2^32 entries (the TIE hash is a bijection below that), so
     # drive the index stage directly: cut a magnitude-only group (SHIFT = 32) at every rank.
     from fusion_kernels.ops import triton_kernels as kernels
+    from fusion_kernels.ops import triton_select as selection
     from fusion_kernels.ops.triton import _prepare
 
     base, tuned = make_pair((31, 17), torch.float16, seed=2, tied=True)
@@ -165,8 +166,8 @@ def test_index_tie_break():
         state[:, 0], state[:, 1], state[:, 2] = value, 32, rank
         counts = torch.empty(2, blocks, dtype=torch.int64)
         args = (job.base, job.tuned, n, job.seed, state)
-        kernels._index_count_kernel[(blocks, 2)](*args, counts, **job.kinds, BLOCK=block)
-        kernels._index_pick_kernel[(2,)](*args, counts, blocks, **job.kinds, BLOCK=block, SCAN=4)
+        selection._index_count_kernel[(blocks, 2)](*args, counts, **job.kinds, BLOCK=block)
+        selection._index_pick_kernel[(2,)](*args, counts, blocks, **job.kinds, BLOCK=block, SCAN=4)
         assert state[:, 7].tolist() == [int(members[rank])] * 2
         assert state[:, 4].tolist() == [1, 1]
 

@@ -84,7 +84,7 @@ def load():
         raise ImportError(f"triton is not installed ({exc})") from exc
     if not (torch.cuda.is_available() or interpreting()):
         raise RuntimeError("no CUDA device, and TRITON_INTERPRET=1 is not set")
-    from . import triton_kernels  # noqa: F401
+    from . import triton_kernels, triton_select  # noqa: F401
 
     return merge_triton
 
@@ -239,7 +239,7 @@ def _sums(job: _Job, neuron_axis: int, *, sub=False, hist=False, totals=0) -> _S
 
 def _select_window(job: _Job, top_hist: torch.Tensor, active_cuts: int) -> None:
     """Resolve the window's cuts on the device (radix select over the key's digits)."""
-    from . import triton_kernels as kernels
+    from . import triton_select as selection
 
     n, dev, block = job.n, job.state.device, job.tuning.flat_block
     slack = count(0.001, n) // active_cuts if job.params.select == "approx" else 0
@@ -248,28 +248,28 @@ def _select_window(job: _Job, top_hist: torch.Tensor, active_cuts: int) -> None:
     hist = torch.zeros(len(LEVELS) - 1, 2, 1 << 13, dtype=torch.int64, device=dev)
     shift, width = LEVELS[0]
     job.launch(
-        kernels._scan_kernel, (2,), job.state, top_hist, slack, cap,
+        selection._scan_kernel, (2,), job.state, top_hist, slack, cap,
         NB=1 << width, WIDTH=width, SHIFT=shift, SHARED=True,
     )  # fmt: skip
     for level, (shift, width) in enumerate(LEVELS[1:], 1):
         job.launch(
-            kernels._refine_kernel, (_cdiv(n, block), 2),
+            selection._refine_kernel, (_cdiv(n, block), 2),
             job.base, job.tuned, n, job.seed, job.state, hist[level - 1], candidates, cap,
             **job.kinds, BLOCK=block, NB=1 << width, SHIFT_PREV=LEVELS[level - 1][0],
             SHIFT=shift, FIRST=level == 1,
         )  # fmt: skip
         job.launch(
-            kernels._scan_kernel, (2,), job.state, hist[level - 1], slack, cap,
+            selection._scan_kernel, (2,), job.state, hist[level - 1], slack, cap,
             NB=1 << width, WIDTH=width, SHIFT=shift, SHARED=False,
         )  # fmt: skip
     blocks = _cdiv(n, block)
     counts = torch.empty(2, blocks, dtype=torch.int64, device=dev)
     job.launch(
-        kernels._index_count_kernel, (blocks, 2),
+        selection._index_count_kernel, (blocks, 2),
         job.base, job.tuned, n, job.seed, job.state, counts, **job.kinds, BLOCK=block,
     )  # fmt: skip
     job.launch(
-        kernels._index_pick_kernel, (2,),
+        selection._index_pick_kernel, (2,),
         job.base, job.tuned, n, job.seed, job.state, counts, blocks,
         **job.kinds, BLOCK=block, SCAN=1024,
     )  # fmt: skip
@@ -277,7 +277,7 @@ def _select_window(job: _Job, top_hist: torch.Tensor, active_cuts: int) -> None:
 
 def _della_ranks(job: _Job, kept_sum: bool) -> torch.Tensor:
     """r(i) into job.rank; returns the partial Σ|Δ| over della's kept entries."""
-    from . import triton_kernels as kernels
+    from . import triton_select as selection
 
     rows, length, dev = job.rows, _pow2(job.cols), job.state.device
     common = (job.base, job.tuned, job.rank)
@@ -285,7 +285,7 @@ def _della_ranks(job: _Job, kept_sum: bool) -> torch.Tensor:
         per_program = min(_pow2(rows), max(1, job.tuning.sort_elems // length))
         kept = torch.zeros(rows, dtype=torch.float64, device=dev)
         job.launch(
-            kernels._della_sort_kernel, (_cdiv(rows, per_program),),
+            selection._della_sort_kernel, (_cdiv(rows, per_program),),
             *common, kept, rows, job.cols, job.seed, job.fparams, **job.kinds,
             LOG_ROWS=_log2(per_program), LOG_LEN=_log2(length), KEPT_SUM=kept_sum,
             num_warps=min(32, max(4, per_program * length // 512)),
@@ -295,7 +295,7 @@ def _della_ranks(job: _Job, kept_sum: bool) -> torch.Tensor:
     blocks = _cdiv(job.cols, block)
     kept = torch.zeros(rows * blocks, dtype=torch.float64, device=dev)
     job.launch(
-        kernels._della_count_kernel, (rows, blocks),
+        selection._della_count_kernel, (rows, blocks),
         *common, kept, rows, job.cols, job.seed, job.fparams, **job.kinds,
         BLOCK_I=block, BLOCK_J=block, KEPT_SUM=kept_sum,
     )  # fmt: skip
