@@ -1,8 +1,8 @@
 """The ``triton`` backend: fused Triton kernels for CUDA (or the CPU under TRITON_INTERPRET=1).
 
-The kernels live in ``triton_kernels`` (imported on first use, so this module never needs Triton
-to import); here are their launchers and the registered function. Full passes over base/tuned,
-each reading both inputs once:
+The kernels live in ``triton_kernels`` and ``triton_select`` (imported on first use, so this
+module never needs Triton to import); here are their launchers and the registered function.
+Full passes over base/tuned, each reading both inputs once:
 
 - sums: per-neuron Σ|Δ| (when restoring), Σ|Δ| and random's kept Σ|Δ| (l1), and the histogram of
   the top key digit (magnitude/breadcrumbs). Skipped when nothing needs it.
