@@ -29,7 +29,7 @@ from .params import (
 )
 from .pipeline import merge_checkpoints, plan_merge
 from .planner import parse_size
-from .process import run_and_exit
+from .process import interrupt_on_sigterm, run_and_exit
 
 DEFAULT_METHOD = "neuron_fusion"
 DEMO_DIR = "fusion_demo"
@@ -301,8 +301,7 @@ def _run_demo(root: Path, args, params, rules) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    # SIGTERM unwinds like Ctrl-C, so the writer removes its temporary directory.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    interrupt_on_sigterm()
     # Past a file-size limit, let the write fail with EFBIG (a clear error) instead of dying.
     if hasattr(signal, "SIGXFSZ"):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -315,10 +314,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: no output written", file=sys.stderr)
         return 130
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def cli() -> NoReturn:

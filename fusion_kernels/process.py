@@ -1,13 +1,24 @@
-"""Process exit for the command-line entry points."""
+"""Process-level behaviour of the command-line entry points: termination and exit."""
 
 from __future__ import annotations
 
 import atexit
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import NoReturn
+
+
+def interrupt_on_sigterm() -> None:
+    """Make SIGTERM unwind like Ctrl-C (KeyboardInterrupt), so ``finally`` blocks and context
+    managers clean up (the writer removes its temporary directory)."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def run_and_exit(main: Callable[[], int]) -> NoReturn:

@@ -28,7 +28,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -39,7 +38,7 @@ from typing import Any, NoReturn
 from .errors import FusionError, ParameterError
 from .params import PRESETS, MergeParams, params_for
 from .pipeline import check_output_path, merge_checkpoints, plan_merge
-from .process import run_and_exit
+from .process import interrupt_on_sigterm, run_and_exit
 
 RESULTS_NAME = "results.csv"
 SWEEP_NAME = "sweep.json"
@@ -556,7 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    interrupt_on_sigterm()
     args = build_parser().parse_args(argv)
     try:
         run_sweep(
@@ -582,10 +581,6 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: the points done so far are in results.csv", file=sys.stderr)
         return 130
     return 0
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def cli() -> NoReturn:
