@@ -330,22 +330,24 @@ def _populate(mapped: mmap.mmap, start: int, length: int) -> None:
     calls this does the faulting, not the merge that reads the view later."""
     if not hasattr(mapped, "madvise"):
         return
-    page = mmap.PAGESIZE
-    begin = start - start % page
+    span = _pages(mapped, start, length)
     if _MADV_POPULATE_READ is not None:
         try:
-            mapped.madvise(_MADV_POPULATE_READ, begin, start + length - begin)
+            mapped.madvise(_MADV_POPULATE_READ, *span)
             return
         except OSError:
             # Kernels before Linux 5.14 lack it; read-ahead is the next best thing.
             pass
-    mapped.madvise(mmap.MADV_WILLNEED, begin, start + length - begin)
+    mapped.madvise(mmap.MADV_WILLNEED, *span)
 
 
 def _release(mapped: mmap.mmap, start: int, length: int) -> None:
     """Drop a read range's pages from this process (they stay in the page cache)."""
-    if not hasattr(mapped, "madvise"):
-        return
-    page = mmap.PAGESIZE
-    begin = start - start % page
-    mapped.madvise(mmap.MADV_DONTNEED, begin, min(len(mapped) - begin, start + length - begin))
+    if hasattr(mapped, "madvise"):
+        mapped.madvise(mmap.MADV_DONTNEED, *_pages(mapped, start, length))
+
+
+def _pages(mapped: mmap.mmap, start: int, length: int) -> tuple[int, int]:
+    """(offset, length) of the whole pages covering a byte range, for madvise."""
+    begin = start - start % mmap.PAGESIZE
+    return begin, min(len(mapped) - begin, start + length - begin)
