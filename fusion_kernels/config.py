@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from .dtypes import MERGE_DTYPE_NAMES, dtype_from_name
 from .errors import ParameterError
 from .integrations.mergekit import METHOD_PARAMETERS, neuron_rules_from_text
 from .neurons import NeuronRules
@@ -109,7 +110,6 @@ _UNSUPPORTED_KEYS = {
     "tokenizer": "tokenizer merging (the tuned model's tokenizer is copied)",
     "chat_template": "chat templates (the tuned model's is copied)",
 }
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -285,9 +285,11 @@ def _dtype(value: Any, where: str) -> torch.dtype | None:
     if value is None:
         return None
     name = str(value).removeprefix("torch.")
-    if name not in _DTYPES:
-        raise ParameterError(f"{where} {value!r} is not supported; use {', '.join(_DTYPES)}")
-    return _DTYPES[name]
+    dtype = dtype_from_name(name)
+    if dtype is None:
+        names = ", ".join(MERGE_DTYPE_NAMES.values())
+        raise ParameterError(f"{where} {value!r} is not supported; use {names}")
+    return dtype
 
 
 def _name(dtype: torch.dtype) -> str:

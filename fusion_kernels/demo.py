@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
+from .dtypes import safetensors_name
 from .neurons import default_axis
 from .planner import ShardPlan
 from .reader import INDEX_NAME
 from .writer import ShardFile
 
-_DTYPE_NAMES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 PLANTED_NAME = "planted_neurons.json"
 
 
@@ -140,7 +140,7 @@ def _open_shard(path: Path, shard: ShardPlan, shapes, dtype) -> ShardFile:
     size = torch.tensor([], dtype=dtype).element_size()
     return ShardFile(
         path,
-        [(n, _DTYPE_NAMES[dtype], shapes[n], math.prod(shapes[n]) * size) for n in shard.names],
+        [(n, safetensors_name(dtype), shapes[n], math.prod(shapes[n]) * size) for n in shard.names],
     )
 
 

@@ -10,7 +10,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .errors import ParameterError
+from .errors import ParameterError, PlanError
 
 AXES = ("row", "col", "none")
 
@@ -61,12 +61,26 @@ class NeuronRules:
         """The first rule that matches ``name``, or None."""
         return next((rule for rule in self.rules if rule.matches(name)), None)
 
-    def axis_for(self, name: str) -> str:
-        """``row``, ``col`` or ``none`` for the tensor called ``name``."""
+    def axis_for(self, name: str, shape: Sequence[int] | None = None) -> str:
+        """``row``, ``col`` or ``none`` for the tensor called ``name`` of ``shape``.
+
+        Only 2-D weights have neurons. A default rule that matches a tensor of another rank gives
+        ``none`` (a norm or a 3-D expert stack named like a projection); a user rule that does is a
+        mistake in the rule, so it raises :class:`PlanError`. ``shape=None`` checks the name alone.
+        """
         rule = self.match(name)
-        return rule.axis if rule else "none"
+        if rule is None or rule.axis == "none":
+            return "none"
+        if shape is None or len(shape) == 2:
+            return rule.axis
+        if rule in DEFAULT_RULES:
+            return "none"
+        raise PlanError(
+            f"tensor {name!r} has shape {list(shape)}, but neuron rule "
+            f"{rule.pattern!r}={rule.axis} needs a 2-D weight; narrow the rule's regex"
+        )
 
 
-def default_axis(name: str) -> str:
-    """The axis SPEC's default rules give ``name``."""
-    return NeuronRules().axis_for(name)
+def default_axis(name: str, shape: Sequence[int] | None = None) -> str:
+    """The axis SPEC's default rules give ``name`` (of ``shape``, when given)."""
+    return NeuronRules().axis_for(name, shape)

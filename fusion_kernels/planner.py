@@ -12,10 +12,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from .dtypes import MERGEABLE
 from .errors import ParameterError, PlanError
 from .namemap import NameMap
-from .neurons import DEFAULT_RULES, NeuronRules
-from .reader import MERGEABLE, Checkpoint, TensorInfo
+from .neurons import NeuronRules
+from .reader import Checkpoint, TensorInfo
 
 
 @dataclass(frozen=True)
@@ -135,22 +136,8 @@ def _task(name: str, info: TensorInfo, other: TensorInfo | None, rules: NeuronRu
         )
     if info.dtype not in MERGEABLE:
         return TensorTask(name, "copy", info, other, reason=f"{info.dtype} is not a float dtype")
-    axis = _axis(other.name, info, rules)
+    axis = rules.axis_for(other.name, info.shape)
     return TensorTask(name, "merge", info, other, axis=axis, merge_rows=merge_rows)
-
-
-def _axis(name: str, info: TensorInfo, rules: NeuronRules) -> str:
-    rule = rules.match(name)
-    if rule is None or rule.axis == "none":
-        return "none"
-    if len(info.shape) == 2:
-        return rule.axis
-    if rule in DEFAULT_RULES:
-        return "none"
-    raise PlanError(
-        f"tensor {name!r} has shape {list(info.shape)}, but neuron rule "
-        f"{rule.pattern!r}={rule.axis} needs a 2-D weight; narrow the rule's regex"
-    )
 
 
 def _regroup(names: list[str], tuned: Checkpoint, max_bytes: int) -> list[ShardPlan]:

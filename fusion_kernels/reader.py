@@ -23,27 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .dtypes import SAFETENSORS_DTYPES
 from .errors import CheckpointError
 
 INDEX_NAME = "model.safetensors.index.json"
 
-#: safetensors dtype string → (torch dtype, bytes per element).
-DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "F64": (torch.float64, 8),
-    "F32": (torch.float32, 4),
-    "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2),
-    "I64": (torch.int64, 8),
-    "I32": (torch.int32, 4),
-    "I16": (torch.int16, 2),
-    "I8": (torch.int8, 1),
-    "U8": (torch.uint8, 1),
-    "BOOL": (torch.bool, 1),
-    "F8_E4M3": (torch.float8_e4m3fn, 1),
-    "F8_E5M2": (torch.float8_e5m2, 1),
-}
-#: dtypes the merge op computes on; every other tensor is copied.
-MERGEABLE = ("F32", "F16", "BF16")
 # A header larger than this is certainly corrupt (real ones are a few MB at most).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 # madvise(2) advice that Python's mmap module lacks: fault a range's pages in (Linux 5.14+).
@@ -71,7 +55,7 @@ class TensorInfo:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype][0]
+        return SAFETENSORS_DTYPES[self.dtype][0]
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
@@ -111,14 +95,14 @@ def _tensor_info(path: Path, name: str, entry: object) -> TensorInfo:
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
         raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
         raise CheckpointError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
     valid_shape = isinstance(shape, list) and all(_is_count(d) for d in shape)
     valid_offsets = isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))
     if not valid_shape or not valid_offsets:
         raise CheckpointError(f"{path}: tensor {name!r} has a malformed shape or data_offsets")
     begin, end = offsets
-    expected = math.prod(shape) * DTYPES[dtype][1]
+    expected = math.prod(shape) * SAFETENSORS_DTYPES[dtype][1]
     if end - begin != expected:
         raise CheckpointError(
             f"{path}: tensor {name!r} of shape {shape} and dtype {dtype} needs {expected} bytes "
@@ -254,7 +238,7 @@ class Checkpoint:
         """
         info = self.tensors[name]
         start = self._data_start[info.file] + info.begin
-        width = DTYPES[info.dtype][1]
+        width = SAFETENSORS_DTYPES[info.dtype][1]
         if info.nbytes == 0 or start % width:
             return self.read(name)
         try:

@@ -21,9 +21,10 @@ import numpy as np
 import torch
 
 from .directio import OffsetFile
+from .dtypes import SAFETENSORS_DTYPES
 from .errors import CheckpointError, OutputExistsError
 from .planner import MergePlan
-from .reader import DTYPES, INDEX_NAME, Checkpoint
+from .reader import INDEX_NAME, Checkpoint
 
 REPORT_NAME = "fusion_report.json"
 # Files of the tuned directory that are weights (ours or another format) and are not copied.
@@ -70,7 +71,7 @@ class ShardFile:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write ``tensor`` (CPU, the planned dtype and shape) at its offset."""
         dtype, shape, begin, nbytes = self.layout[name]
-        if tensor.dtype != DTYPES[dtype][0] or tuple(tensor.shape) != shape:
+        if tensor.dtype != SAFETENSORS_DTYPES[dtype][0] or tuple(tensor.shape) != shape:
             raise CheckpointError(
                 f"{self.path}: tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, "
                 f"planned {dtype} {list(shape)}"

@@ -25,8 +25,9 @@ from typing import Any
 
 import torch
 
+from ..dtypes import MERGE_DTYPES
 from ..errors import FusionError, NonFiniteDeltaError, ParameterError
-from ..neurons import DEFAULT_RULES, NeuronRules, parse_rule
+from ..neurons import NeuronRules, parse_rule
 from ..ops import merge_tensor, registered_backends
 from ..ops.contract import l1_scale
 from ..params import PRESETS, MergeParams, params_for
@@ -49,8 +50,6 @@ METHOD_PARAMETERS: dict[str, tuple[Any, Any]] = {
     # ``REGEX=row|col|none`` rules separated by ";", checked before the SPEC's default rules.
     "neuron_rules": (str, ""),
 }
-
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class MergekitMissingError(FusionError, ImportError):
@@ -110,7 +109,7 @@ def _merge_group(group: Any, /, **values: Any) -> torch.Tensor:
         group.base.tensor,
         entry.tensor,
         name,
-        axis=_axis(rules, name),
+        axis=rules.axis_for(name, group.base.tensor.shape),
         backend=_state.backend,
         params=params,
     )
@@ -127,14 +126,6 @@ def neuron_rules_from_text(text: str) -> NeuronRules:
     """The ``neuron_rules`` parameter: ``REGEX=row|col|none`` rules separated by ``;``, checked
     before the SPEC's default rules (``""``: the defaults alone)."""
     return NeuronRules([parse_rule(item.strip()) for item in text.split(";") if item.strip()])
-
-
-def _axis(rules: NeuronRules, name: str) -> str | None:
-    """A user rule's axis, or None to let the op apply the SPEC's default rules (as the CLI's
-    planner does: a default rule on a tensor that is not 2-D means no neurons, a user rule on
-    one is an error)."""
-    rule = rules.match(name)
-    return None if rule is None or rule in DEFAULT_RULES else rule.axis
 
 
 def register_method() -> None:
@@ -212,7 +203,7 @@ def accelerated_sparsify(
 
     if rescale_norm is not None and RescaleNorm(rescale_norm) != RescaleNorm.l1:
         return stock()
-    if tensor.dtype not in _FLOAT_DTYPES or tensor.numel() == 0:
+    if tensor.dtype not in MERGE_DTYPES or tensor.numel() == 0:
         return stock()
     if kind == SparsificationMethod.della_magprune and tensor.dim() > 2:
         # mergekit ranks along dim 1 of such tensors; SPEC's rows are the last dimension.

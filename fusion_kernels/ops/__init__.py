@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..dtypes import MERGE_DTYPES
 from ..errors import BackendUnavailableError, NonFiniteDeltaError, ParameterError
 from ..neurons import AXES, default_axis
 from ..params import MergeParams, params_for
@@ -142,13 +143,11 @@ def resolve_axis(name: str, shape: torch.Size, axis: str | None) -> str:
 
     A default rule that matches a tensor which is not 2-D gives ``none``; an explicit axis errors.
     """
-    explicit = axis is not None
-    axis = axis if explicit else default_axis(name)
+    if axis is None:
+        return default_axis(name, shape)
     if axis not in AXES:
         raise ParameterError(f"axis must be row, col or none, got {axis!r}")
     if axis != "none" and len(shape) != 2:
-        if not explicit:
-            return "none"
         raise ParameterError(f"tensor {name!r} has shape {tuple(shape)}: axis={axis} needs 2-D")
     return axis
 
@@ -232,15 +231,12 @@ def change_scores(
     return total, scores, chosen.name
 
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def _check_pair(base: torch.Tensor, tuned: torch.Tensor, name: str) -> None:
     if base.shape != tuned.shape:
         raise ParameterError(
             f"tensor {name!r}: base shape {tuple(base.shape)} != tuned {tuple(tuned.shape)}"
         )
-    if base.dtype not in _FLOAT_DTYPES or tuned.dtype not in _FLOAT_DTYPES:
+    if base.dtype not in MERGE_DTYPES or tuned.dtype not in MERGE_DTYPES:
         raise ParameterError(f"tensor {name!r}: dtypes {base.dtype}/{tuned.dtype} are not float")
     if base.device != tuned.device:
         raise ParameterError(f"tensor {name!r}: base on {base.device}, tuned on {tuned.device}")

@@ -16,6 +16,7 @@ from types import ModuleType
 import numpy as np
 import torch
 
+from ..dtypes import MERGE_DTYPE_NAMES
 from ..errors import NonFiniteDeltaError
 from ..hashing import tensor_seed
 from ..params import MergeParams
@@ -32,8 +33,6 @@ from .contract import (
 
 #: SPEC "Selection modes": approx keeps within 0.1 % of n of the exact count.
 APPROX_TOLERANCE = 1e-3
-
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def load() -> KernelFn:
@@ -113,7 +112,7 @@ def scores_cpp(
     base_c, tuned_c = base.detach().contiguous(), tuned.detach().contiguous()
     rows, cols = _matrix_shape(base_c)
     result = ext.scores(
-        _bits(base_c), _bits(tuned_c), dtype=_DTYPE_NAMES[base_c.dtype], rows=rows, cols=cols,
+        _bits(base_c), _bits(tuned_c), dtype=MERGE_DTYPE_NAMES[base_c.dtype], rows=rows, cols=cols,
         axis=axis, threads=threads,
     )  # fmt: skip
     if result["nonfinite"]:
@@ -143,7 +142,7 @@ def _kernel_args(base: torch.Tensor, name: str, axis: str, params: MergeParams) 
     neurons = {"row": rows, "col": cols}.get(axis, 0)
     restoring = params.restore != "none" and axis != "none"
     return dict(
-        dtype=_DTYPE_NAMES[base.dtype],
+        dtype=MERGE_DTYPE_NAMES[base.dtype],
         rows=rows,
         cols=cols,
         axis=axis,
