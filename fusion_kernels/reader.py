@@ -11,7 +11,6 @@ process's resident memory holds the tensors in flight, not the shards it has rea
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import mmap
 import os
@@ -19,17 +18,21 @@ import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 
 from .dtypes import SAFETENSORS_DTYPES
 from .errors import CheckpointError
+from .safeload import MAX_INDEX_BYTES, load_json, open_regular, parse_json
 
 INDEX_NAME = "model.safetensors.index.json"
 
 # A header larger than this is certainly corrupt (real ones are a few MB at most).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+# Every dimension and offset must fit an int64 (torch's and the file format's limit).
+MAX_DIM = 2**63
 # madvise(2) advice that Python's mmap module lacks: fault a range's pages in (Linux 5.14+).
 _MADV_POPULATE_READ = 22 if sys.platform.startswith("linux") else None
 
@@ -63,32 +66,44 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]
 
     Raises CheckpointError naming the file for every inconsistency safetensors would trip on.
     """
+    fd = open_regular(path, CheckpointError)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            prefix = fh.read(8)
-            if len(prefix) < 8:
-                raise CheckpointError(f"{path}: too short to be a safetensors file ({size} bytes)")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > min(size - 8, MAX_HEADER_BYTES):
-                raise CheckpointError(
-                    f"{path}: header length {header_len} exceeds the file ({size} bytes): "
-                    "truncated or not a safetensors file"
-                )
-            raw = fh.read(header_len)
+        size = os.fstat(fd).st_size
+        prefix = os.pread(fd, 8, 0)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path}: too short to be a safetensors file ({size} bytes)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > min(size - 8, MAX_HEADER_BYTES):
+            raise CheckpointError(
+                f"{path}: header length {header_len} exceeds the file ({size} bytes): "
+                "truncated or not a safetensors file"
+            )
+        raw = os.pread(fd, header_len, 8)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: header is not valid JSON ({exc})") from None
+    finally:
+        os.close(fd)
+    header = parse_json(raw, f"{path}: header", CheckpointError)
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = _metadata(path, header.pop("__metadata__", None))
     data_start = 8 + header_len
     tensors = {name: _tensor_info(path, name, entry) for name, entry in header.items()}
     _check_layout(path, tensors, size - data_start)
     return tensors, metadata, data_start
+
+
+def _metadata(path: Path, value: object) -> dict[str, str]:
+    """``__metadata__`` as safetensors accepts it: absent, or an object of strings to strings."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise CheckpointError(
+            f"{path}: __metadata__ must map strings to strings; not a valid safetensors file"
+        )
+    return value
 
 
 def _tensor_info(path: Path, name: str, entry: object) -> TensorInfo:
@@ -97,11 +112,13 @@ def _tensor_info(path: Path, name: str, entry: object) -> TensorInfo:
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
         raise CheckpointError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
-    valid_shape = isinstance(shape, list) and all(_is_count(d) for d in shape)
+    valid_shape = isinstance(shape, list) and all(_is_count(d) and d < MAX_DIM for d in shape)
     valid_offsets = isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))
     if not valid_shape or not valid_offsets:
         raise CheckpointError(f"{path}: tensor {name!r} has a malformed shape or data_offsets")
     begin, end = offsets
+    if end >= MAX_DIM:
+        raise CheckpointError(f"{path}: tensor {name!r} has data_offsets past 2^63")
     expected = math.prod(shape) * SAFETENSORS_DTYPES[dtype][1]
     if end - begin != expected:
         raise CheckpointError(
@@ -151,10 +168,14 @@ class Checkpoint:
         self.directory = self.path if self.path.is_dir() else self.path.parent
         self.files = self._shard_files()
         self.tensors: dict[str, TensorInfo] = {}
+        #: Each shard's size when its header was read; a shard that shrinks later is refused
+        #: before its mapping is touched (a read past a file's end kills the process: SIGBUS).
+        self._sizes: dict[Path, int] = {}
         self.metadata: dict[str, str] = {}
         self._data_start: dict[Path, int] = {}
         for file in self.files:
             tensors, metadata, self._data_start[file] = read_header(file)
+            self._sizes[file] = self._data_start[file] + sum(t.nbytes for t in tensors.values())
             for name in tensors.keys() & self.tensors.keys():
                 raise CheckpointError(
                     f"{file}: tensor {name!r} also appears in {self.tensors[name].file}"
@@ -163,9 +184,10 @@ class Checkpoint:
             self.metadata = self.metadata or metadata
         self._check_index()
         self._maps: dict[Path, mmap.mmap] = {}
+        self._handles: dict[Path, BinaryIO] = {}
 
     def _shard_files(self) -> list[Path]:
-        if self.path.is_file():
+        if not self.path.is_dir():
             if self.path.suffix != ".safetensors":
                 raise CheckpointError(f"{self.path}: not a .safetensors file")
             return [self.path]
@@ -176,7 +198,15 @@ class Checkpoint:
             outside = [f for f in files if Path(f).name != f or f in ("", ".", "..")]
             if outside:
                 raise CheckpointError(f"{index}: shard {outside[0]!r} is not a file name here")
-            missing = [f for f in files if not (self.path / f).is_file()]
+            # Any other name could collide with a file the writer creates beside the shards
+            # (config.json, the report) or one it copies from the tuned directory.
+            foreign = [f for f in files if not f.endswith(".safetensors")]
+            if foreign:
+                raise CheckpointError(
+                    f"{index}: shard {foreign[0]!r} is not a .safetensors file name; rename "
+                    "the shard and its index entries"
+                )
+            missing = [f for f in files if not (self.path / f).exists()]
             if missing:
                 raise CheckpointError(f"{index}: names shard {missing[0]!r}, which does not exist")
             return [self.path / f for f in files]
@@ -194,10 +224,11 @@ class Checkpoint:
         return files
 
     def _load_index(self, index: Path) -> dict[str, str]:
+        document = load_json(index, MAX_INDEX_BYTES, CheckpointError)
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index}: not a valid index file ({exc})") from None
+            weight_map = document["weight_map"]
+        except (KeyError, TypeError, IndexError) as exc:
+            raise CheckpointError(f"{index}: not a valid index file (no {exc})") from None
         if not isinstance(weight_map, dict) or not all(
             isinstance(v, str) for v in weight_map.values()
         ):
@@ -242,7 +273,7 @@ class Checkpoint:
         if info.nbytes == 0 or start % width:
             return self.read(name)
         try:
-            mapped = self._maps.get(info.file) or self._map(info.file)
+            mapped = self._mapping(info.file)
             _populate(mapped, start, info.nbytes)
             # Through numpy: its array holds the mapping's buffer export for as long as the
             # tensor lives, so the mapping cannot be closed under it (torch.frombuffer does not).
@@ -266,7 +297,7 @@ class Checkpoint:
             return tensor
         start = self._data_start[info.file] + info.begin
         try:
-            mapped = self._maps.get(info.file) or self._map(info.file)
+            mapped = self._mapping(info.file)
             source = np.frombuffer(mapped, dtype=np.uint8, count=info.nbytes, offset=start)
             tensor.view(-1).view(torch.uint8).numpy()[:] = source
         except (OSError, ValueError) as exc:
@@ -284,17 +315,35 @@ class Checkpoint:
             raise ValueError(f"range [{offset}, {offset + length}) outside tensor {name!r}")
         start = self._data_start[info.file] + info.begin + offset
         try:
-            mapped = self._maps.get(info.file) or self._map(info.file)
+            mapped = self._mapping(info.file)
             out[:] = np.frombuffer(mapped, dtype=np.uint8, count=length, offset=start)
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{info.file}: cannot read tensor {name!r} ({exc})") from None
         _release(mapped, start, length)
 
-    def _map(self, file: Path) -> mmap.mmap:
-        with open(file, "rb") as fh:
+    def _mapping(self, file: Path) -> mmap.mmap:
+        """The shard's mapping, after checking that the file still has its size.
+
+        The descriptor stays open so the check looks at the mapped file itself, even if the path
+        has since been replaced. It narrows, but cannot close, the window in which another
+        process truncating the shard turns a read into SIGBUS.
+        """
+        if file not in self._maps:
+            self._handles[file] = os.fdopen(open_regular(file, CheckpointError), "rb")
+            self._check_size(file)
             # Private and writable: views of it are ordinary tensors, and nothing reaches the file.
-            self._maps[file] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+            self._maps[file] = mmap.mmap(self._handles[file].fileno(), 0, access=mmap.ACCESS_COPY)
+        else:
+            self._check_size(file)
         return self._maps[file]
+
+    def _check_size(self, file: Path) -> None:
+        size = os.fstat(self._handles[file].fileno()).st_size
+        if size != self._sizes[file]:
+            raise CheckpointError(
+                f"{file}: changed size while being read ({self._sizes[file]} -> {size} bytes); "
+                "another program is writing it: let it finish, then run again"
+            )
 
     def close(self) -> None:
         """Unmap the shards (reading again maps them anew). A shard that views from
@@ -303,6 +352,9 @@ class Checkpoint:
             with contextlib.suppress(BufferError):
                 mapped.close()
         self._maps.clear()
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
 
     @property
     def nbytes(self) -> int:
