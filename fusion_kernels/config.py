@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from .dtypes import MERGE_DTYPE_NAMES, dtype_from_name
+from .dtypes import MERGE_DTYPE_NAMES, MERGE_DTYPES, dtype_from_name
 from .errors import ParameterError
 from .integrations.mergekit import METHOD_PARAMETERS, neuron_rules_from_text
 from .neurons import NeuronRules
@@ -134,7 +134,8 @@ class MergeConfigFile:
         ``dtype`` would round the weights first, and an output dtype other than the checkpoint's
         is a cast the writer does not do.
         """
-        for ckpt in {d for d in checkpoint_dtypes if d.is_floating_point}:
+        # Tensors of other dtypes (F64, F8, integers) are copied as they are, whatever dtype says.
+        for ckpt in {d for d in checkpoint_dtypes if d in MERGE_DTYPES}:
             if self.dtype is not None and self.dtype not in (ckpt, torch.float32):
                 raise ParameterError(
                     f"{self.path}: dtype {_name(self.dtype)} would round the {_name(ckpt)} "

@@ -186,7 +186,7 @@ def test_non_float_tensors_are_copied_unchanged_and_reported(tmp_path):
         assert torch.equal(out[name].view(torch.uint8), tuned[name].view(torch.uint8)), name
     reasons = {t["name"]: t.get("reason") for t in report["tensors"]}
     assert (
-        reasons["scale_fp8"] == "F8_E4M3 is not a float dtype"
+        reasons["scale_fp8"] == "F8_E4M3 is not a merge dtype (F32, F16, BF16)"
         and reasons["mask"] == "BOOL is not a float dtype"
     )
 
