@@ -6,6 +6,7 @@ One :class:`MergeParams` describes what every tensor of a merge computes; the op
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -75,7 +76,10 @@ class MergeParams:
                 f"{self.density}, epsilon {self.epsilon}: lower --epsilon"
             )
         if not _finite(self.weight):
-            raise ParameterError(f"weight must be a finite number, got {self.weight}")
+            raise ParameterError(
+                f"weight must be a finite float32 number (|weight| <= {FLOAT32_MAX:.4g}), "
+                f"got {self.weight}"
+            )
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ParameterError(f"seed must be an integer, got {self.seed!r}")
         return self
@@ -90,8 +94,18 @@ def _choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ParameterError(f"{field} must be one of {', '.join(allowed)}; got {value!r}")
 
 
+#: The largest finite float32: every float parameter is used in float32 by the kernels, so a
+#: value beyond it (1e300 is finite in Python) would be Inf there.
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _finite(x: float) -> bool:
-    return isinstance(x, (int, float)) and x == x and abs(x) != float("inf")
+    return (
+        isinstance(x, (int, float))
+        and not isinstance(x, bool)
+        and math.isfinite(x)
+        and abs(x) <= FLOAT32_MAX
+    )
 
 
 def _unit(field: str, value: float) -> None:
@@ -146,6 +160,7 @@ def parse_override(text: str) -> ParamOverride:
     pattern, sep, assignments = text.rpartition(":")
     if not sep or not pattern or not assignments:
         raise ParameterError(f"--set {text!r} must look like REGEX:key=value[,key=value]")
+    _check_pattern(pattern, f"--set {text!r}")
     fields = {f.name: f.type for f in dataclasses.fields(MergeParams)}
     changes: dict[str, Any] = {}
     for item in assignments.split(","):
@@ -169,6 +184,13 @@ def _convert(key: str, value: str, text: str) -> Any:
         raise ParameterError(f"--set {text!r}: {key} cannot be {value!r}") from None
 
 
+def _check_pattern(pattern: str, where: str) -> None:
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise ParameterError(f"{where}: bad regular expression ({exc})") from None
+
+
 class TensorParams:
     """Parameters per tensor: ``default`` unless an override matches (the first match wins).
 
@@ -178,6 +200,8 @@ class TensorParams:
     def __init__(self, default: MergeParams, overrides: tuple[ParamOverride, ...] | list = ()):
         self.default = default.validated()
         self.overrides = tuple(overrides)
+        for override in self.overrides:
+            _check_pattern(override.pattern, f"parameter override /{override.pattern}/")
         self._resolved = [default.replace(**o.changes) for o in self.overrides]
 
     def for_tensor(self, name: str) -> MergeParams:
