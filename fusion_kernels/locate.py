@@ -28,6 +28,7 @@ from .ops import change_scores
 from .ops.contract import count
 from .pipeline import plan_merge
 from .process import run_and_exit
+from .transfer import parse_device
 
 TOP_PERCENTS = (1, 5, 10, 30)
 DENSITIES = (0.05, 0.1, 0.2, 0.3, 0.5)
@@ -113,6 +114,7 @@ def locate_checkpoints(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Change statistics of every mergeable tensor; streams one tensor pair at a time."""
+    parse_device(device)
     base_ckpt, tuned_ckpt, plan = plan_merge(base, tuned, rules, None, name_map)
     tasks = [t for t in plan.tasks.values() if t.action == "merge"]
     entries, backends = [], set()

@@ -18,6 +18,7 @@ import zlib
 import torch
 
 from .directio import PAGE, page_offset
+from .errors import ParameterError
 from .reader import Checkpoint, TensorInfo
 from .writer import CheckpointWriter, checksum
 
@@ -93,9 +94,16 @@ class _Staging:
     """A ring of staging buffers, each with the event of the last copy that used it."""
 
     def __init__(self, count: int, nbytes: int, cuda: bool):
-        self.buffers = [
-            torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda) for _ in range(count)
-        ]
+        try:
+            self.buffers = [
+                torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda) for _ in range(count)
+            ]
+        except RuntimeError as exc:
+            problem = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ParameterError(
+                f"--staging-size: cannot allocate {count} staging buffers of {nbytes} bytes "
+                f"({problem}); choose a smaller size"
+            ) from None
         self.events = [torch.cuda.Event() if cuda else None for _ in range(count)]
         self.stream = torch.cuda.Stream() if cuda else None
         self.next = 0
@@ -215,6 +223,27 @@ class _on:
         if self.context is not None:
             self.context.__exit__(*exc)
         return False
+
+
+def parse_device(text: str | torch.device) -> torch.device:
+    """The device a merge runs on: ``cpu``, ``cuda`` or ``cuda:N``, checked to exist here."""
+    usage = "use cpu, cuda or cuda:N"
+    try:
+        device = torch.device(text)
+    except (RuntimeError, TypeError):
+        raise ParameterError(f"--device {text!r} is not a device; {usage}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ParameterError(f"--device {text!r} is not supported; {usage}")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ParameterError(f"--device {text!r}: no CUDA device here; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise ParameterError(
+                f"--device {text!r}: this machine has {count} CUDA device(s), cuda:0 to "
+                f"cuda:{count - 1}"
+            )
+    return device
 
 
 def make_transport(device: torch.device, staging_bytes: int | None):
