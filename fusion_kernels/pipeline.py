@@ -19,14 +19,15 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .errors import FusionError, ParameterError
+from .errors import FusionError
 from .namemap import detect, user_map
 from .neurons import NeuronRules
 from .ops import TensorStats, merge_tensor
+from .outputs import check_output_path
 from .params import MergeParams, TensorParams
 from .planner import MergePlan, TensorTask, build_plan
 from .reader import Checkpoint
-from .transfer import make_transport
+from .transfer import make_transport, parse_device
 from .writer import CheckpointWriter
 
 log = logging.getLogger("fusion_kernels")
@@ -51,21 +52,9 @@ def plan_merge(
     return base_ckpt, tuned_ckpt, plan
 
 
-def check_output_path(out: Path, inputs: list[Path]) -> None:
-    """The output may not be an input, lie inside an input directory, or contain an input
-    (``--overwrite`` would delete it); its nearest existing parent must be writable."""
-    out = out.resolve()
-    for path in (p.resolve() for p in inputs):
-        inside = path.is_dir() and (out == path or path in out.parents)
-        if inside or out == path or out in path.parents:
-            raise ParameterError(
-                f"--out {out} overlaps the input {path}; write the merge to a separate directory"
-            )
-    probe = out.parent
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise ParameterError(f"--out {out}: {probe} is not writable")
+def checkpoint_paths(*checkpoints: Checkpoint) -> list[Path]:
+    """What the output must stay clear of: each checkpoint's path and shard files."""
+    return [path for ckpt in checkpoints for path in (ckpt.path, *ckpt.files)]
 
 
 def merge_checkpoints(
@@ -103,13 +92,13 @@ def merge_checkpoints(
             a GPU (default 256 MiB on CUDA; on CPU, giving it streams through staging too).
     """
     out_dir = Path(out)
+    torch_device = parse_device(device)
     params = params if isinstance(params, TensorParams) else TensorParams(params)
     rules = rules or NeuronRules()
     base_ckpt, tuned_ckpt, plan = plan_merge(base, tuned, rules, max_shard_size, name_map)
-    check_output_path(out_dir, [base_ckpt.path, tuned_ckpt.path])
+    check_output_path(out_dir, checkpoint_paths(base_ckpt, tuned_ckpt))
     for name in plan.skipped:
         log.warning("tensor %r is only in base (%s); it is not in the output", name, base_ckpt.path)
-    torch_device = torch.device(device)
     started = time.perf_counter()
     with CheckpointWriter(out_dir, plan, overwrite=overwrite) as writer:
         checksums: dict[str, int] | None = {} if verify else None

@@ -23,6 +23,14 @@ import torch
 from .directio import OffsetFile
 from .dtypes import SAFETENSORS_DTYPES
 from .errors import CheckpointError, OutputExistsError
+from .outputs import (
+    PAYLOAD_NAME,
+    create_workspace,
+    move_into_place,
+    remove_stale_workspaces,
+    remove_tree,
+    uninterruptible,
+)
 from .planner import MergePlan
 from .reader import INDEX_NAME, Checkpoint
 
@@ -144,23 +152,24 @@ class CheckpointWriter:
 
     def __init__(self, out_dir: str | os.PathLike, plan: MergePlan, overwrite: bool = False):
         self.out_dir = Path(out_dir).absolute()
-        if self.out_dir.exists() and not overwrite:
+        self.overwrite = overwrite
+        if os.path.lexists(self.out_dir) and not overwrite:
             raise OutputExistsError(
                 f"{self.out_dir}: output already exists; pass --overwrite or choose another --out"
             )
         with _write_errors(self.out_dir.parent):
             self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_partials(self.out_dir)
+        remove_stale_workspaces(self.out_dir)
         free = shutil.disk_usage(self.out_dir.parent).free
         if free < plan.nbytes:
             raise CheckpointError(
                 f"{self.out_dir.parent}: {free / 1e9:.2f} GB free but the merge writes "
                 f"{plan.nbytes / 1e9:.2f} GB; free disk space or choose another --out"
             )
-        self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}.partial-{os.getpid()}"
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)
-        with _write_errors(self.tmp_dir):
-            self.tmp_dir.mkdir()
+        with _write_errors(self.out_dir.parent):
+            self.workspace = create_workspace(self.out_dir)
+        #: Where the output is built; it becomes ``out_dir`` in one rename at the end.
+        self.tmp_dir = self.workspace / PAYLOAD_NAME
         self.plan = plan
         self.shards: dict[str, ShardFile] = {}
         try:
@@ -223,7 +232,7 @@ class CheckpointWriter:
         with _write_errors(self.tmp_dir):
             if copy_from is not None:
                 for path in non_weight_files(copy_from):
-                    shutil.copy2(path, self.tmp_dir / path.name)
+                    self._copy(path)
             self._write_json(REPORT_NAME, report)
             self._rename_into_place()
         return self.out_dir
@@ -249,24 +258,31 @@ class CheckpointWriter:
         finally:
             written.close()
 
+    def _copy(self, path: Path) -> None:
+        """Copy one of tuned's non-weight files, never over a file this merge wrote."""
+        target = self.tmp_dir / path.name
+        if os.path.lexists(target):
+            raise CheckpointError(
+                f"{path}: has the name of a file the merge writes ({path.name}); rename it"
+            )
+        shutil.copy2(path, target)
+
     def _write_json(self, filename: str, payload: dict[str, Any]) -> None:
-        with _write_errors(self.tmp_dir / filename):
-            (self.tmp_dir / filename).write_text(json.dumps(payload, indent=2) + "\n")
+        target = self.tmp_dir / filename
+        with _write_errors(target), open(target, "x") as fh:
+            fh.write(json.dumps(payload, indent=2) + "\n")
 
     def _rename_into_place(self) -> None:
-        old = None
-        if self.out_dir.exists():
-            old = self.out_dir.parent / f".{self.out_dir.name}.old-{os.getpid()}"
-            os.rename(self.out_dir, old)
-        os.rename(self.tmp_dir, self.out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        move_into_place(self.workspace, self.out_dir, self.overwrite)
+        # What is left is ours: the marker, and with --overwrite the replaced output.
+        remove_tree(self.workspace)
 
     def abort(self) -> None:
         """Drop everything written so far; the output path is untouched."""
-        for file in set(self.shards.values()):
-            file.close(sync=False)
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        with uninterruptible():
+            for file in set(self.shards.values()):
+                file.close(sync=False)
+            remove_tree(self.workspace)
 
 
 def non_weight_files(directory: Path) -> list[Path]:
@@ -276,29 +292,3 @@ def non_weight_files(directory: Path) -> list[Path]:
         for p in directory.iterdir()
         if p.is_file() and not p.name.endswith(_WEIGHT_SUFFIXES) and p.name not in _WEIGHT_NAMES
     )
-
-
-def remove_stale_partials(out_dir: Path) -> None:
-    """Remove temporary siblings of ``out_dir`` left by runs that were killed."""
-    for pattern in (f".{out_dir.name}.partial-*", f".{out_dir.name}.old-*"):
-        for path in out_dir.parent.glob(pattern):
-            pid = path.name.rsplit("-", 1)[-1]
-            if not pid.isdigit() or _alive(int(pid)):
-                continue
-            # A run killed between its two renames left the previous output only here.
-            if ".old-" in path.name and not out_dir.exists():
-                os.rename(path, out_dir)
-            else:
-                shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -1,0 +1,270 @@
+"""Where outputs may go, and how they appear there without touching anything else.
+
+Three rules, each kept here once:
+
+- **Inputs are out of reach.** :func:`input_paths` lists every file an input consists of (the
+  directory, its shards, index and copied files, and each symlink's target), and
+  :func:`check_output_path` refuses an output that is, contains or lies inside any of them, so no
+  write, rename or ``--overwrite`` removal can reach an input, however the files are linked (a
+  Hugging Face cache links ``snapshots/REV/*`` to ``blobs/SHA``).
+- **Only our own directories are removed.** A run works in ``.NAME.partial-PID`` beside the
+  output, created with a marker file inside that names the output and the process; leftovers of
+  killed runs are recognised by that exact name *and* the marker, never by a pattern alone.
+- **The output appears in one atomic step.** The finished directory is renamed onto the output
+  path with ``renameat2(RENAME_NOREPLACE)`` (or, with ``--overwrite``, swapped in with
+  ``RENAME_EXCHANGE``), so of two runs into the same new output, one wins and the other is
+  refused with nothing written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import json
+import os
+import shutil
+import signal
+import stat
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from .errors import OutputExistsError, ParameterError
+
+#: The marker file inside every temporary directory a run creates.
+MARKER_NAME = ".fusion_kernels-partial.json"
+#: Inside the temporary directory: where the output is built, and where a replaced one waits.
+PAYLOAD_NAME = "output"
+PREVIOUS_NAME = "previous"
+
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+# --- inputs -------------------------------------------------------------------------------------
+
+
+def input_paths(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Every path the given inputs consist of, each as written (absolute) and as resolved.
+
+    A directory contributes itself and its top-level entries (shards, index, config and tokenizer
+    files: what a merge reads or copies); a file contributes itself. Symlinks are followed, so a
+    shard that links into a blob store contributes the blob.
+    """
+    found: list[Path] = []
+    for path in map(Path, paths):
+        entries = [path]
+        if path.is_dir():
+            with contextlib.suppress(OSError):
+                entries += sorted(path.iterdir())
+        for entry in entries:
+            found.append(_absolute(entry))
+            found.append(entry.resolve())
+    return list(dict.fromkeys(found))
+
+
+def _absolute(path: Path) -> Path:
+    """``path`` made absolute with its parent resolved but not itself (a symlink stays one)."""
+    path = path.absolute()
+    return path.parent.resolve() / path.name if path.name else path.resolve()
+
+
+def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike]) -> None:
+    """Refuse an output that is, contains or lies inside any input path; its nearest existing
+    directory must be writable. Raises :class:`ParameterError` naming both paths."""
+    out = Path(out)
+    targets = {_absolute(out), out.resolve()}
+    for path in input_paths(inputs):
+        for target in targets:
+            if target == path or path in target.parents or target in path.parents:
+                raise ParameterError(
+                    f"--out {out} overlaps the input {path}; write to a separate directory"
+                )
+    check_writable(out)
+
+
+def check_writable(out: Path) -> None:
+    """The output is a directory or does not exist yet, and the directory that receives it (its
+    nearest existing ancestor, or itself) is writable."""
+    out = Path(out).absolute()
+    if out.exists() and not out.is_dir():
+        raise ParameterError(f"--out {out} is an existing file; choose a directory")
+    probe = out if out.exists() else out.parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ParameterError(f"--out {out}: cannot write under {probe}, a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ParameterError(f"--out {out}: {probe} is not writable")
+
+
+# --- our temporary directories --------------------------------------------------------------------
+
+
+def create_workspace(out: Path) -> Path:
+    """Create ``.NAME.partial-PID`` beside ``out`` with its marker, and the (empty) directory in
+    it where the output is built; returns the workspace."""
+    workspace = _workspace_path(out, os.getpid())
+    if os.path.lexists(workspace):
+        _remove_if_ours(workspace, out, os.getpid())
+    workspace.mkdir()
+    marker = {"output": out.name, "pid": os.getpid()}
+    (workspace / MARKER_NAME).write_text(json.dumps(marker) + "\n")
+    (workspace / PAYLOAD_NAME).mkdir()
+    return workspace
+
+
+def _workspace_path(out: Path, pid: int) -> Path:
+    return out.parent / f".{out.name}.partial-{pid}"
+
+
+def remove_stale_workspaces(out: Path) -> None:
+    """Clean up after runs into ``out`` that were killed: each ``.NAME.partial-PID`` whose marker
+    proves it ours and whose process is gone is removed; one that holds the previous output (a
+    run killed between moving it aside and moving the new one in) gives it back first."""
+    prefix = f".{out.name}.partial-"
+    try:
+        names = [e.name for e in os.scandir(out.parent)]
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(prefix) :] if name.startswith(prefix) else ""
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        _remove_if_ours(out.parent / name, out, int(pid))
+
+
+def _remove_if_ours(workspace: Path, out: Path, pid: int) -> None:
+    if not _is_ours(workspace, out, pid):
+        return
+    previous = workspace / PREVIOUS_NAME
+    if previous.is_dir() and not os.path.lexists(out):
+        with contextlib.suppress(OSError):
+            rename_noreplace(previous, out)
+    remove_tree(workspace)
+
+
+def _is_ours(workspace: Path, out: Path, pid: int) -> bool:
+    """A real directory (not a link) holding a regular marker file that names ``out`` and
+    ``pid``."""
+    try:
+        if not stat.S_ISDIR(os.lstat(workspace).st_mode):
+            return False
+        marker = workspace / MARKER_NAME
+        if not stat.S_ISREG(os.lstat(marker).st_mode) or marker.stat().st_size > 4096:
+            return False
+        content = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(content, dict) and content == {"output": out.name, "pid": pid}
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a directory tree of ours, without being cut short by a second Ctrl-C."""
+    with uninterruptible():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def uninterruptible() -> Iterator[None]:
+    """Ignore SIGINT and SIGTERM for the block (cleanup that must finish once begun: the process
+    is already exiting, or the output is already in place). Only the main thread can set
+    handlers, and only it runs them; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig, handler in previous.items():
+        if handler is not None:
+            signal.signal(sig, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+
+
+# --- the atomic step ------------------------------------------------------------------------------
+
+
+def _renameat2(source: Path, target: Path, flags: int) -> None:
+    """``renameat2(2)``; raises OSError (ENOSYS or EINVAL where it is unsupported)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    function = getattr(libc, "renameat2", None)
+    if function is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available")
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p]
+    function.argtypes += [ctypes.c_uint]
+    result = function(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), flags)
+    if result != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(target))
+
+
+def _unsupported(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP)
+
+
+def rename_noreplace(source: Path, target: Path) -> None:
+    """Rename ``source`` onto ``target`` only if ``target`` does not exist, atomically.
+
+    Where renameat2 is missing, ``mkdir`` claims the name (atomic too: it fails if the name
+    exists) and a plain rename then replaces that empty directory. Raises FileExistsError.
+    """
+    try:
+        _renameat2(source, target, _RENAME_NOREPLACE)
+        return
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise FileExistsError(errno.EEXIST, "exists", str(target)) from None
+        if not _unsupported(exc):
+            raise
+    os.mkdir(target)  # raises FileExistsError when another run got there first
+    os.rename(source, target)
+
+
+def move_into_place(workspace: Path, out: Path, overwrite: bool) -> None:
+    """Make ``workspace/output`` the output ``out`` in one step; a replaced output (with
+    ``overwrite``) ends up inside the workspace, which the caller then removes."""
+    payload = workspace / PAYLOAD_NAME
+    while True:
+        try:
+            rename_noreplace(payload, out)
+            return
+        except FileExistsError:
+            if not overwrite:
+                raise OutputExistsError(
+                    f"{out}: output appeared while this merge ran (another run?); nothing was "
+                    "written: pass --overwrite or choose another --out"
+                ) from None
+        if not out.is_dir() or out.is_symlink():
+            raise ParameterError(f"--out {out} is not a directory; --overwrite replaces only one")
+        try:
+            _renameat2(payload, out, _RENAME_EXCHANGE)
+            return
+        except FileNotFoundError:
+            continue  # the old output went away meanwhile: try the plain rename again
+        except OSError as exc:
+            if not _unsupported(exc):
+                raise
+        # No exchange here: move the old output into the workspace, then the new one in. A run
+        # killed in between leaves the old one in the workspace, and the next run restores it.
+        try:
+            os.rename(out, workspace / PREVIOUS_NAME)
+        except FileNotFoundError:
+            continue
