@@ -40,6 +40,7 @@ from .errors import ParameterError
 from .integrations.mergekit import METHOD_PARAMETERS, neuron_rules_from_text
 from .neurons import NeuronRules
 from .params import MergeParams, ParamOverride, TensorParams
+from .safeload import load_yaml
 
 _MISSING = object()
 #: Distinct filter strings a file may use: every combination becomes one override pattern.
@@ -154,19 +155,31 @@ class MergeConfigFile:
 def load_merge_config(path: str | Path) -> MergeConfigFile:
     """Read and translate a mergekit YAML file; raises :class:`ParameterError` naming what is
     not supported or out of range."""
-    import yaml
-
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ParameterError(f"cannot read merge config {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ParameterError(f"{path} is not valid YAML: {exc}") from None
+    data = load_yaml(path, ParameterError)
     try:
         return parse_merge_config(data, path)
     except ParameterError as exc:
         raise ParameterError(f"{path}: {exc}") from None
+
+
+def referenced_paths(data: Any) -> list[Path]:
+    """Local paths a mergekit YAML document names as models (``base_model``, ``model``, in
+    ``models`` and ``slices`` alike; a ``MODEL+LORA`` names both, ``@REV`` is dropped); names that
+    are not local paths (Hub ids) are left out."""
+    found: list[Path] = []
+    if isinstance(data, Mapping):
+        for key, value in data.items():
+            if key in ("model", "base_model") and isinstance(value, str):
+                for part in value.split("@", 1)[0].split("+"):
+                    if part and Path(part).exists():
+                        found.append(Path(part))
+            else:
+                found += referenced_paths(value)
+    elif isinstance(data, list):
+        for item in data:
+            found += referenced_paths(item)
+    return found
 
 
 def parse_merge_config(data: Any, path: Path = Path("<config>")) -> MergeConfigFile:
