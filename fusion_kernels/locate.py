@@ -26,6 +26,7 @@ from .errors import FusionError, NonFiniteDeltaError
 from .neurons import NeuronRules, parse_rule
 from .ops import change_scores
 from .ops.contract import count
+from .outputs import check_output_path
 from .pipeline import plan_merge
 from .process import run_and_exit
 from .transfer import parse_device
@@ -172,6 +173,15 @@ def write_outputs(
     merge_report: dict | None = None,
 ) -> list[Path]:
     """locate.json, neurons.csv, the plots and index.html under ``out``; returns the PNG paths."""
+    try:
+        return _write_outputs(result, out, plot_pattern, merge_report)
+    except OSError as exc:
+        raise FusionError(
+            f"{out}: cannot write ({exc.strerror or exc}); choose another --out"
+        ) from None
+
+
+def _write_outputs(result, out: Path, plot_pattern, merge_report) -> list[Path]:
     from .plots import write_page
 
     out.mkdir(parents=True, exist_ok=True)
@@ -212,6 +222,16 @@ def write_outputs(
     return write_page(result, out, plot_pattern, merge_report)
 
 
+def check_plot_pattern(pattern: str | None) -> None:
+    """Refuse a ``--plot-tensors`` that is not a regular expression, before any work."""
+    if pattern is None:
+        return
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise FusionError(f"--plot-tensors {pattern!r}: bad regular expression ({exc})") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m fusion_kernels.locate",
@@ -238,7 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        result = locate_from_args(args, NeuronRules([parse_rule(r) for r in args.neuron_rule]))
+        rules = NeuronRules([parse_rule(r) for r in args.neuron_rule])
+        check_plot_pattern(args.plot_tensors)
+        check_output_path(args.out, [args.base, args.tuned])
+        result = locate_from_args(args, rules)
         plots = write_outputs(result, args.out, args.plot_tensors)
     except FusionError as exc:
         print(f"error: {exc}", file=sys.stderr)
