@@ -37,8 +37,10 @@ from typing import Any, NoReturn
 
 from .errors import FusionError, ParameterError
 from .params import PRESETS, MergeParams, params_for
-from .pipeline import check_output_path, merge_checkpoints, plan_merge
+from .pipeline import check_output_path, checkpoint_paths, merge_checkpoints, plan_merge
 from .process import interrupt_on_sigterm, run_and_exit
+from .safeload import MAX_CONFIG_BYTES, load_json
+from .transfer import parse_device
 
 RESULTS_NAME = "results.csv"
 SWEEP_NAME = "sweep.json"
@@ -255,9 +257,17 @@ class Keeper:
     """Records rows and applies ``--keep`` as they arrive: ``best`` holds only the best model so
     far on disk, ``none`` deletes each model once evaluated."""
 
-    def __init__(self, results: Results, mode: str, metric: str | None, maximize: bool):
+    def __init__(
+        self,
+        results: Results,
+        mode: str,
+        metric: str | None,
+        maximize: bool,
+        models_dir: Path | None = None,
+    ):
         self.results, self.mode, self.maximize = results, mode, maximize
         self._metric = metric
+        self.models_dir = models_dir
 
     @property
     def metric(self) -> str | None:
@@ -304,7 +314,11 @@ class Keeper:
 
     def _drop(self, row: dict[str, Any]) -> None:
         if row.get("model"):
-            shutil.rmtree(row["model"], ignore_errors=True)
+            model = Path(row["model"])
+            # results.csv is a file anyone can edit: only a model directory of this sweep's
+            # models/ is ever removed, whatever path a row names.
+            if self.models_dir is not None and _inside(model, self.models_dir):
+                shutil.rmtree(model, ignore_errors=True)
             row["model"] = ""
             self.results.write()
 
@@ -353,8 +367,10 @@ def run_sweep(
     function = load_eval(spec) if isinstance(evaluate, str) else evaluate
     out_dir = Path(out).resolve()
     base_path, tuned_path = Path(base).resolve(), Path(tuned).resolve()
-    plan_merge(base_path, tuned_path)  # unreadable or unmergeable inputs fail before any work
-    check_output_path(out_dir / "models", [base_path, tuned_path])
+    # Unreadable or unmergeable inputs, and a bad device, fail before any work.
+    base_ckpt, tuned_ckpt, _ = plan_merge(base_path, tuned_path)
+    parse_device(device or ("cuda" if gpus_per_trial > 0 else "cpu"))
+    check_output_path(out_dir, checkpoint_paths(base_ckpt, tuned_ckpt))
     _claim(out_dir, {"base": str(base_path), "tuned": str(tuned_path), "eval": spec})
     job = SweepJob(
         str(base_path),
@@ -365,7 +381,7 @@ def run_sweep(
         device or ("cuda" if gpus_per_trial > 0 else "cpu"),
     )
     results = Results(out_dir / RESULTS_NAME)
-    keeper = Keeper(results, keep, metric, maximize)
+    keeper = Keeper(results, keep, metric, maximize, out_dir / "models")
     todo = [p for p in points if p.key not in results.rows]
     log(f"sweep: {len(points)} points, {len(points) - len(todo)} already in {results.path}")
     done = []
@@ -407,10 +423,21 @@ def _importable(spec: str, function: Callable) -> bool:
         return False
 
 
+def _inside(model: Path, models_dir: Path) -> bool:
+    """A real directory (not a link) directly in ``models_dir``."""
+    return (
+        model.is_dir()
+        and not model.is_symlink()
+        and model.absolute().parent.resolve() == models_dir.resolve()
+    )
+
+
 def _claim(out_dir: Path, identity: dict[str, str]) -> None:
     marker = out_dir / SWEEP_NAME
     if marker.exists():
-        previous = json.loads(marker.read_text())
+        previous = load_json(marker, MAX_CONFIG_BYTES, ParameterError)
+        if not isinstance(previous, dict):
+            raise ParameterError(f"{marker} is not a sweep record; choose another --out")
         changed = [k for k in identity if previous.get(k) != identity[k]]
         if changed:
             raise ParameterError(
