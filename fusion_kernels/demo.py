@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from .dtypes import safetensors_name
+from .errors import ParameterError
 from .neurons import default_axis
 from .planner import ShardPlan
 from .reader import INDEX_NAME
@@ -96,6 +98,10 @@ def generate_pair(directory: str | Path, spec: PairSpec = PairSpec()) -> tuple[P
     base_dir, tuned_dir = root / "base", root / "tuned"
     shapes = spec.tensor_shapes()
     shards = _shard_layout(list(shapes), spec.shards)
+    # Written first: it marks the directory as a demo's (see check_demo_dir) even if the
+    # generation is interrupted.
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "pair_spec.json").write_text(json.dumps({**asdict(spec), "dtype": str(spec.dtype)}))
     for d in (base_dir, tuned_dir):
         d.mkdir(parents=True, exist_ok=True)
         (d / "config.json").write_text(json.dumps(spec.config(), indent=2) + "\n")
@@ -121,8 +127,21 @@ def generate_pair(directory: str | Path, spec: PairSpec = PairSpec()) -> tuple[P
         for d in (base_dir, tuned_dir):
             (d / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     (tuned_dir / PLANTED_NAME).write_text(json.dumps(planted) + "\n")
-    (root / "pair_spec.json").write_text(json.dumps({**asdict(spec), "dtype": str(spec.dtype)}))
     return base_dir, tuned_dir
+
+
+def check_demo_dir(directory: str | Path) -> None:
+    """Refuse a demo directory that holds something other than an earlier demo: the demo
+    rewrites ``base/``, ``tuned/`` and ``merged/`` in it."""
+    root = Path(directory)
+    if not os.path.lexists(root):
+        return
+    if not root.is_dir() or root.is_symlink():
+        raise ParameterError(f"--demo {root} exists and is not a directory; choose a new DIR")
+    if any(root.iterdir()) and not (root / "pair_spec.json").is_file():
+        raise ParameterError(
+            f"--demo {root} exists and is not an earlier demo; choose a new or empty DIR"
+        )
 
 
 def _shard_layout(names: list[str], count: int) -> list[ShardPlan]:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
-from .errors import FusionError
+from .errors import FusionError, ParameterError
 from .neurons import NeuronRules, parse_rule
 from .ops import registered_backends
 from .params import (
@@ -35,6 +35,14 @@ DEFAULT_METHOD = "neuron_fusion"
 DEMO_DIR = "fusion_demo"
 
 
+def _size(text: str) -> int:
+    """:func:`parse_size` for argparse, which prints this message rather than a generic one."""
+    try:
+        return parse_size(text)
+    except ParameterError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m fusion_kernels.merge",
@@ -47,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     io.add_argument(
         "--max-shard-size",
-        type=parse_size,
+        type=_size,
         metavar="SIZE",
         help="regroup output shards (e.g. 5GB); default: tuned's shard layout",
     )
@@ -128,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--select", choices=SELECT_MODES, help="exact (default) or approx selection")
     run.add_argument(
         "--staging-size",
-        type=parse_size,
+        type=_size,
         metavar="SIZE",
         help="pinned staging buffers that tensors stream through to a GPU (default 256MiB)",
     )
@@ -272,8 +280,9 @@ def summary(report: dict, out: Path) -> str:
 
 
 def _run_demo(root: Path, args, params, rules) -> int:
-    from .demo import generate_pair, planted_restored
+    from .demo import check_demo_dir, generate_pair, planted_restored
 
+    check_demo_dir(root)
     start = time.perf_counter()
     base, tuned = generate_pair(root)
     print(
