@@ -60,6 +60,23 @@ def split_arguments(argv: list[str]) -> tuple[list[str], dict]:
     return rest, options
 
 
+def check_paths(command, argv: list[str]) -> None:
+    """Before mergekit runs: the config must be a bounded, alias-free YAML file, and OUT_PATH
+    must stay clear of it and of every local model it names."""
+    from pathlib import Path
+
+    from .config import referenced_paths
+    from .outputs import check_output_path
+    from .safeload import load_yaml
+
+    context = command.make_context(PROG, list(argv), resilient_parsing=True)
+    config, out = context.params.get("config_file"), context.params.get("out_path")
+    if config is None or out is None:
+        return  # mergekit reports the missing argument
+    data = load_yaml(Path(config))
+    check_output_path(out, [config, *referenced_paths(data)])
+
+
 def main(argv: list[str] | None = None) -> int:
     """Install our method and sparsify, run ``mergekit-yaml`` on ``argv``; return the status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -76,6 +93,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if "--help" in rest:
         print(LAUNCHER_HELP)
+    else:
+        try:
+            check_paths(mergekit_yaml, rest)
+        except FusionError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
 
     try:
         status = mergekit_yaml.main(args=rest, prog_name=PROG, standalone_mode=False)
