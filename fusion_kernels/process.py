@@ -35,6 +35,13 @@ def run_and_exit(main: Callable[[], int]) -> NoReturn:
         status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if not isinstance(exc.code, int | None):
             print(exc.code, file=sys.stderr)
+    except KeyboardInterrupt:
+        # A second Ctrl-C that landed while the first one's cleanup or message was under way:
+        # the command's own handler already cleaned up what it could.
+        status = 130
+    # The command is done; a Ctrl-C now would only turn the exit into a traceback.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     atexit._run_exitfuncs()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):

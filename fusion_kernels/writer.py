@@ -273,9 +273,11 @@ class CheckpointWriter:
             fh.write(json.dumps(payload, indent=2) + "\n")
 
     def _rename_into_place(self) -> None:
-        move_into_place(self.workspace, self.out_dir, self.overwrite)
-        # What is left is ours: the marker, and with --overwrite the replaced output.
-        remove_tree(self.workspace)
+        # Once begun, the swap and the removal of what it leaves finish, Ctrl-C or not.
+        with uninterruptible():
+            move_into_place(self.workspace, self.out_dir, self.overwrite)
+            # What is left is ours: the marker, and with --overwrite the replaced output.
+            remove_tree(self.workspace)
 
     def abort(self) -> None:
         """Drop everything written so far; the output path is untouched."""
