@@ -183,6 +183,9 @@ class Checkpoint:
             self.tensors.update(tensors)
             self.metadata = self.metadata or metadata
         self._check_index()
+        if not self.tensors:
+            # A merge of nothing would succeed with an output holding no weights.
+            raise CheckpointError(f"{self.path}: holds no tensors; point at a model checkpoint")
         self._maps: dict[Path, mmap.mmap] = {}
         self._handles: dict[Path, BinaryIO] = {}
 
