@@ -64,6 +64,9 @@ class MergeParams:
                 )
         _unit("density", self.density)
         _unit("top_neurons", self.top_neurons)
+        if not _finite(self.epsilon):
+            # Unused outside della, but written to the report, which must stay valid JSON.
+            raise ParameterError(f"epsilon must be a finite number, got {self.epsilon}")
         if not 0.0 <= self.gamma < 1.0:
             raise ParameterError(f"gamma must be in [0, 1), got {self.gamma}")
         if self.suppress == "della" and not (

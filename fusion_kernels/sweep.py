@@ -22,6 +22,7 @@ import argparse
 import csv
 import dataclasses
 import importlib
+import io
 import itertools
 import json
 import math
@@ -39,7 +40,7 @@ from .errors import FusionError, ParameterError
 from .params import PRESETS, MergeParams, params_for
 from .pipeline import check_output_path, checkpoint_paths, merge_checkpoints, plan_merge
 from .process import interrupt_on_sigterm, run_and_exit
-from .safeload import MAX_CONFIG_BYTES, load_json
+from .safeload import MAX_CONFIG_BYTES, MAX_INDEX_BYTES, load_json, read_text
 from .transfer import parse_device
 
 RESULTS_NAME = "results.csv"
@@ -229,11 +230,19 @@ class Results:
         self.rows: dict[str, dict[str, Any]] = {}
         self.columns: list[str] = []
         if path.exists():
-            with path.open(newline="") as handle:
-                reader = csv.DictReader(handle)
-                self.columns = [c for c in reader.fieldnames or [] if c not in _TAIL_COLUMNS]
-                for row in reader:
-                    self.rows[row["point"]] = row
+            self._load(read_text(path, MAX_INDEX_BYTES, ParameterError))
+
+    def _load(self, text: str) -> None:
+        try:
+            reader = csv.DictReader(io.StringIO(text, newline=""))
+            self.columns = [c for c in reader.fieldnames or [] if c not in _TAIL_COLUMNS]
+            for row in reader:
+                self.rows[row["point"]] = row
+        except (csv.Error, KeyError) as exc:
+            raise ParameterError(
+                f"{self.path}: not a results table of a sweep ({type(exc).__name__}: {exc}); "
+                "move it away or choose another --out"
+            ) from None
 
     def metrics(self) -> list[str]:
         """Metric columns, in the order the eval function first returned them."""

@@ -546,3 +546,70 @@ def test_a_second_ctrl_c_still_exits_130_with_nothing_left(tmp_path):
         assert proc.returncode == 130 and "Traceback" not in err, err
         assert not out.exists() and leftovers(tmp_path) == []
     assert tree_digest(tmp_path / "in") == before
+
+
+# --- cases found beyond the issue ----------------------------------------------------------------
+
+
+def test_out_that_is_a_symlink_to_an_input_is_refused(pair, tmp_path, capsys):
+    base, tuned, before = pair
+    link = tmp_path / "link"
+    link.symlink_to(tuned)
+    args = ["--base", str(base), "--tuned", str(tuned), "--out", str(link), "--overwrite"]
+    assert merge_main([*args, "--quiet"]) == 2
+    one_error_line(capsys.readouterr().err, "overlaps the input")
+    assert tree_digest(tmp_path / "in") == before
+
+
+def test_a_nan_epsilon_is_refused_so_the_report_stays_valid_json(pair, tmp_path, capsys):
+    base, tuned, _ = pair
+    args = ["--base", str(base), "--tuned", str(tuned), "--out", str(tmp_path / "o")]
+    assert merge_main([*args, "--method", "ties", "--epsilon", "nan", "--quiet"]) == 2
+    one_error_line(capsys.readouterr().err, "epsilon must be a finite number")
+
+
+def test_an_empty_checkpoint_is_refused(tmp_path):
+    root = write_single(tmp_path / "t", {"w": torch.ones(2)})
+    (root / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+    with pytest.raises(CheckpointError, match="holds no tensors"):
+        Checkpoint(root)
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe\x00bad", b"a,b\n1,2\n"])
+def test_a_corrupt_sweep_results_table_is_one_line(pair, tmp_path, content):
+    base, tuned, _ = pair
+    sweep = [
+        sys.executable,
+        "-m",
+        "fusion_kernels.sweep",
+        "--base",
+        base,
+        "--tuned",
+        tuned,
+        "--out",
+        tmp_path / "s",
+        "--grid",
+        "density=0.1",
+        "--eval",
+        "json:dumps",
+    ]
+    run(sweep)  # creates the sweep (the eval fails; that is not what is tested)
+    (tmp_path / "s" / "results.csv").write_bytes(content)
+    done = run(sweep)
+    assert done.returncode == 2
+    one_error_line(done, "results.csv")
+
+
+def test_sweep_keep_removes_only_its_own_model_directories(tmp_path):
+    from fusion_kernels.sweep import Keeper, Results
+
+    models = tmp_path / "s" / "models"
+    (models / "p1").mkdir(parents=True)
+    outside = tmp_path / "precious"
+    outside.mkdir()
+    (tmp_path / "s" / "models" / "escape").symlink_to(outside)
+    keeper = Keeper(Results(tmp_path / "s" / "results.csv"), "none", None, True, models)
+    for model in (outside, models / "escape", models / "p1"):
+        keeper._drop({"point": str(model), "model": str(model)})
+    assert outside.is_dir() and (models / "escape").is_symlink()
+    assert not (models / "p1").exists()
