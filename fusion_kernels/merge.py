@@ -17,6 +17,7 @@ from typing import NoReturn
 from .errors import FusionError, ParameterError
 from .neurons import NeuronRules, parse_rule
 from .ops import registered_backends
+from .outputs import check_output_path
 from .params import (
     PRESETS,
     RESCALE_MODES,
@@ -195,6 +196,9 @@ def _from_config(args: argparse.Namespace) -> tuple[TensorParams, NeuronRules]:
         raise FusionError(
             f"--config sets the models and the method; drop {', '.join(given) or '--demo'}"
         )
+    if args.out is not None:
+        # The config is an input too: --overwrite must not be able to remove it.
+        check_output_path(args.out, [args.config])
     cfg = load_merge_config(args.config)
     tuned = Checkpoint(cfg.tuned)
     try:

@@ -613,3 +613,17 @@ def test_sweep_keep_removes_only_its_own_model_directories(tmp_path):
         keeper._drop({"point": str(model), "model": str(model)})
     assert outside.is_dir() and (models / "escape").is_symlink()
     assert not (models / "p1").exists()
+
+
+def test_overwrite_cannot_remove_the_config_it_was_given(pair, tmp_path, capsys):
+    base, tuned, _ = pair
+    out = tmp_path / "out"
+    merge_checkpoints(base, tuned, out, PARAMS, progress=False)
+    config = out / "c.yml"
+    config.write_text(
+        f"merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {tuned}\n"
+        "    parameters: {weight: 1.0, density: 0.5}\n"
+    )
+    assert merge_main(["--config", str(config), "--out", str(out), "--overwrite", "--quiet"]) == 2
+    one_error_line(capsys.readouterr().err, "overlaps the input")
+    assert config.is_file()
