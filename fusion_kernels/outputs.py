@@ -67,8 +67,8 @@ def input_paths(paths: Iterable[str | os.PathLike]) -> list[Path]:
 
 def _absolute(path: Path) -> Path:
     """``path`` made absolute with its parent resolved but not itself (a symlink stays one)."""
-    path = path.absolute()
-    return path.parent.resolve() / path.name if path.name else path.resolve()
+    path = Path(os.path.abspath(path))
+    return path.parent.resolve() / path.name if path.name else path
 
 
 def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike]) -> None:

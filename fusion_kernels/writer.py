@@ -151,12 +151,15 @@ class CheckpointWriter:
     """
 
     def __init__(self, out_dir: str | os.PathLike, plan: MergePlan, overwrite: bool = False):
-        self.out_dir = Path(out_dir).absolute()
+        # abspath, not Path.absolute: '..' and '.' must name the directory, not a link to it.
+        self.out_dir = Path(os.path.abspath(out_dir))
         self.overwrite = overwrite
         if os.path.lexists(self.out_dir) and not overwrite:
             raise OutputExistsError(
                 f"{self.out_dir}: output already exists; pass --overwrite or choose another --out"
             )
+        if os.path.lexists(self.out_dir):
+            check_replaceable(self.out_dir)
         with _write_errors(self.out_dir.parent):
             self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_workspaces(self.out_dir)
@@ -285,6 +288,19 @@ class CheckpointWriter:
             for file in set(self.shards.values()):
                 file.close(sync=False)
             remove_tree(self.workspace)
+
+
+def check_replaceable(out_dir: Path) -> None:
+    """``--overwrite`` replaces only an empty directory or an earlier merge output (a real
+    directory holding the report every merge writes): anything else, a model, a home directory
+    or one that holds the working directory, is not this tool's to remove."""
+    real_dir = not out_dir.is_symlink() and out_dir.is_dir()
+    if real_dir and ((out_dir / REPORT_NAME).is_file() or not any(out_dir.iterdir())):
+        return
+    raise OutputExistsError(
+        f"{out_dir}: exists and is not an earlier merge output (no {REPORT_NAME}); --overwrite "
+        "replaces only those: remove it yourself or choose another --out"
+    )
 
 
 def non_weight_files(directory: Path) -> list[Path]:

@@ -134,7 +134,7 @@ def test_max_shard_size_regroups_output_and_writes_an_index(tmp_path):
 def test_existing_output_needs_overwrite_and_overwrite_replaces_it(tmp_path):
     base, tuned = tiny_pair(tmp_path)
     out = tmp_path / "out"
-    out.mkdir()
+    merge_checkpoints(base, tuned, out, params_for("ties"), progress=False)
     (out / "stale.txt").write_text("old")
     with pytest.raises(OutputExistsError):
         merge_checkpoints(base, tuned, out, PARAMS, progress=False)

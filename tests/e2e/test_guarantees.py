@@ -627,3 +627,18 @@ def test_overwrite_cannot_remove_the_config_it_was_given(pair, tmp_path, capsys)
     assert merge_main(["--config", str(config), "--out", str(out), "--overwrite", "--quiet"]) == 2
     one_error_line(capsys.readouterr().err, "overlaps the input")
     assert config.is_file()
+
+
+def test_overwrite_replaces_only_an_earlier_output_never_a_directory_holding_the_cwd(
+    pair, tmp_path
+):
+    base, tuned, _ = pair
+    home = tmp_path / "home"
+    (home / "work").mkdir(parents=True)
+    (home / "notes.txt").write_text("mine")
+    done = run(
+        merge("--base", base, "--tuned", tuned, "--out", "..", "--overwrite"), cwd=home / "work"
+    )
+    assert done.returncode == 2
+    one_error_line(done, "not an earlier merge output")
+    assert (home / "notes.txt").read_text() == "mine" and (home / "work").is_dir()
