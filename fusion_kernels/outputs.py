@@ -86,18 +86,19 @@ def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike
 
 
 def check_writable(out: Path) -> None:
-    """The output is a directory or does not exist yet, and the directory that receives it (its
-    nearest existing ancestor, or itself) is writable."""
-    out = Path(out).absolute()
+    """The output is a directory or does not exist yet, and it (if it exists) and the directory
+    that receives it (the nearest existing ancestor) are writable."""
+    out = Path(os.path.abspath(out))
     if out.exists() and not out.is_dir():
         raise ParameterError(f"--out {out} is an existing file; choose a directory")
-    probe = out if out.exists() else out.parent
+    probe = out.parent
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
         raise ParameterError(f"--out {out}: cannot write under {probe}, a file")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ParameterError(f"--out {out}: {probe} is not writable")
+    for directory in (probe, out) if out.exists() else (probe,):
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise ParameterError(f"--out {out}: {directory} is not writable")
 
 
 # --- our temporary directories --------------------------------------------------------------------
@@ -197,6 +198,28 @@ def uninterruptible() -> Iterator[None]:
         for sig, handler in previous.items():
             if handler is not None:
                 signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def held_interrupts() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM for a short block (creating a directory and its marker) and raise
+    KeyboardInterrupt after it if one came, so the block is never cut in half."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig, handler in previous.items():
+        if handler not in (None, signal.SIG_IGN):
+            signal.signal(sig, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            if handler not in (None, signal.SIG_IGN):
+                signal.signal(sig, handler)
+    if caught:
+        raise KeyboardInterrupt
 
 
 # --- the atomic step ------------------------------------------------------------------------------

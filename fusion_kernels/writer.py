@@ -26,6 +26,7 @@ from .errors import CheckpointError, OutputExistsError
 from .outputs import (
     PAYLOAD_NAME,
     create_workspace,
+    held_interrupts,
     move_into_place,
     remove_stale_workspaces,
     remove_tree,
@@ -169,13 +170,16 @@ class CheckpointWriter:
                 f"{self.out_dir.parent}: {free / 1e9:.2f} GB free but the merge writes "
                 f"{plan.nbytes / 1e9:.2f} GB; free disk space or choose another --out"
             )
-        with _write_errors(self.out_dir.parent):
-            self.workspace = create_workspace(self.out_dir)
-        #: Where the output is built; it becomes ``out_dir`` in one rename at the end.
-        self.tmp_dir = self.workspace / PAYLOAD_NAME
         self.plan = plan
         self.shards: dict[str, ShardFile] = {}
+        self.workspace: Path | None = None
         try:
+            # A Ctrl-C is held while the workspace and its marker are created, so that whatever
+            # exists is recorded here for abort() to remove.
+            with held_interrupts(), _write_errors(self.out_dir.parent):
+                self.workspace = create_workspace(self.out_dir)
+            #: Where the output is built; it becomes ``out_dir`` in one rename at the end.
+            self.tmp_dir = self.workspace / PAYLOAD_NAME
             for shard in plan.shards:
                 entries = [
                     (
@@ -284,10 +288,17 @@ class CheckpointWriter:
 
     def abort(self) -> None:
         """Drop everything written so far; the output path is untouched."""
-        with uninterruptible():
-            for file in set(self.shards.values()):
-                file.close(sync=False)
-            remove_tree(self.workspace)
+        while True:
+            try:
+                with uninterruptible():
+                    for file in set(self.shards.values()):
+                        file.close(sync=False)
+                    if self.workspace is not None:
+                        remove_tree(self.workspace)
+                return
+            except KeyboardInterrupt:
+                # A second Ctrl-C that landed before the handlers were set aside: start over.
+                continue
 
 
 def check_replaceable(out_dir: Path) -> None:
