@@ -12,22 +12,20 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import logging
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
 from tqdm import tqdm
 
-from .errors import FusionError, NonFiniteDeltaError
+from .errors import NonFiniteDeltaError
 from .neurons import NeuronRules, parse_rule
 from .ops import change_scores
 from .ops.contract import count
 from .pipeline import plan_merge
-from .process import run_and_exit
+from .process import run_cli
 
 TOP_PERCENTS = (1, 5, 10, 30)
 DENSITIES = (0.05, 0.1, 0.2, 0.3, 0.5)
@@ -231,16 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status (2 on bad input)."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+def command(argv: list[str] | None = None) -> int:
+    """The locate command; raises :class:`FusionError` on bad input (see :func:`run_cli`).
+
+    Everything is computed before the first file is written, so an interrupt during the
+    (long) scoring leaves nothing behind.
+    """
     args = build_parser().parse_args(argv)
-    try:
-        result = locate_from_args(args, NeuronRules([parse_rule(r) for r in args.neuron_rule]))
-        plots = write_outputs(result, args.out, args.plot_tensors)
-    except FusionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    result = locate_from_args(args, NeuronRules([parse_rule(r) for r in args.neuron_rule]))
+    plots = write_outputs(result, args.out, args.plot_tensors)
     print(
         f"located change in {len(result['tensors'])} tensors; {len(plots)} plots; "
         f"open {args.out / 'index.html'}"
@@ -248,9 +245,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Entry point from Python; returns the exit status (0, 2 bad input, 130 interrupted)."""
+    return run_cli(command, argv, exit=False)
+
+
 def cli() -> NoReturn:
-    """Console-script entry point: :func:`main`, then a fast exit."""
-    run_and_exit(main)
+    """Console-script entry point: :func:`command` under :func:`run_cli`, then a fast exit."""
+    run_cli(command)
 
 
 if __name__ == "__main__":
