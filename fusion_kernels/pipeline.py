@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from . import __version__
 from .errors import FusionError, ParameterError
 from .namemap import detect, user_map
 from .neurons import NeuronRules
@@ -27,6 +26,7 @@ from .params import MergeParams, TensorParams
 from .planner import MergePlan, TensorTask, build_plan
 from .reader import Checkpoint
 from .transfer import make_transport
+from .version import __version__
 from .writer import CheckpointWriter
 
 log = logging.getLogger("fusion_kernels")
@@ -107,6 +107,7 @@ def merge_checkpoints(
     rules = rules or NeuronRules()
     base_ckpt, tuned_ckpt, plan = plan_merge(base, tuned, rules, max_shard_size, name_map)
     check_output_path(out_dir, [base_ckpt.path, tuned_ckpt.path])
+    params.check(name for name, task in plan.tasks.items() if task.action == "merge")
     for name in plan.skipped:
         log.warning("tensor %r is only in base (%s); it is not in the output", name, base_ckpt.path)
     torch_device = torch.device(device)
@@ -232,7 +233,7 @@ def _report(plan, params, rules, base_ckpt, tuned_ckpt, stats, device, started) 
         "base": str(base_ckpt.path),
         "tuned": str(tuned_ckpt.path),
         "params": params.default.as_dict(),
-        "param_overrides": [{"pattern": o.pattern, **o.changes} for o in params.overrides],
+        "param_overrides": params.describe(),
         "neuron_rules": [{"pattern": r.pattern, "axis": r.axis} for r in rules.rules],
         "name_map": {
             "detected": plan.name_map.detected,
