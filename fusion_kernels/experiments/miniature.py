@@ -11,7 +11,8 @@
 
 :func:`evaluate` (model directory → ``{"LA", "VA", "OA"}``) is the built-in example for
 ``python -m fusion_kernels.sweep --eval fusion_kernels.experiments.miniature:evaluate``; it reads
-the task from ``miniature.json``, which every model directory of the experiment carries (a merge copies it).
+the task from ``miniature.json``, which every model directory of the experiment carries (a merge
+copies it).
 """
 
 from __future__ import annotations

@@ -203,3 +203,99 @@ def test_dtype_checks():
         parse_merge_config({**data, "dtype": "float32"}).check_dtypes([torch.bfloat16])
     with pytest.raises(ParameterError, match="round the float32"):
         parse_merge_config({**data, "dtype": "bfloat16"}).check_dtypes([torch.float32])
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-tensor resolution: a function of the name, no enumeration of filter combinations
+
+
+def ties(model: dict, **top) -> dict:
+    return {"merge_method": "ties", "base_model": "b", "models": [{"model": "t", **model}], **top}
+
+
+def test_parameters_resolve_per_name_first_filter_first_scope():
+    params = parse_merge_config(
+        ties(
+            {
+                "parameters": {
+                    "weight": 1.0,
+                    "density": [{"filter": "self_attn", "value": 0.3}],
+                }
+            },
+            parameters={"density": [{"filter": "mlp", "value": 0.5}, {"value": 0.1}]},
+        )
+    ).params
+    assert params.default.density == 0.1
+    assert params.for_tensor("model.layers.0.self_attn.q_proj.weight").density == 0.3
+    assert params.for_tensor("model.layers.0.mlp.up_proj.weight").density == 0.5
+    # Both filters match: the model's own scope comes first.
+    assert params.for_tensor("x.self_attn.mlp.weight").density == 0.3
+    assert params.changes_for("model.norm.weight") == {}
+    assert params.describe() == [
+        {"filter": "self_attn", "parameter": "density", "value": 0.3},
+        {"filter": "mlp", "parameter": "density", "value": 0.5},
+    ]
+
+
+def test_many_filters_need_no_enumeration():
+    # 2^40 combinations: the former reader enumerated them (and capped filters at 10).
+    chain = [{"filter": f"layers.{i}.", "value": round(0.01 * (i + 1), 2)} for i in range(40)]
+    params = parse_merge_config(
+        ties({"parameters": {"weight": 1.0, "density": [*chain, {"value": 0.5}]}})
+    ).params
+    assert params.for_tensor("model.layers.7.mlp.up_proj.weight").density == 0.08
+    assert params.for_tensor("model.layers.39.mlp.up_proj.weight").density == 0.4
+    assert params.for_tensor("model.norm.weight").density == 0.5
+
+
+def test_a_bad_filtered_value_fails_when_a_tensor_it_reaches_is_checked():
+    params = parse_merge_config(
+        ties(
+            {"parameters": {"weight": 1.0, "density": 0.2}},
+            parameters={"lambda": [{"filter": "mlp", "value": "x"}, {"value": 1.0}]},
+        )
+    ).params
+    params.check(["model.layers.0.self_attn.q_proj.weight"])
+    with pytest.raises(ParameterError, match="lambda cannot be 'x'"):
+        params.check(["model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up.weight"])
+    della = parse_merge_config(
+        {
+            "merge_method": "della_linear",
+            "base_model": "b",
+            "models": [{"model": "t", "parameters": {"weight": 1.0, "density": 0.5}}],
+            "parameters": {"epsilon": [{"filter": "mlp", "value": 0.6}, {"value": 0.1}]},
+        }
+    ).params
+    with pytest.raises(ParameterError, match=r"della needs.* for tensors matching \['mlp'\]"):
+        della.for_tensor("layers.0.mlp.up_proj.weight")
+
+
+def test_a_new_default_keeps_the_filtered_values():
+    # merge --config --seed 7: the CLI sets the default's seed; a filtered seed stays.
+    cfg = parse_merge_config(
+        {
+            "merge_method": "neuron_fusion",
+            "base_model": "b",
+            "models": [
+                {
+                    "model": "t",
+                    "parameters": {"seed": [{"filter": "mlp", "value": 5}, {"value": 1}]},
+                }
+            ],
+        }
+    )
+    params = cfg.params.with_default(cfg.params.default.replace(seed=7))
+    assert params.for_tensor("layers.0.mlp.up_proj.weight").seed == 5
+    assert params.for_tensor("layers.0.self_attn.q_proj.weight").seed == 7
+
+
+def test_values_convert_like_mergekits_lax_types():
+    params = parse_merge_config(
+        ties(
+            {"parameters": {"weight": "1", "density": "2e-1"}},
+            parameters={"normalize": "false", "int8_mask": 0},
+        )
+    ).params.default
+    assert (params.density, params.weight) == (0.2, 1.0)
+    with pytest.raises(ParameterError, match="parameter normalize cannot be 'perhaps'"):
+        parse_merge_config(ties({"parameters": {"weight": 1}}, parameters={"normalize": "perhaps"}))
