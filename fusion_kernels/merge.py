@@ -217,8 +217,14 @@ def run(args: argparse.Namespace) -> int:
         print(plan.describe())
         print(f"params: {params.default.as_dict()}")
         for entry in params.describe():
-            where = entry.pop("pattern", None)
-            print(f"  for /{where}/: {entry}" if where else f"  where {entry}")
+            if "pattern" in entry:
+                pattern = entry.pop("pattern")
+                print(f"  for /{pattern}/: {entry}")
+            else:
+                print(
+                    f"  for names containing {entry['filter']!r}: {entry['parameter']} = "
+                    f"{entry['value']!r} (mergekit filter)"
+                )
         return 0
     report = merge_checkpoints(
         args.base,
