@@ -108,12 +108,16 @@ def locate_checkpoints(
     *,
     rules: NeuronRules | None = None,
     name_map: list[str] | None = None,
+    layer_map: str | None = None,
+    allow_unpaired: bool = False,
     backend: str | None = None,
     device: str = "cpu",
     progress: bool = True,
 ) -> dict[str, Any]:
     """Change statistics of every mergeable tensor; streams one tensor pair at a time."""
-    base_ckpt, tuned_ckpt, plan = plan_merge(base, tuned, rules, None, name_map)
+    base_ckpt, tuned_ckpt, plan = plan_merge(
+        base, tuned, rules, None, name_map, layer_map, allow_unpaired
+    )
     tasks = [t for t in plan.tasks.values() if t.action == "merge"]
     entries, backends = [], set()
     # On the CPU the scores pass reads the shards in place; elsewhere tensors are copied over.
@@ -157,6 +161,8 @@ def locate_from_args(args: argparse.Namespace, rules: NeuronRules) -> dict[str, 
         args.tuned,
         rules=rules,
         name_map=args.map,
+        layer_map=getattr(args, "layer_map", None),
+        allow_unpaired=getattr(args, "allow_unpaired", False),
         backend=args.backend,
         device=args.device,
         progress=not args.quiet,
