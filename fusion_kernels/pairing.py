@@ -82,7 +82,7 @@ def _pair(name: str, base: Checkpoint, name_map: NameMap, layer_map: LayerMap) -
     for candidate in name_map.candidates(name):
         renamed = layer_map.rename(candidate)
         if renamed is None:
-            return Pair(None, f"new layer ({layer_map.source})")
+            return Pair(None, f"new layer per {layer_map.source}")
         if renamed in base.tensors:
             return Pair(renamed)
     return Pair(None, "outside the language model")
@@ -146,7 +146,7 @@ def _likely_cause(base: Checkpoint, pairs, layer_map: LayerMap, structure: Struc
     if len(base_layers) != len(tuned_layers):
         new = f" besides {len(layer_map.new_layers)} new ones" if layer_map.new_layers else ""
         return (
-            f"a different depth (base has {len(base_layers)} layers, tuned's language model "
+            f"a different depth (base has {_count(base_layers, 'layer')}, tuned's language model "
             f"{len(tuned_layers)}{new}; use the base it was tuned from, or --layer-map)"
         )
     if base_parts != tuned_parts:
@@ -158,6 +158,10 @@ def _likely_cause(base: Checkpoint, pairs, layer_map: LayerMap, structure: Struc
         )
         return f"a base of another family ({detail}; use the text model tuned started from)"
     return "a base of another architecture (the layers match but other tensors do not)"
+
+
+def _count(items, noun: str) -> str:
+    return f"{len(items)} {noun}{'s' * (len(items) != 1)}"
 
 
 def _layers(names, prefixes: tuple[str, ...]) -> tuple[set[str], set[str]]:

@@ -86,6 +86,8 @@ class MergePlan:
                 what = (
                     f"merge axis={task.axis}" if task.action == "merge" else f"copy ({task.reason})"
                 )
+                if task.base is not None and task.base.name != name:
+                    what += f" with {task.base.name}"
                 lines.append(f"  {name}  {list(task.tuned.shape)} {task.tuned.dtype}  {what}")
         lines.extend(f"skip (only in base): {name}" for name in self.skipped)
         lines.append(
