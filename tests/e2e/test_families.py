@@ -18,6 +18,8 @@ from conftest import assert_tensors_equal
 from safetensors.torch import load_file, save_file
 
 from fusion_kernels import merge_tensor, params_for
+from fusion_kernels.errors import PlanError
+from fusion_kernels.locate import locate_checkpoints
 from fusion_kernels.merge import main
 from fusion_kernels.reader import Checkpoint
 
@@ -216,3 +218,16 @@ def test_base_of_another_family_refuses(built, tmp_path, capsys):
     err = _refused(capsys, tmp_path / "o", "--base", qwen, "--tuned", root / "newer")
     assert "base tensors without a tuned counterpart: 'model.layers.0.self_attn.k_proj.bias'" in err
     assert "another family" in err and "--allow-unpaired" in err
+
+
+def test_locate_pairs_layers_like_the_merge(built):
+    root = built("mllama")
+    bare = root / "original" / "model.safetensors"
+    with pytest.raises(PlanError, match="do not pair one to one"):
+        locate_checkpoints(root / "base", bare, progress=False)
+    result = locate_checkpoints(root / "base", bare, layer_map="0,new,1,new,2", progress=False)
+    entries = {e["name"]: e for e in result["tensors"]}
+    assert entries["language_model.model.layers.4.mlp.up_proj.weight"]["base_name"] == (
+        "model.layers.2.mlp.up_proj.weight"
+    )
+    assert not any(".layers.3." in name for name in entries)
