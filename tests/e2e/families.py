@@ -30,8 +30,8 @@ TEXT = dict(
     eos_token_id=2,
 )
 # Where save_pretrained puts the language model: the original (default) and the newer layout.
-WRAPPED = {"original": ("language_model.model.", "language_model.lm_head.weight")}
 NEWER = ("model.language_model.", "lm_head.weight")
+WRAPPED = {"original": ("language_model.model.", "language_model.lm_head.weight"), "newer": NEWER}
 MLLAMA_CROSS = [1, 3]
 MLLAMA_LAYERS = (0, None, 1, None, 2)  # tuned layer -> base layer (None: cross-attention, new)
 
@@ -46,7 +46,7 @@ class Family:
     lm: dict[str, tuple[str, str]]  # layout -> (language-model prefix, lm_head name)
     image: Callable[[tf.PreTrainedModel], dict]
     layers: tuple[int | None, ...] | None = None  # tuned layer -> base layer; None: identity
-    tied: bool = False
+    tied: bool = False  # both tie lm_head to the embedding and store none
 
     def base_name(self, layout: str, tuned_name: str) -> str | None:
         """The base tensor ``tuned_name`` was tuned from; None outside the language model or in
@@ -318,13 +318,12 @@ def _internvl():
 
 _LLAMA = _base(tf.LlamaForCausalLM, tf.LlamaConfig)
 _QWEN2 = _base(tf.Qwen2ForCausalLM, tf.Qwen2Config)
-_WRAPPED = {**WRAPPED, "newer": NEWER}
 FAMILIES = {
     f.name: f
     for f in [
-        Family("llava", _llava, _LLAMA, _WRAPPED, _plain_image),
-        Family("llava_next", _llava_next, _LLAMA, _WRAPPED, lambda m: _sized_image(m, 2)),
-        Family("llava_onevision", _onevision, _QWEN2, _WRAPPED, lambda m: _sized_image(m, 2)),
+        Family("llava", _llava, _LLAMA, WRAPPED, _plain_image),
+        Family("llava_next", _llava_next, _LLAMA, WRAPPED, lambda m: _sized_image(m, 2)),
+        Family("llava_onevision", _onevision, _QWEN2, WRAPPED, lambda m: _sized_image(m, 2)),
         Family(
             "qwen2_vl",
             _qwen2_vl,
@@ -350,7 +349,7 @@ FAMILIES = {
             "gemma3",
             _gemma3,
             _base(tf.Gemma3ForCausalLM, tf.Gemma3TextConfig, head_dim=16, tie_word_embeddings=True),
-            _WRAPPED,
+            WRAPPED,
             _plain_image,
             tied=True,
         ),
@@ -358,7 +357,7 @@ FAMILIES = {
             "paligemma",
             _paligemma,
             _base(tf.GemmaForCausalLM, tf.GemmaConfig, head_dim=16, tie_word_embeddings=True),
-            _WRAPPED,
+            WRAPPED,
             _plain_image,
             tied=True,
         ),
@@ -366,10 +365,10 @@ FAMILIES = {
             "mistral3",
             _mistral3,
             _base(tf.MistralForCausalLM, tf.MistralConfig),
-            _WRAPPED,
+            WRAPPED,
             lambda m: _sized_image(m, side=2 * SIDE),
         ),
-        Family("mllama", _mllama, _mllama_base, _WRAPPED, _mllama_image, layers=MLLAMA_LAYERS),
-        Family("internvl", _internvl, _QWEN2, _WRAPPED, _plain_image),
+        Family("mllama", _mllama, _mllama_base, WRAPPED, _mllama_image, layers=MLLAMA_LAYERS),
+        Family("internvl", _internvl, _QWEN2, WRAPPED, _plain_image),
     ]
 }

@@ -113,6 +113,8 @@ def test_family_merges_each_language_tensor_with_its_own_base_tensor(
         assert_tensors_equal(got[rows:], want[rows:], f"{tensor} added rows")
         grown += rows < want.shape[0]
     assert grown >= 1, "every family here grows its embedding"
+    stored_heads = [n for n in (*base.names(), *tuned.names()) if n.endswith("lm_head.weight")]
+    assert not stored_heads if family.tied else len(stored_heads) == 2
 
     model_cls = getattr(
         transformers, json.loads((out / "config.json").read_text())["architectures"][0]
