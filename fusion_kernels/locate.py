@@ -106,12 +106,16 @@ def locate_checkpoints(
     *,
     rules: NeuronRules | None = None,
     name_map: list[str] | None = None,
+    layer_map: str | None = None,
+    allow_unpaired: bool = False,
     backend: str | None = None,
     device: str = "cpu",
     progress: bool = True,
 ) -> dict[str, Any]:
     """Change statistics of every mergeable tensor; streams one tensor pair at a time."""
-    base_ckpt, tuned_ckpt, plan = plan_merge(base, tuned, rules, None, name_map)
+    base_ckpt, tuned_ckpt, plan = plan_merge(
+        base, tuned, rules, None, name_map, layer_map, allow_unpaired
+    )
     tasks = [t for t in plan.tasks.values() if t.action == "merge"]
     entries, backends = [], set()
     # On the CPU the scores pass reads the shards in place; elsewhere tensors are copied over.
@@ -149,12 +153,14 @@ def locate_checkpoints(
 
 def locate_from_args(args: argparse.Namespace, rules: NeuronRules) -> dict[str, Any]:
     """:func:`locate_checkpoints` with the options locate and merge share (base, tuned, map,
-    backend, device, quiet)."""
+    layer map, allow-unpaired, backend, device, quiet)."""
     return locate_checkpoints(
         args.base,
         args.tuned,
         rules=rules,
         name_map=args.map,
+        layer_map=args.layer_map,
+        allow_unpaired=args.allow_unpaired,
         backend=args.backend,
         device=args.device,
         progress=not args.quiet,
@@ -217,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tuned", type=Path, required=True, help="fine-tuned checkpoint")
     parser.add_argument("--out", type=Path, required=True, help="directory for the report")
     parser.add_argument("--map", action="append", default=[], metavar="TUNED_PREFIX=BASE_PREFIX")
+    parser.add_argument("--layer-map", metavar="0,new,1-2|identity", help="as for merge")
+    parser.add_argument("--allow-unpaired", action="store_true", help="as for merge")
     parser.add_argument("--neuron-rule", action="append", default=[], metavar="REGEX=row|col|none")
     parser.add_argument(
         "--plot-tensors",

@@ -57,6 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="rename tuned tensors to base names (repeatable); default: detected",
     )
     io.add_argument(
+        "--layer-map",
+        metavar="0,new,1-2|identity",
+        help="base layer of each tuned language-model layer, in order ('new': no base "
+        "counterpart, copied); default: from tuned's config (Mllama), else the identity",
+    )
+    io.add_argument(
+        "--allow-unpaired",
+        action="store_true",
+        help="merge even when base and tuned do not pair one to one: skip base-only tensors, "
+        "copy unpaired tuned ones (recorded in the report); default: refuse",
+    )
+    io.add_argument(
         "--config",
         type=Path,
         metavar="CONFIG.yml",
@@ -212,7 +224,15 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         raise FusionError(f"missing {', '.join(missing)} (or use --demo)")
     if args.dry_run:
-        _, _, plan = plan_merge(args.base, args.tuned, rules, args.max_shard_size, args.map)
+        _, _, plan = plan_merge(
+            args.base,
+            args.tuned,
+            rules,
+            args.max_shard_size,
+            args.map,
+            args.layer_map,
+            args.allow_unpaired,
+        )
         params.check(name for name, task in plan.tasks.items() if task.action == "merge")
         print(plan.describe())
         print(f"params: {params.default.as_dict()}")
@@ -236,6 +256,8 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         max_shard_size=args.max_shard_size,
         name_map=args.map,
+        layer_map=args.layer_map,
+        allow_unpaired=args.allow_unpaired,
         overwrite=args.overwrite,
         progress=not args.quiet,
         verify=args.verify,
