@@ -20,9 +20,9 @@ from conftest import AWKWARD_SHAPES, make_pair
 
 from fusion_kernels.errors import NonFiniteDeltaError
 from fusion_kernels.ops import _REGISTRY, change_scores, select_backend
-from fusion_kernels.ops import triton as triton_backend
 from fusion_kernels.ops.cpp import scores_cpp
 from fusion_kernels.ops.reference import change_scores_reference
+from fusion_kernels.ops.triton import launcher as triton_backend
 
 NAME = "model.layers.0.mlp.gate_proj.weight"
 RTOL = 1e-12

@@ -30,9 +30,9 @@ from conftest import (
 
 from fusion_kernels.errors import BackendUnavailableError, NonFiniteDeltaError
 from fusion_kernels.ops import merge_tensor, select_backend
-from fusion_kernels.ops import triton as triton_backend
 from fusion_kernels.ops.contract import magnitude_window
 from fusion_kernels.ops.reference import merge_reference
+from fusion_kernels.ops.triton import launcher as triton_backend
 from fusion_kernels.params import params_for
 
 NAME = "model.layers.0.mlp.down_proj.weight"
@@ -148,9 +148,9 @@ def test_approx_selection_within_tolerance(case):
 def test_index_tie_break():
     # Exact key ties need more than 2^32 entries (the TIE hash is a bijection below that), so
     # drive the index stage directly: cut a magnitude-only group (SHIFT = 32) at every rank.
-    from fusion_kernels.ops import triton_kernels as kernels
-    from fusion_kernels.ops import triton_select as selection
-    from fusion_kernels.ops.triton import _prepare
+    from fusion_kernels.ops.triton import kernels
+    from fusion_kernels.ops.triton import select as selection
+    from fusion_kernels.ops.triton.launcher import _prepare
 
     base, tuned = make_pair((31, 17), torch.float16, seed=2, tied=True)
     params = params_for(suppress="magnitude")

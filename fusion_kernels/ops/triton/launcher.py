@@ -25,11 +25,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import NonFiniteDeltaError
-from ..hashing import tensor_seed
-from ..params import MergeParams
-from . import Backend, register_backend
-from .contract import (
+from ...errors import NonFiniteDeltaError
+from ...hashing import tensor_seed
+from ...params import MergeParams
+from .. import Backend, register_backend
+from ..contract import (
     L1_EPS,
     KernelStats,
     count,
@@ -38,7 +38,7 @@ from .contract import (
     neuron_count,
     random_keep_threshold,
 )
-from .reference import change_scores_reference, merge_reference
+from ..reference import change_scores_reference, merge_reference
 
 HINT = (
     "pip install triton, and a CUDA GPU (or TRITON_INTERPRET=1 to run on CPU tensors through "
@@ -84,7 +84,7 @@ def load():
         raise ImportError(f"triton is not installed ({exc})") from exc
     if not (torch.cuda.is_available() or interpreting()):
         raise RuntimeError("no CUDA device, and TRITON_INTERPRET=1 is not set")
-    from . import triton_kernels, triton_select  # noqa: F401
+    from . import kernels, select  # noqa: F401
 
     return merge_triton
 
@@ -161,7 +161,7 @@ def _window_cuts(params: MergeParams, n: int) -> tuple[int, int]:
 
 
 def _prepare(base, tuned, out, name: str, params: MergeParams) -> _Job:
-    from . import triton_kernels as kernels
+    from . import kernels
 
     dev = base.device
     n = base.numel()
@@ -203,7 +203,7 @@ class _Sums:
 
 def _sums(job: _Job, neuron_axis: int, *, sub=False, hist=False, totals=0) -> _Sums:
     """The reduction pass; ``sub`` sums |Sub(Δ)| (C') instead of |Δ| (C) per neuron."""
-    from . import triton_kernels as kernels
+    from . import kernels
 
     block_r, block_c = job.tile()
     if neuron_axis == 2:
@@ -239,7 +239,7 @@ def _sums(job: _Job, neuron_axis: int, *, sub=False, hist=False, totals=0) -> _S
 
 def _select_window(job: _Job, top_hist: torch.Tensor, active_cuts: int) -> None:
     """Resolve the window's cuts on the device (radix select over the key's digits)."""
-    from . import triton_select as selection
+    from . import select as selection
 
     n, dev, block = job.n, job.state.device, job.tuning.flat_block
     slack = count(0.001, n) // active_cuts if job.params.select == "approx" else 0
@@ -277,7 +277,7 @@ def _select_window(job: _Job, top_hist: torch.Tensor, active_cuts: int) -> None:
 
 def _della_ranks(job: _Job, kept_sum: bool) -> torch.Tensor:
     """r(i) into job.rank; returns the partial Σ|Δ| over della's kept entries."""
-    from . import triton_select as selection
+    from . import select as selection
 
     rows, length, dev = job.rows, _pow2(job.cols), job.state.device
     common = (job.base, job.tuned, job.rank)
@@ -304,7 +304,7 @@ def _della_ranks(job: _Job, kept_sum: bool) -> torch.Tensor:
 
 def _select_neurons(job: _Job, change, kept_change, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-neuron write mode (int8) and rescale factor (float32); counts the fallbacks."""
-    from . import triton_kernels as kernels
+    from . import kernels
 
     n_neurons, block = change.numel(), job.tuning.neuron_block
     mode = torch.empty(n_neurons, dtype=torch.int8, device=change.device)
@@ -318,7 +318,7 @@ def _select_neurons(job: _Job, change, kept_change, m: int) -> tuple[torch.Tenso
 
 
 def _run(job: _Job, axis: str, name: str) -> KernelStats:
-    from . import triton_kernels as kernels
+    from . import kernels
 
     params, dev = job.params, job.state.device
     m = 0

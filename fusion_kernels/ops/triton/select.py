@@ -8,7 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_kernels import (
+from .kernels import (
     F_CANDIDATES,
     F_COMPACT,
     F_COUNT,

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..hashing import STREAM_DROP, STREAM_TIE
+from ...hashing import STREAM_DROP, STREAM_TIE
 
 # Encodings of a tensor argument (fp32 and fp16 load natively; bf16 travels as its int16 bits).
 KIND_F32: tl.constexpr = tl.constexpr(0)
