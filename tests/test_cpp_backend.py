@@ -26,10 +26,10 @@ from conftest import (
 from fusion_kernels import merge_tensor
 from fusion_kernels.errors import BackendUnavailableError, NonFiniteDeltaError
 from fusion_kernels.hashing import STREAM_TIE, entry_hash, tensor_seed
-from fusion_kernels.ops import _REGISTRY
 from fusion_kernels.ops import cpp as cpp_backend
 from fusion_kernels.ops.contract import magnitude_window
 from fusion_kernels.ops.reference import merge_reference, order_keys, spec_order
+from fusion_kernels.ops.registry import _REGISTRY
 from fusion_kernels.params import params_for
 
 ext = pytest.importorskip(

@@ -19,9 +19,10 @@ import torch
 from conftest import AWKWARD_SHAPES, make_pair
 
 from fusion_kernels.errors import NonFiniteDeltaError
-from fusion_kernels.ops import _REGISTRY, change_scores, select_backend
+from fusion_kernels.ops import change_scores, select_backend
 from fusion_kernels.ops.cpp import scores_cpp
 from fusion_kernels.ops.reference import change_scores_reference
+from fusion_kernels.ops.registry import _REGISTRY
 from fusion_kernels.ops.triton import launcher as triton_backend
 
 NAME = "model.layers.0.mlp.gate_proj.weight"

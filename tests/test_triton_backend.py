@@ -208,7 +208,7 @@ def test_mixed_dtypes_noncontiguous_and_reproducible():
 
 
 def test_registration(monkeypatch):
-    from fusion_kernels.ops import _REGISTRY
+    from fusion_kernels.ops.registry import _REGISTRY
 
     registered = _REGISTRY["triton"]
     assert registered.devices == (("cuda", "cpu") if triton_backend.interpreting() else ("cuda",))

@@ -20,7 +20,6 @@ from ..dtypes import MERGE_DTYPE_NAMES
 from ..errors import NonFiniteDeltaError
 from ..hashing import tensor_seed
 from ..params import MergeParams
-from . import Backend, KernelFn, register_backend
 from .contract import (
     L1_EPS,
     KernelStats,
@@ -30,6 +29,7 @@ from .contract import (
     neuron_count,
     random_keep_threshold,
 )
+from .registry import Backend, KernelFn, register_backend
 
 #: SPEC "Selection modes": approx keeps within 0.1 % of n of the exact count.
 APPROX_TOLERANCE = 1e-3

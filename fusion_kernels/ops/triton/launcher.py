@@ -28,7 +28,6 @@ import torch
 from ...errors import NonFiniteDeltaError
 from ...hashing import tensor_seed
 from ...params import MergeParams
-from .. import Backend, register_backend
 from ..contract import (
     L1_EPS,
     KernelStats,
@@ -39,6 +38,7 @@ from ..contract import (
     random_keep_threshold,
 )
 from ..reference import change_scores_reference, merge_reference
+from ..registry import Backend, register_backend
 
 HINT = (
     "pip install triton, and a CUDA GPU (or TRITON_INTERPRET=1 to run on CPU tensors through "
