@@ -231,12 +231,3 @@ def test_default_axis_comes_from_the_name_and_3d_tensors_have_no_neurons():
     assert stats.axis == "none" and stats.restored == 0
     with pytest.raises(ParameterError, match="needs 2-D"):
         merge_tensor(b3, t3, "x", axis="row", method="neu-p-ties")
-
-
-def test_env_var_selects_backend_and_unknown_backend_is_a_clear_error(monkeypatch):
-    base, tuned = make_pair((4, 4))
-    monkeypatch.setenv("FUSION_KERNELS_BACKEND", "torch")
-    assert merge_tensor(base, tuned, "x")[1].backend == "torch"
-    monkeypatch.setenv("FUSION_KERNELS_BACKEND", "fortran")
-    with pytest.raises(Exception, match="unknown backend 'fortran'"):
-        merge_tensor(base, tuned, "x")

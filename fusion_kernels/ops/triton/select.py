@@ -1,6 +1,6 @@
 """Triton kernels that select: the window's cuts by radix select over the SPEC order, and
-della's per-row ranks. Launched from ``ops/triton.py``; the streaming passes and the helpers they
-share (Δ, the order key, the cut state) are in :mod:`.triton_kernels`.
+della's per-row ranks. Launched from :mod:`.launcher`; the streaming passes and the helpers they
+share (Δ, the order key, the cut state) are in :mod:`.kernels`.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_kernels import (
+from .kernels import (
     F_CANDIDATES,
     F_COMPACT,
     F_COUNT,

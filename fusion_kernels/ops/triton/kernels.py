@@ -1,6 +1,6 @@
-"""Triton kernels of the ``triton`` backend, launched from ``ops/triton.py`` (loaded on first use):
+"""Triton kernels of the ``triton`` backend, launched from :mod:`.launcher` (loaded on first use):
 the streaming passes, the small reductions and the helpers every kernel shares. The selection
-kernels (window cuts, della ranks) are in :mod:`.triton_select`.
+kernels (window cuts, della ranks) are in :mod:`.select`.
 
 Every kernel sees the tensor as a row-major ``[R, C]`` matrix (C = last dimension) and recomputes
 Δ, the order key and the hashes from ``base``/``tuned`` instead of storing them: re-reading two
@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..hashing import STREAM_DROP, STREAM_TIE
+from ...hashing import STREAM_DROP, STREAM_TIE
 
 # Encodings of a tensor argument (fp32 and fp16 load natively; bf16 travels as its int16 bits).
 KIND_F32: tl.constexpr = tl.constexpr(0)

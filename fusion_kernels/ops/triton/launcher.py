@@ -1,7 +1,6 @@
-"""The ``triton`` backend: fused Triton kernels for CUDA (or the CPU under TRITON_INTERPRET=1).
-
-The kernels live in ``triton_kernels`` and ``triton_select`` (imported on first use, so this
-module never needs Triton to import); here are their launchers and the registered function.
+"""The host side of the ``triton`` backend: it reads the tensor's plan, allocates the device
+buffers, picks the grids and launches the kernels of :mod:`.kernels` and :mod:`.select`. The
+package imports this module (and with it Triton) only when the backend is first used.
 Full passes over base/tuned, each reading both inputs once:
 
 - sums: per-neuron Σ|Δ| (when restoring), Σ|Δ| and random's kept Σ|Δ| (l1), and the histogram of
@@ -20,35 +19,16 @@ A single host sync at the end reads the counters. Locate's change scores are the
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
-from ..errors import NonFiniteDeltaError
-from ..hashing import tensor_seed
-from ..params import MergeParams
-from . import Backend, register_backend
-from .contract import (
-    L1_EPS,
-    KernelStats,
-    count,
-    inverse_scale_random,
-    magnitude_window,
-    neuron_count,
-    random_keep_threshold,
-)
-from .reference import change_scores_reference, merge_reference
-
-HINT = (
-    "pip install triton, and a CUDA GPU (or TRITON_INTERPRET=1 to run on CPU tensors through "
-    "the interpreter)"
-)
-
-
-def interpreting() -> bool:
-    """Whether Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
+from ...errors import NonFiniteDeltaError
+from ...params import MergeParams
+from ..contract import L1_EPS, KernelStats, TensorPlan, plan_tensor
+from ..reference import change_scores_reference, merge_reference
+from . import kernels
+from . import select as selection
 
 
 @dataclass(frozen=True)
@@ -76,19 +56,6 @@ INTERPRETER_TUNING = Tuning(256, 32, 256, 64, 32, 16, 16, 0, 4, 8, 4)
 LEVELS = ((52, 11), (39, 13), (26, 13), (13, 13), (0, 13))
 
 
-def load():
-    """The kernel function; ImportError/RuntimeError saying why it cannot run here."""
-    try:
-        import triton  # noqa: F401
-    except ImportError as exc:
-        raise ImportError(f"triton is not installed ({exc})") from exc
-    if not (torch.cuda.is_available() or interpreting()):
-        raise RuntimeError("no CUDA device, and TRITON_INTERPRET=1 is not set")
-    from . import triton_kernels, triton_select  # noqa: F401
-
-    return merge_triton
-
-
 def _pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 
@@ -102,7 +69,7 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _kernel_view(t: torch.Tensor) -> torch.Tensor:
-    # bf16 reaches the kernels as its int16 bits (see triton_kernels._load_f32/_store_f32).
+    # bf16 reaches the kernels as its int16 bits (see kernels._load_f32/_store_f32).
     return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
 
 
@@ -115,29 +82,43 @@ def _tuning(device: torch.device) -> Tuning:
 
 @dataclass
 class _Job:
-    """One tensor, viewed as [rows, cols], and the small device buffers its passes share."""
+    """One tensor, its plan, and the small device buffers its passes share."""
 
     base: torch.Tensor
     tuned: torch.Tensor
     out: torch.Tensor
     kinds: dict
-    rows: int
-    cols: int
-    seed: int
+    plan: TensorPlan
     params: MergeParams
     tuning: Tuning
     method: int
     rescale: int
-    threshold: int
-    state: torch.Tensor  # [2, 8] int64: the window's two cuts (triton_kernels F_* fields)
+    state: torch.Tensor  # [2, 8] int64: the window's two cuts (kernels.F_* fields)
     scale: torch.Tensor  # [1] float32: scale of random/della's kept entries
-    fparams: torch.Tensor  # float64 parameters (triton_kernels P_* fields)
+    fparams: torch.Tensor  # float64 parameters (kernels.P_* fields)
     rank: torch.Tensor  # [n] int32 della ranks
-    stats: torch.Tensor  # [3] int64 counters (triton_kernels S_*)
+    stats: torch.Tensor  # [3] int64 counters (kernels.S_*)
+
+    # The plan's numbers under the names the launches use.
+    @property
+    def rows(self) -> int:
+        return self.plan.rows
+
+    @property
+    def cols(self) -> int:
+        return self.plan.cols
 
     @property
     def n(self) -> int:
-        return self.rows * self.cols
+        return self.plan.n
+
+    @property
+    def seed(self) -> int:
+        return self.plan.tensor_seed
+
+    @property
+    def threshold(self) -> int:
+        return self.plan.drop_threshold
 
     def method_args(self) -> tuple:
         return (self.state, self.threshold, self.scale, self.rank, self.fparams)
@@ -152,41 +133,23 @@ class _Job:
         kernel[grid](*args, **meta, num_warps=warps, enable_fp_fusion=False)
 
 
-def _window_cuts(params: MergeParams, n: int) -> tuple[int, int]:
-    """SPEC positions t and t + k of the window's cuts (both 0, trivial, for other methods)."""
-    if params.suppress not in ("magnitude", "breadcrumbs"):
-        return (0, 0)
-    start, k = magnitude_window(params, n)
-    return (start, start + k)
-
-
-def _prepare(base, tuned, out, name: str, params: MergeParams) -> _Job:
-    from . import triton_kernels as kernels
-
+def _prepare(base, tuned, out, plan: TensorPlan, params: MergeParams) -> _Job:
     dev = base.device
-    n = base.numel()
-    cols = 1 if base.dim() == 0 else base.shape[-1]
-    random_like = params.suppress in ("random", "della")
-    scale = 1.0
-    if params.suppress == "random" and params.rescale_mode == "inverse":
-        scale = inverse_scale_random(params.density)
-    fparams = kernels.float_params(params.density, params.epsilon, cols, L1_EPS)
-    cuts = [kernels.cut_state(cut, n) for cut in _window_cuts(params, n)]
+    n = plan.n
+    fparams = kernels.float_params(params.density, params.epsilon, plan.cols, L1_EPS)
+    cuts = [kernels.cut_state(cut, n) for cut in plan.window_cuts]
     return _Job(
         base=_kernel_view(base.contiguous()),
         tuned=_kernel_view(tuned.contiguous()),
         out=_kernel_view(out),
         kinds=dict(BASE_KIND=kernels.KINDS[base.dtype], TUNED_KIND=kernels.KINDS[tuned.dtype]),
-        rows=n // cols,
-        cols=cols,
-        seed=tensor_seed(params.seed, name),
+        plan=plan,
         params=params,
         tuning=_tuning(dev),
         method=kernels.METHODS[params.suppress],
-        rescale=kernels.RESCALES[params.rescale_mode if random_like else "none"],
-        threshold=random_keep_threshold(params.density) if params.suppress == "random" else 0,
+        rescale=kernels.RESCALES[plan.rescale],
         state=torch.tensor(cuts, dtype=torch.int64).to(dev),
-        scale=torch.tensor([scale], dtype=torch.float32, device=dev),
+        scale=torch.tensor([plan.random_scale], dtype=torch.float32, device=dev),
         fparams=torch.tensor(fparams, dtype=torch.float64, device=dev),
         rank=torch.empty(n if params.suppress == "della" else 1, dtype=torch.int32, device=dev),
         stats=torch.zeros(3, dtype=torch.int64, device=dev),
@@ -203,8 +166,6 @@ class _Sums:
 
 def _sums(job: _Job, neuron_axis: int, *, sub=False, hist=False, totals=0) -> _Sums:
     """The reduction pass; ``sub`` sums |Sub(Δ)| (C') instead of |Δ| (C) per neuron."""
-    from . import triton_kernels as kernels
-
     block_r, block_c = job.tile()
     if neuron_axis == 2:
         blocks, steps, n_neurons = _cdiv(job.cols, block_c), _cdiv(job.rows, block_r), job.cols
@@ -237,12 +198,10 @@ def _sums(job: _Job, neuron_axis: int, *, sub=False, hist=False, totals=0) -> _S
     return result
 
 
-def _select_window(job: _Job, top_hist: torch.Tensor, active_cuts: int) -> None:
+def _select_window(job: _Job, top_hist: torch.Tensor) -> None:
     """Resolve the window's cuts on the device (radix select over the key's digits)."""
-    from . import triton_select as selection
-
     n, dev, block = job.n, job.state.device, job.tuning.flat_block
-    slack = count(0.001, n) // active_cuts if job.params.select == "approx" else 0
+    slack = job.plan.approx_slack // job.plan.active_cuts  # approx splits it between the cuts
     cap = min(n, max(job.tuning.candidates_min, n // job.tuning.candidates_div))
     candidates = torch.empty(2, max(cap, 1), dtype=torch.int64, device=dev)
     hist = torch.zeros(len(LEVELS) - 1, 2, 1 << 13, dtype=torch.int64, device=dev)
@@ -277,8 +236,6 @@ def _select_window(job: _Job, top_hist: torch.Tensor, active_cuts: int) -> None:
 
 def _della_ranks(job: _Job, kept_sum: bool) -> torch.Tensor:
     """r(i) into job.rank; returns the partial Σ|Δ| over della's kept entries."""
-    from . import triton_select as selection
-
     rows, length, dev = job.rows, _pow2(job.cols), job.state.device
     common = (job.base, job.tuned, job.rank)
     if length <= job.tuning.max_sort_len:
@@ -304,8 +261,6 @@ def _della_ranks(job: _Job, kept_sum: bool) -> torch.Tensor:
 
 def _select_neurons(job: _Job, change, kept_change, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-neuron write mode (int8) and rescale factor (float32); counts the fallbacks."""
-    from . import triton_kernels as kernels
-
     n_neurons, block = change.numel(), job.tuning.neuron_block
     mode = torch.empty(n_neurons, dtype=torch.int8, device=change.device)
     factor = torch.ones(n_neurons, dtype=torch.float32, device=change.device)
@@ -317,22 +272,18 @@ def _select_neurons(job: _Job, change, kept_change, m: int) -> tuple[torch.Tenso
     return mode, factor
 
 
-def _run(job: _Job, axis: str, name: str) -> KernelStats:
-    from . import triton_kernels as kernels
-
-    params, dev = job.params, job.state.device
-    m = 0
-    if params.restore != "none" and axis != "none":
-        m = neuron_count(params.top_neurons, job.rows if axis == "row" else job.cols)
-    neuron_axis = ({"row": 1, "col": 2}[axis]) if m > 0 else 0
-    active_cuts = sum(0 < cut < job.n for cut in _window_cuts(params, job.n))
+def _run(job: _Job, name: str) -> KernelStats:
+    params, plan, dev = job.params, job.plan, job.state.device
+    m = plan.restored_neurons
+    neuron_axis = ({"row": 1, "col": 2}[plan.axis]) if m > 0 else 0
+    active_cuts = plan.active_cuts
     l1 = job.rescale == kernels.R_L1.value
     totals = (2 if params.suppress == "random" else 1) if l1 else 0
     sums = None
     if neuron_axis or active_cuts or totals:
         sums = _sums(job, neuron_axis, hist=active_cuts > 0, totals=totals)
     if active_cuts:
-        _select_window(job, sums.hist, active_cuts)
+        _select_window(job, sums.hist)
     kept_parts = sums.kept if sums is not None else None
     if params.suppress == "della":
         kept_parts = _della_ranks(job, kept_sum=l1)
@@ -353,7 +304,7 @@ def _run(job: _Job, axis: str, name: str) -> KernelStats:
     job.launch(
         kernels._write_kernel, (_cdiv(job.rows, block_r) * _cdiv(job.cols, block_c),),
         job.base, job.tuned, job.out, job.rows, job.cols, job.seed, *job.method_args(),
-        mode, factor, float(torch.tensor(params.weight, dtype=torch.float32)), job.stats,
+        mode, factor, plan.weight, job.stats,
         **job.kinds, BLOCK_R=block_r, BLOCK_C=block_c, METHOD=job.method, RESCALE=job.rescale,
         NEURON=neuron_axis,
     )  # fmt: skip
@@ -380,8 +331,8 @@ def merge_triton(
     target = (
         out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=out.device)
     )
-    job = _prepare(base, tuned, target, name, params)
-    stats = _run(job, axis, name)
+    plan = plan_tensor(params, base.shape, axis, name)
+    stats = _run(_prepare(base, tuned, target, plan, params), name)
     if target is not out:
         out.copy_(target)
     return stats
@@ -400,13 +351,7 @@ def scores_triton(
         return change_scores_reference(base, tuned, axis)
     # The sums pass reads only base, tuned and the shape; the default parameters and an output
     # that is never written complete the job.
-    job = _prepare(base, tuned, base, "", MergeParams())
+    params = MergeParams()
+    job = _prepare(base, tuned, base, plan_tensor(params, base.shape, "none", ""), params)
     sums = _sums(job, {"none": 0, "row": 1, "col": 2}[axis], totals=1)
     return float(sums.total.sum()), sums.neurons
-
-
-def _devices() -> tuple[str, ...]:
-    return ("cuda", "cpu") if interpreting() else ("cuda",)
-
-
-register_backend(Backend("triton", load, devices=_devices(), hint=HINT, scores=scores_triton))
