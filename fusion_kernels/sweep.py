@@ -7,11 +7,15 @@ and keep a table, plots and the merged models asked for.
   names are ``method`` (a preset) and the merge parameters (``density``, ``top_neurons``, ...);
   the points are every combination, the preset's values overridden by the swept ones.
 - ``--eval``: a function taking a merged model directory and returning ``{metric: number}``;
-  ``fusion_kernels.miniature:evaluate`` is the built-in example.
+  ``fusion_kernels.miniature:evaluate`` is the built-in example; ``lm-eval:TASK[,TASK...]`` is the
+  built-in lm-evaluation-harness scorer (options: ``--eval-arg KEY=VALUE``). Repeat ``--eval`` to
+  combine scorers (language and visual ability); ``--objective`` makes their ``OA`` (see
+  :mod:`.evaluation`).
 - ``O/results.csv``: one row per point (parameters, metrics, merge and eval seconds, kept model),
   rewritten after every point, so re-running the same command skips the points already done.
-- ``O/plots/``: each metric against each swept numeric parameter, one line per method.
-- ``--keep best|all|none``: which merged models stay in ``O/models/``.
+- ``O/plots/``: each metric against each swept numeric parameter, one line per method, and the
+  LA-vs-VA trade-off; ``O/index.html`` shows them with the table.
+- ``--keep best|all|none``: which merged models stay in ``O/models/``; each carries its scores.
 
 Exit status: 0 done, 2 bad input (one line on stderr), 130 interrupted.
 """
@@ -21,7 +25,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import importlib
 import itertools
 import json
 import math
@@ -36,6 +39,11 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .errors import FusionError, ParameterError
+from .evaluation import references as reference_points
+from .evaluation.hooks import join_specs, load_evaluator, split_specs
+from .evaluation.objective import OBJECTIVE_NAME, parse_objective
+from .evaluation.report import write_report
+from .evaluation.tradeoff import parse_tradeoff
 from .params import PRESETS, MergeParams, params_for
 from .pipeline import check_output_path, merge_checkpoints, plan_merge
 from .process import interrupt_on_sigterm, run_and_exit
@@ -129,22 +137,10 @@ def _convert(name: str, text: str) -> Any:
         raise ParameterError(f"--grid: {name} cannot be {text!r}") from None
 
 
-def load_eval(spec: str) -> Callable[[str], dict[str, float]]:
-    """The function named by ``MODULE:FUNCTION`` (a dotted name inside the module works too)."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ParameterError(f"--eval {spec!r} must look like MODULE:FUNCTION")
-    try:
-        target: Any = importlib.import_module(module_name)
-    except Exception as exc:
-        raise ParameterError(f"--eval {spec!r}: cannot import {module_name}: {exc}") from None
-    for part in attr.split("."):
-        if not hasattr(target, part):
-            raise ParameterError(f"--eval {spec!r}: {module_name} has no {attr!r}")
-        target = getattr(target, part)
-    if not callable(target):
-        raise ParameterError(f"--eval {spec!r} is not a function")
-    return target
+def load_eval(spec: str, eval_args: tuple[str, ...] | list[str] = ()) -> Callable[[str], dict]:
+    """The evaluator named by ``--eval``: ``MODULE:FUNCTION`` (a dotted name inside the module works
+    too), ``lm-eval:TASK[,TASK...]``, or several joined (see :mod:`.evaluation.hooks`)."""
+    return load_evaluator(spec, tuple(eval_args))
 
 
 def eval_spec_of(function: Callable) -> str:
@@ -164,6 +160,9 @@ class SweepJob:
     eval_spec: str
     backend: str | None = None
     device: str = "cpu"
+    #: ``--eval-arg KEY=VALUE`` items for the lm-eval scorer, and ``--objective``.
+    eval_args: tuple[str, ...] = ()
+    objective: str | None = None
 
 
 def merge_point(job: SweepJob, point: GridPoint) -> Path:
@@ -184,7 +183,7 @@ def merge_point(job: SweepJob, point: GridPoint) -> Path:
 
 def run_point(job: SweepJob, point: GridPoint, evaluate: Callable | None = None) -> dict[str, Any]:
     """Merge and evaluate one point; returns its results row (the model is left on disk)."""
-    evaluate = evaluate or load_eval(job.eval_spec)
+    evaluate = evaluate or load_eval(job.eval_spec, job.eval_args)
     start = time.perf_counter()
     model_dir = merge_point(job, point)
     merged = time.perf_counter()
@@ -212,6 +211,7 @@ def run_point(job: SweepJob, point: GridPoint, evaluate: Callable | None = None)
             raise FusionError(
                 f"--eval {job.eval_spec}: metric {name!r} is {value!r}, not a number"
             ) from None
+    row.update(parse_objective(job.objective)({str(k): row[str(k)] for k in metrics}))
     row["merge_seconds"] = round(merged - start, 4)
     row["eval_seconds"] = round(time.perf_counter() - merged, 4)
     row["model"] = str(model_dir)
@@ -261,8 +261,11 @@ class Keeper:
 
     @property
     def metric(self) -> str | None:
-        """``--metric``, or else the first metric the eval function returned."""
-        return self._metric or next(iter(self.results.metrics()), None)
+        """``--metric``, or else the objective (``OA``), or else the first metric returned."""
+        metrics = self.results.metrics()
+        if self._metric is None and OBJECTIVE_NAME in metrics:
+            return OBJECTIVE_NAME
+        return self._metric or next(iter(metrics), None)
 
     def score(self, row: dict[str, Any]) -> float:
         try:
@@ -314,8 +317,12 @@ def run_sweep(
     tuned: str | os.PathLike,
     out: str | os.PathLike,
     grid: str | list[GridPoint],
-    evaluate: str | Callable[[str], dict[str, float]],
+    evaluate: str | list[str] | Callable[[str], dict[str, float]],
     *,
+    eval_args: tuple[str, ...] | list[str] = (),
+    objective: str | None = None,
+    tradeoff: str | None = None,
+    score_inputs: bool = False,
     keep: str = "best",
     metric: str | None = None,
     maximize: bool = True,
@@ -331,10 +338,18 @@ def run_sweep(
 
     Args:
         grid: ``name=v1,v2;name=...`` (see :func:`parse_grid`) or parsed points.
-        evaluate: ``MODULE:FUNCTION`` or a function: merged model directory -> {metric: number}.
-            The ray executor needs one that other processes can import.
+        evaluate: ``MODULE:FUNCTION``, ``lm-eval:TASK[,TASK...]``, a list of them (their metrics
+            are combined), or a function: merged model directory -> {metric: number}. The ray
+            executor needs one that other processes can import.
+        eval_args: ``KEY=VALUE`` options of the lm-eval scorer (limit, batch_size, device,
+            include_path, ...; see :data:`.evaluation.lm_eval_scorer.EVAL_ARGS`).
+        objective: ``M1,M2,...`` (their mean) or ``MODULE:FUNCTION`` of the metrics, written as
+            ``OA``; default: the mean of LA and VA when both are returned.
+        tradeoff: ``X,Y``: the metrics of the trade-off scatter (default LA,VA).
+        score_inputs: also score base and tuned once, as the scatter's reference points.
         keep: merged models left in ``out/models``: ``best``, ``all`` or ``none``.
-        metric, maximize: what "best" means (default: the largest first metric returned).
+        metric, maximize: what "best" means (default: the largest ``OA``, else the largest first
+            metric returned).
         executor: ``local`` (one point at a time, here) or ``ray`` (see :mod:`.sweep_ray`).
         ray_address, cpus_per_trial, gpus_per_trial: the ray executor's cluster and resources.
         backend, device: how each merge runs (device default: ``cuda`` with GPUs per trial).
@@ -349,13 +364,22 @@ def run_sweep(
         raise ParameterError(f"--keep must be one of {', '.join(KEEP_MODES)}, got {keep!r}")
     if executor not in ("local", "ray"):
         raise ParameterError(f"--executor must be local or ray, got {executor!r}")
-    spec = evaluate if isinstance(evaluate, str) else eval_spec_of(evaluate)
-    function = load_eval(spec) if isinstance(evaluate, str) else evaluate
+    named = isinstance(evaluate, str | list | tuple)
+    spec = join_specs(evaluate) if named else eval_spec_of(evaluate)
+    eval_args = tuple(eval_args)
+    function = load_eval(spec, eval_args) if named else evaluate
+    target = parse_objective(objective)
+    axes = parse_tradeoff(tradeoff)
     out_dir = Path(out).resolve()
     base_path, tuned_path = Path(base).resolve(), Path(tuned).resolve()
     plan_merge(base_path, tuned_path)  # unreadable or unmergeable inputs fail before any work
     check_output_path(out_dir / "models", [base_path, tuned_path])
-    _claim(out_dir, {"base": str(base_path), "tuned": str(tuned_path), "eval": spec})
+    identity = {"base": str(base_path), "tuned": str(tuned_path), "eval": spec}
+    # Options that change the scores are part of the sweep's identity, when given.
+    identity.update(
+        {k: v for k, v in [("eval_args", " ".join(eval_args)), ("objective", objective)] if v}
+    )
+    _claim(out_dir, identity)
     job = SweepJob(
         str(base_path),
         str(tuned_path),
@@ -363,6 +387,8 @@ def run_sweep(
         spec,
         backend,
         device or ("cuda" if gpus_per_trial > 0 else "cpu"),
+        eval_args,
+        objective,
     )
     results = Results(out_dir / RESULTS_NAME)
     keeper = Keeper(results, keep, metric, maximize)
@@ -378,7 +404,7 @@ def run_sweep(
     if executor == "ray":
         from .sweep_ray import run_ray
 
-        if todo and not _importable(spec, function):
+        if todo and not _importable(spec, function, eval_args):
             raise ParameterError(
                 f"--executor ray: the eval function {spec} cannot be imported by other "
                 "processes; define it at the top level of a module and pass MODULE:FUNCTION"
@@ -392,17 +418,43 @@ def run_sweep(
     rows = [results.rows[p.key] for p in points if p.key in results.rows]
     plots = write_plots(rows, names, results.metrics(), out_dir / "plots", log)
     best = keeper.best()
+    inputs = {"base": job.base, "tuned": job.tuned} if score_inputs else {}
+    references = reference_points.score_inputs(
+        inputs, function, spec, target, out_dir / reference_points.REFERENCES_NAME, log
+    )
+    report = write_report(
+        out_dir,
+        identity,
+        names,
+        results.columns,
+        results.metrics(),
+        rows,
+        references=references,
+        plots=plots,
+        best=best,
+        best_metric=keeper.metric,
+        objective=target,
+        tradeoff=axes,
+        log=log,
+    )
     if best is not None:
         log(f"best {keeper.metric}: {best[keeper.metric]} at {best['point']} {best['model']}")
-    return {"rows": rows, "best": best, "plots": plots, "skipped": len(points) - len(todo)}
+    return {
+        "rows": rows,
+        "best": best,
+        "plots": plots,
+        "skipped": len(points) - len(todo),
+        "references": references,
+        **report,
+    }
 
 
-def _importable(spec: str, function: Callable) -> bool:
+def _importable(spec: str, function: Callable, eval_args: tuple[str, ...]) -> bool:
     """Whether a worker process importing ``spec`` gets ``function``."""
-    if spec.startswith("__main__:"):
+    if any(part.startswith("__main__:") for part in split_specs(spec)):
         return False
     try:
-        return load_eval(spec) is function
+        return load_eval(spec, eval_args) is function
     except ParameterError:
         return False
 
@@ -411,7 +463,7 @@ def _claim(out_dir: Path, identity: dict[str, str]) -> None:
     marker = out_dir / SWEEP_NAME
     if marker.exists():
         previous = json.loads(marker.read_text())
-        changed = [k for k in identity if previous.get(k) != identity[k]]
+        changed = [k for k in {**previous, **identity} if previous.get(k) != identity.get(k)]
         if changed:
             raise ParameterError(
                 f"--out {out_dir} holds a sweep with another {', '.join(changed)} "
@@ -513,8 +565,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--eval",
         required=True,
-        metavar="MODULE:FUNCTION",
-        help="model directory -> {metric: number} (e.g. fusion_kernels.miniature:evaluate)",
+        action="append",
+        metavar="MODULE:FUNCTION|lm-eval:TASK[,TASK]",
+        help="model directory -> {metric: number} (e.g. fusion_kernels.miniature:evaluate), or "
+        "lm-eval:TASKS, the built-in lm-evaluation-harness scorer; repeat to combine scorers",
+    )
+    parser.add_argument(
+        "--eval-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an lm-eval option (repeatable): limit, batch_size, max_batch_size, device, "
+        "include_path, include_defaults, num_fewshot, apply_chat_template, model_args",
+    )
+    parser.add_argument(
+        "--objective",
+        metavar="METRIC,METRIC|MODULE:FUNCTION",
+        help="OA, what picks the best: the mean of the named metrics, or your function of them "
+        "(default: the mean of LA and VA when both are returned)",
+    )
+    parser.add_argument(
+        "--tradeoff",
+        metavar="X,Y",
+        help="metrics of the trade-off scatter (default: LA,VA)",
+    )
+    parser.add_argument(
+        "--score-inputs",
+        action="store_true",
+        help="also score base and tuned, drawn as reference points (once per --out)",
     )
     parser.add_argument(
         "--keep",
@@ -522,7 +600,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="best",
         help="merged models left in OUT/models: the best point's (default), all, none",
     )
-    parser.add_argument("--metric", help="metric that picks the best (default: the first)")
+    parser.add_argument(
+        "--metric", help="metric that picks the best (default: OA if there is one, else the first)"
+    )
     direction = parser.add_mutually_exclusive_group()
     direction.add_argument(
         "--maximize",
@@ -564,6 +644,10 @@ def main(argv: list[str] | None = None) -> int:
             args.out,
             args.grid,
             args.eval,
+            eval_args=args.eval_arg,
+            objective=args.objective,
+            tradeoff=args.tradeoff,
+            score_inputs=args.score_inputs,
             keep=args.keep,
             metric=args.metric,
             maximize=args.maximize,
