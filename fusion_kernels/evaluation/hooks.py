@@ -54,8 +54,9 @@ def load_evaluator(spec: str, eval_args: tuple[str, ...] = ()) -> Evaluator:
     """The evaluator for a joined ``--eval`` string, checked up front: functions imported,
     lm-eval's tasks looked up. Cached, so loading the same spec twice gives the same object."""
     specs = split_specs(spec)
-    if len(set(specs)) != len(specs):
-        raise ParameterError(f"--eval names {spec!r} twice")
+    repeated = [s for i, s in enumerate(specs) if s in specs[:i]]
+    if repeated:
+        raise ParameterError(f"--eval names {repeated[0]!r} twice")
     builtin = [s for s in specs if is_lm_eval(s)]
     if len(builtin) > 1:
         raise ParameterError("--eval: name every lm-eval task in one lm-eval:TASK,TASK,...")

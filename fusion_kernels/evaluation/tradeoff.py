@@ -85,10 +85,12 @@ def draw_tradeoff(
     varying = [n for n in names if len({str(r[n]) for r in rows}) > 1]
     fig, ax = plt.subplots(figsize=(7, 5))
     ax.scatter(xs, ys, color="tab:blue", zorder=3, label="grid points")
+    # Points that coincide (a method that ignores a swept parameter) share one label.
+    labels: dict[tuple[float, float], list[str]] = {}
     for row, x, y in zip(rows, xs, ys, strict=True):
-        ax.annotate(
-            point_label(row, varying), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7
-        )
+        labels.setdefault((x, y), []).append(point_label(row, varying))
+    for (x, y), texts in labels.items():
+        ax.annotate("\n".join(texts), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     front = pareto_front(xs, ys)
     ax.plot(
         [xs[i] for i in front],
@@ -122,7 +124,7 @@ def draw_tradeoff(
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, bbox_inches="tight")  # labels near the edge stay whole
     plt.close(fig)
     return path
 
