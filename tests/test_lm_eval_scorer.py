@@ -170,6 +170,7 @@ def test_unknown_task_fails_up_front(scored):
         load_evaluator("lm-eval:nope", local_args(tasks))
 
 
+@pytest.mark.slow
 @needs_lm_eval
 @pytest.mark.parametrize("extra", [(), ("limit=6", "batch_size=3")], ids=["all", "limit6-batch3"])
 def test_scores_equal_the_harness_called_directly(scored, extra):

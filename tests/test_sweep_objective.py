@@ -148,3 +148,32 @@ def test_bad_input_is_one_line_and_exit_2(pair, tmp_path, capsys, extra, message
     err = capsys.readouterr().err
     assert message in err, err
     assert err.count("\n") == 1 and err.startswith("error: ")
+
+
+@pytest.mark.slow
+def test_ray_workers_load_combined_scorers_and_the_objective(pair, tmp_path):
+    ray = pytest.importorskip("ray", reason="Ray is optional: pip install 'fusion_kernels[ray]'")
+    pytest.importorskip("ray.tune", reason="the ray executor needs ray[tune]")
+    base, tuned = pair
+    out = tmp_path / "sweep"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        result = run_sweep(
+            base,
+            tuned,
+            out,
+            "method=ties,neu-p-ties;density=0.5",
+            LA_VA,
+            objective="test_sweep_objective:vision_first",
+            executor="ray",
+        )
+    finally:
+        ray.shutdown()
+    rows = read_rows(out)
+    assert sorted(r["point"] for r in rows) == [
+        "method=neu-p-ties,density=0.5",
+        "method=ties,density=0.5",
+    ]
+    for row in rows:
+        assert float(row["OA"]) == vision_first({"LA": float(row["LA"]), "VA": float(row["VA"])})
+    assert result["best"]["point"] == max(rows, key=lambda r: float(r["OA"]))["point"]

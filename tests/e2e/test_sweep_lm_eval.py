@@ -39,6 +39,7 @@ def read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
         return list(reader.fieldnames or []), list(reader)
 
 
+@pytest.mark.slow
 def test_two_by_two_sweep_scored_by_lm_eval(tmp_path, capsys):
     import lm_eval
     import matplotlib.pyplot as plt
