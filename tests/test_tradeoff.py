@@ -83,6 +83,8 @@ def test_objective_mean_function_and_default():
         parse_objective("LA,VA")({**scores, "OA": 1.0})
     with pytest.raises(FusionError, match="returned 'high', not a number"):
         Objective("m:f", function=lambda s: "high")(scores)
+    with pytest.raises(FusionError, match="--objective m:f failed: KeyError: 'vqa'"):
+        Objective("m:f", function=lambda s: s["vqa"])(scores)
     for bad, message in [
         ("LA,,VA", "must be METRIC"),
         ("LA,LA", "must be METRIC"),

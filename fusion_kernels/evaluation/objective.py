@@ -48,7 +48,12 @@ class Objective:
                     f"the evaluators returned {list(scores)}"
                 )
             return {OBJECTIVE_NAME: _mean([scores[m] for m in self.metrics])}
-        value = self.function(dict(scores))
+        try:
+            value = self.function(dict(scores))
+        except Exception as exc:
+            raise FusionError(
+                f"--objective {self.spec} failed: {type(exc).__name__}: {exc}"
+            ) from exc
         try:
             return {OBJECTIVE_NAME: float(value)}
         except (TypeError, ValueError):
