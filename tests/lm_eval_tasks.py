@@ -35,6 +35,8 @@ QUESTIONS = [
 ]
 TASK = "fk_colors"
 NORM_TASK = "fk_colors_norm"
+#: Perplexity of the questions: a lower-is-better main metric.
+PPL_TASK = "fk_colors_ppl"
 
 
 def build_tokenizer():
@@ -65,8 +67,9 @@ def scoreable_pair(directory: Path) -> tuple[Path, Path]:
 
 
 def write_tasks(directory: Path) -> Path:
-    """Two local tasks over one JSONL file: :data:`TASK` (main metric acc) and :data:`NORM_TASK`
-    (acc_norm listed first); returns the directory to pass as ``include_path``."""
+    """Three local tasks over one JSONL file: :data:`TASK` (main metric acc), :data:`NORM_TASK`
+    (acc_norm listed first) and :data:`PPL_TASK` (word perplexity); returns the directory to pass
+    as ``include_path``. The datasets cache lives in the same directory."""
     directory.mkdir(parents=True, exist_ok=True)
     data = directory / "colors.jsonl"
     data.write_text(
@@ -74,19 +77,25 @@ def write_tasks(directory: Path) -> Path:
             json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in QUESTIONS
         )
     )
+    source = (
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  cache_dir: {directory / 'cache'}\n"
+        f"  data_files:\n    test: {data}\n"
+        "test_split: test\n"
+        'doc_to_text: "{{question}}"\n'
+    )
+    choice = (
+        'output_type: multiple_choice\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
+    )
     for task, metrics in ((TASK, ["acc"]), (NORM_TASK, ["acc_norm", "acc"])):
         listed = "".join(
             f"  - metric: {m}\n    aggregation: mean\n    higher_is_better: true\n" for m in metrics
         )
-        (directory / f"{task}.yaml").write_text(
-            f"task: {task}\n"
-            "dataset_path: json\n"
-            f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
-            "test_split: test\n"
-            "output_type: multiple_choice\n"
-            'doc_to_text: "{{question}}"\n'
-            'doc_to_choice: "{{choices}}"\n'
-            'doc_to_target: "{{answer}}"\n'
-            f"metric_list:\n{listed}"
-        )
+        text = f"task: {task}\n{source}{choice}metric_list:\n{listed}"
+        (directory / f"{task}.yaml").write_text(text)
+    (directory / f"{PPL_TASK}.yaml").write_text(
+        f"task: {PPL_TASK}\n{source}output_type: loglikelihood_rolling\n"
+        'doc_to_target: "{{question}}"\n'
+        "metric_list:\n  - metric: word_perplexity\n"
+    )
     return directory

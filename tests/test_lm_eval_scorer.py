@@ -9,7 +9,7 @@ import json
 import math
 
 import pytest
-from lm_eval_tasks import NORM_TASK, QUESTIONS, TASK, scoreable_pair, write_tasks
+from lm_eval_tasks import NORM_TASK, PPL_TASK, QUESTIONS, TASK, scoreable_pair, write_tasks
 
 from fusion_kernels.errors import FusionError, ParameterError
 from fusion_kernels.evaluation import lm_eval_scorer
@@ -198,3 +198,24 @@ def test_scores_equal_the_harness_called_directly(scored, extra):
         }
         assert scores == {**expected, "LA": sum(expected.values()) / 2}
         assert direct[TASK]["sample_len"] == int(options.get("limit", len(QUESTIONS)))
+
+
+@needs_lm_eval
+@pytest.mark.slow
+def test_a_perplexity_is_returned_but_not_averaged_into_la(scored):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    _, tuned, tasks = scored
+    scores = load_evaluator(f"lm-eval:{PPL_TASK}", local_args(tasks))(str(tuned))
+    direct = lm_eval.simple_evaluate(
+        model="hf",
+        model_args={"pretrained": str(tuned)},
+        tasks=[PPL_TASK],
+        task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+        device="cpu",
+    )
+    assert direct["higher_is_better"][PPL_TASK]["word_perplexity"] is False
+    assert scores == {
+        f"{PPL_TASK}/word_perplexity": direct["results"][PPL_TASK]["word_perplexity,none"]
+    }

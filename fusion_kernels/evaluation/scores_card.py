@@ -5,6 +5,7 @@ sweep runs again."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +36,18 @@ def write_scores(
         "is_best": is_best,
     }
     path = directory / SCORES_NAME
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    _replace(path, json.dumps(record, indent=2) + "\n")
     card = directory / CARD_NAME
     if card.exists():
-        card.write_text(_with_section(card.read_text(), _section(record)))
+        _replace(card, _with_section(card.read_text(), _section(record)))
     return path
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write beside, then rename: an interrupted sweep never leaves a half-written card."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _section(record: dict[str, Any]) -> str:
