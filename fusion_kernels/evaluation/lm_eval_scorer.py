@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FusionError, ParameterError
+from ..params import convert_field
 
 PREFIX = "lm-eval:"
 LA_NAME = "LA"
@@ -94,9 +95,11 @@ def parse_eval_args(items: list[str] | tuple[str, ...]) -> LmEvalOptions:
 
 
 def _convert(key: str, value: str) -> Any:
+    """One option's value. Numbers and booleans are read as ``--set`` and ``--grid`` read theirs,
+    by :func:`fusion_kernels.params.convert_field` (its :class:`ParameterError` is a ValueError)."""
     if key == "limit":
-        number = float(value)
-        if not number > 0:
+        number = convert_field(key, value, float)
+        if not 0 < number < math.inf:
             raise ValueError("limit must be > 0")
         return int(number) if number >= 1 and number == int(number) else number
     if key == "batch_size":
@@ -106,9 +109,7 @@ def _convert(key: str, value: str) -> Any:
     if key in ("max_batch_size", "num_fewshot"):
         return _positive_int(value, key, zero=key == "num_fewshot")
     if key in ("include_defaults", "apply_chat_template"):
-        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise ValueError(f"{key} must be true or false")
-        return value.lower() in ("true", "1", "yes")
+        return convert_field(key, value, bool)
     if key == "include_path":
         path = Path(value).expanduser().resolve()
         if not path.exists():
@@ -120,10 +121,7 @@ def _convert(key: str, value: str) -> Any:
 
 
 def _positive_int(value: str, key: str, zero: bool = False) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise ValueError(f"{key} must be an integer") from None
+    number = convert_field(key, value, int)
     if number < (0 if zero else 1):
         raise ValueError(f"{key} must be {'>= 0' if zero else '> 0'}")
     return number

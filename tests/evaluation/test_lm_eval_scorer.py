@@ -49,6 +49,9 @@ def test_tasks_and_eval_args_parse(tmp_path):
     )
     assert parse_eval_args(["limit=0.25", "batch_size=8"]).limit == 0.25
     assert parse_eval_args(["batch_size=8"]).batch_size == 8
+    # Numbers and booleans read as --set and --grid read theirs.
+    lax = parse_eval_args(["num_fewshot=2.0", "apply_chat_template=YES", "limit=3e1"])
+    assert (lax.num_fewshot, lax.apply_chat_template, lax.limit) == (2, True, 30)
 
 
 @pytest.mark.parametrize(
@@ -57,11 +60,13 @@ def test_tasks_and_eval_args_parse(tmp_path):
         (["limit"], "must look like KEY=VALUE"),
         (["limt=3"], "unknown key 'limt'"),
         (["limit=0"], "limit must be > 0"),
-        (["limit=many"], "could not convert"),
+        (["limit=many"], "limit cannot be 'many': it must be a float"),
+        (["limit=inf"], "limit must be > 0"),
         (["batch_size=0"], "batch_size must be > 0"),
-        (["batch_size=big"], "batch_size must be an integer"),
+        (["batch_size=big"], "batch_size cannot be 'big': it must be an integer"),
+        (["num_fewshot=-1"], "num_fewshot must be >= 0"),
         (["include_path=/no/such/dir"], "does not exist"),
-        (["include_defaults=maybe"], "must be true or false"),
+        (["include_defaults=maybe"], "include_defaults cannot be 'maybe': it must be a boolean"),
         (["model_args=pretrained=x"], "pretrained is the merged model"),
     ],
 )
