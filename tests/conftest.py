@@ -7,6 +7,10 @@ from __future__ import annotations
 import math
 import os
 
+# Nothing in the suite may reach the Hub: lm-eval, datasets and transformers read local files only.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 import pytest
 import torch
 

@@ -1,5 +1,6 @@
-"""Sweeps: merge at every point of a parameter grid, evaluate each merged model with your function,
-and keep a table, plots and the merged models asked for.
+"""Sweeps: merge at every point of a parameter grid, evaluate each merged model with your function
+or the built-in lm-evaluation-harness scorer, and keep a table, plots and the merged models asked
+for.
 
 ``python -m fusion_kernels.sweep --base B --tuned T --out O --grid GRID --eval MODULE:FUNCTION``
 
@@ -7,11 +8,15 @@ and keep a table, plots and the merged models asked for.
   names are ``method`` (a preset) and the merge parameters (``density``, ``top_neurons``, ...);
   the points are every combination, the preset's values overridden by the swept ones.
 - ``--eval``: a function taking a merged model directory and returning ``{metric: number}``;
-  ``fusion_kernels.experiments.miniature:evaluate`` is the built-in example.
+  ``fusion_kernels.experiments.miniature:evaluate`` is the built-in example;
+  ``lm-eval:TASK[,TASK...]`` is the built-in lm-evaluation-harness scorer (options:
+  ``--eval-arg KEY=VALUE``). Repeat ``--eval`` to combine scorers (language and visual ability);
+  ``--objective`` makes their ``OA`` (see :mod:`fusion_kernels.evaluation`).
 - ``O/results.csv``: one row per point (parameters, metrics, merge and eval seconds, kept model),
   rewritten after every point, so re-running the same command skips the points already done.
-- ``O/plots/``: each metric against each swept numeric parameter, one line per method.
-- ``--keep best|all|none``: which merged models stay in ``O/models/``.
+- ``O/plots/``: each metric against each swept numeric parameter, one line per method, and the
+  LA-vs-VA trade-off; ``O/index.html`` shows them with the table.
+- ``--keep best|all|none``: which merged models stay in ``O/models/``; each carries its scores.
 
 Modules: :mod:`.grid` (the points), :mod:`.job` (one point: merge, evaluate, row),
 :mod:`.results` (the table and ``--keep``), :mod:`.plots`, :mod:`.run` (the sweep, local),

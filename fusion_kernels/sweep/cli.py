@@ -1,4 +1,4 @@
-"""``python -m fusion_kernels.sweep --base B --tuned T --out O --grid GRID --eval MODULE:FUNCTION``.
+"""``python -m fusion_kernels.sweep --base B --tuned T --out O --grid GRID --eval SCORER``.
 
 Exit status: 0 done, 2 bad input (one line on stderr), 130 interrupted.
 """
@@ -33,9 +33,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--eval",
         required=True,
-        metavar="MODULE:FUNCTION",
+        action="append",
+        metavar="MODULE:FUNCTION|lm-eval:TASK[,TASK]",
         help="model directory -> {metric: number} "
-        "(e.g. fusion_kernels.experiments.miniature:evaluate)",
+        "(e.g. fusion_kernels.experiments.miniature:evaluate), or lm-eval:TASKS, the built-in "
+        "lm-evaluation-harness scorer; repeat to combine scorers",
+    )
+    parser.add_argument(
+        "--eval-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an lm-eval option (repeatable): limit, batch_size, max_batch_size, device, "
+        "include_path, include_defaults, num_fewshot, apply_chat_template, model_args",
+    )
+    parser.add_argument(
+        "--objective",
+        metavar="METRIC,METRIC|MODULE:FUNCTION",
+        help="OA, what picks the best: the mean of the named metrics, or your function of them "
+        "(default: the mean of LA and VA when both are returned)",
+    )
+    parser.add_argument(
+        "--tradeoff",
+        metavar="X,Y",
+        help="metrics of the trade-off scatter (default: LA,VA)",
+    )
+    parser.add_argument(
+        "--score-inputs",
+        action="store_true",
+        help="also score base and tuned, drawn as reference points (once per --out)",
     )
     parser.add_argument(
         "--keep",
@@ -43,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="best",
         help="merged models left in OUT/models: the best point's (default), all, none",
     )
-    parser.add_argument("--metric", help="metric that picks the best (default: the first)")
+    parser.add_argument(
+        "--metric", help="metric that picks the best (default: OA if there is one, else the first)"
+    )
     direction = parser.add_mutually_exclusive_group()
     direction.add_argument(
         "--maximize",
@@ -83,6 +111,10 @@ def command(argv: list[str] | None = None) -> int:
         args.out,
         args.grid,
         args.eval,
+        eval_args=args.eval_arg,
+        objective=args.objective,
+        tradeoff=args.tradeoff,
+        score_inputs=args.score_inputs,
         keep=args.keep,
         metric=args.metric,
         maximize=args.maximize,

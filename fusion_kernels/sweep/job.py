@@ -1,36 +1,27 @@
-"""One sweep point: merge it, evaluate the merged model with the user's function, make its row."""
+"""One sweep point: merge it, evaluate the merged model with the ``--eval`` scorers, make its row
+(their metrics and the objective, ``OA``)."""
 
 from __future__ import annotations
 
-import importlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import FusionError, ParameterError
+from ..errors import FusionError
+from ..evaluation.hooks import load_evaluator
+from ..evaluation.objective import parse_objective
 from ..pipeline import merge_checkpoints
 from .grid import GridPoint
 from .results import RESERVED
 
 
-def load_eval(spec: str) -> Callable[[str], dict[str, float]]:
-    """The function named by ``MODULE:FUNCTION`` (a dotted name inside the module works too)."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ParameterError(f"--eval {spec!r} must look like MODULE:FUNCTION")
-    try:
-        target: Any = importlib.import_module(module_name)
-    except Exception as exc:
-        raise ParameterError(f"--eval {spec!r}: cannot import {module_name}: {exc}") from None
-    for part in attr.split("."):
-        if not hasattr(target, part):
-            raise ParameterError(f"--eval {spec!r}: {module_name} has no {attr!r}")
-        target = getattr(target, part)
-    if not callable(target):
-        raise ParameterError(f"--eval {spec!r} is not a function")
-    return target
+def load_eval(spec: str, eval_args: tuple[str, ...] | list[str] = ()) -> Callable[[str], dict]:
+    """The evaluator named by ``--eval``: ``MODULE:FUNCTION`` (a dotted name inside the module
+    works too), ``lm-eval:TASK[,TASK...]``, or several joined (see
+    :mod:`fusion_kernels.evaluation.hooks`)."""
+    return load_evaluator(spec, tuple(eval_args))
 
 
 def eval_spec_of(function: Callable) -> str:
@@ -50,6 +41,9 @@ class SweepJob:
     eval_spec: str
     backend: str | None = None
     device: str = "cpu"
+    #: ``--eval-arg KEY=VALUE`` items for the lm-eval scorer, and ``--objective``.
+    eval_args: tuple[str, ...] = ()
+    objective: str | None = None
 
 
 def merge_point(job: SweepJob, point: GridPoint) -> Path:
@@ -70,7 +64,7 @@ def merge_point(job: SweepJob, point: GridPoint) -> Path:
 
 def run_point(job: SweepJob, point: GridPoint, evaluate: Callable | None = None) -> dict[str, Any]:
     """Merge and evaluate one point; returns its results row (the model is left on disk)."""
-    evaluate = evaluate or load_eval(job.eval_spec)
+    evaluate = evaluate or load_eval(job.eval_spec, job.eval_args)
     start = time.perf_counter()
     model_dir = merge_point(job, point)
     merged = time.perf_counter()
@@ -98,6 +92,7 @@ def run_point(job: SweepJob, point: GridPoint, evaluate: Callable | None = None)
             raise FusionError(
                 f"--eval {job.eval_spec}: metric {name!r} is {value!r}, not a number"
             ) from None
+    row.update(parse_objective(job.objective)({str(k): row[str(k)] for k in metrics}))
     row["merge_seconds"] = round(merged - start, 4)
     row["eval_seconds"] = round(time.perf_counter() - merged, 4)
     row["model"] = str(model_dir)

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FusionError
+from ..evaluation.hooks import split_specs
+from ..evaluation.lm_eval_scorer import is_lm_eval
 from .grid import GridPoint
 from .job import SweepJob, run_point
 
@@ -39,8 +41,11 @@ def _import_ray():
 
 def import_root(eval_spec: str) -> str:
     """The directory the eval module is imported from, for workers whose path lacks it ("" for
-    modules without a file, which every interpreter has anyway)."""
-    module_name = eval_spec.partition(":")[0]
+    modules without a file, which every interpreter has anyway, and for the lm-eval scorer)."""
+    user_specs = [s for s in split_specs(eval_spec) if not is_lm_eval(s)]
+    if not user_specs:
+        return ""
+    module_name = user_specs[0].partition(":")[0]
     file = getattr(importlib.import_module(module_name), "__file__", None)
     if not file:
         return ""

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ParameterError
+from ..evaluation.objective import OBJECTIVE_NAME
 from ..params import FIELD_TYPES
 from .grid import GridPoint
 
@@ -66,8 +67,11 @@ class Keeper:
 
     @property
     def metric(self) -> str | None:
-        """``--metric``, or else the first metric the eval function returned."""
-        return self._metric or next(iter(self.results.metrics()), None)
+        """``--metric``, or else the objective (``OA``), or else the first metric returned."""
+        metrics = self.results.metrics()
+        if self._metric is None and OBJECTIVE_NAME in metrics:
+            return OBJECTIVE_NAME
+        return self._metric or next(iter(metrics), None)
 
     def score(self, row: dict[str, Any]) -> float:
         try:

@@ -1,5 +1,6 @@
 """Running a sweep: every point of a grid merged and evaluated (here or as Ray Tune trials),
-resumable from ``results.csv``."""
+resumable from ``results.csv``, then its report (plots, the trade-off, the page, scores in the kept
+models; see :mod:`fusion_kernels.evaluation`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ParameterError
+from ..evaluation import references as reference_points
+from ..evaluation.hooks import join_specs, split_specs
+from ..evaluation.objective import parse_objective
+from ..evaluation.report import write_report
+from ..evaluation.tradeoff import parse_tradeoff
 from ..pipeline import check_output_path, plan_merge
 from .grid import GridPoint, parse_grid
 from .job import SweepJob, eval_spec_of, load_eval, merge_point, run_point
@@ -25,8 +31,12 @@ def run_sweep(
     tuned: str | os.PathLike,
     out: str | os.PathLike,
     grid: str | list[GridPoint],
-    evaluate: str | Callable[[str], dict[str, float]],
+    evaluate: str | list[str] | Callable[[str], dict[str, float]],
     *,
+    eval_args: tuple[str, ...] | list[str] = (),
+    objective: str | None = None,
+    tradeoff: str | None = None,
+    score_inputs: bool = False,
     keep: str = "best",
     metric: str | None = None,
     maximize: bool = True,
@@ -38,21 +48,31 @@ def run_sweep(
     device: str | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run (or resume) a sweep into ``out``; returns ``{"rows", "best", "plots", "skipped"}``.
+    """Run (or resume) a sweep into ``out``; returns ``{"rows", "best", "plots", "skipped",
+    "references", "tradeoff", "page", "scored_models"}``.
 
     Args:
         grid: ``name=v1,v2;name=...`` (see :func:`parse_grid`) or parsed points.
-        evaluate: ``MODULE:FUNCTION`` or a function: merged model directory -> {metric: number}.
-            The ray executor needs one that other processes can import.
+        evaluate: ``MODULE:FUNCTION``, ``lm-eval:TASK[,TASK...]``, a list of them (their metrics
+            are combined), or a function: merged model directory -> {metric: number}. The ray
+            executor needs one that other processes can import.
+        eval_args: ``KEY=VALUE`` options of the lm-eval scorer (limit, batch_size, device,
+            include_path, ...; see :data:`fusion_kernels.evaluation.lm_eval_scorer.EVAL_ARGS`).
+        objective: ``M1,M2,...`` (their mean) or ``MODULE:FUNCTION`` of the metrics, written as
+            ``OA``; default: the mean of LA and VA when both are returned.
+        tradeoff: ``X,Y``: the metrics of the trade-off scatter (default LA,VA).
+        score_inputs: also score base and tuned once, as the scatter's reference points.
         keep: merged models left in ``out/models``: ``best``, ``all`` or ``none``.
-        metric, maximize: what "best" means (default: the largest first metric returned).
+        metric, maximize: what "best" means (default: the largest ``OA``, else the largest first
+            metric returned).
         executor: ``local`` (one point at a time, here) or ``ray`` (see :mod:`.ray_executor`).
         ray_address, cpus_per_trial, gpus_per_trial: the ray executor's cluster and resources.
         backend, device: how each merge runs (device default: ``cuda`` with GPUs per trial).
         log: where progress lines go.
 
     Points already in ``out/results.csv`` are skipped; ``out`` must be new, empty, or a sweep of
-    the same base, tuned and eval function. A bad grid, eval name or path raises
+    the same base, tuned and eval function (and ``eval_args`` and ``objective``, when given). A
+    bad grid, eval name or path raises
     :class:`FusionError` before any merge.
     """
     points = parse_grid(grid) if isinstance(grid, str) else list(grid)
@@ -60,13 +80,22 @@ def run_sweep(
         raise ParameterError(f"--keep must be one of {', '.join(KEEP_MODES)}, got {keep!r}")
     if executor not in ("local", "ray"):
         raise ParameterError(f"--executor must be local or ray, got {executor!r}")
-    spec = evaluate if isinstance(evaluate, str) else eval_spec_of(evaluate)
-    function = load_eval(spec) if isinstance(evaluate, str) else evaluate
+    named = isinstance(evaluate, str | list | tuple)
+    spec = join_specs(evaluate) if named else eval_spec_of(evaluate)
+    eval_args = tuple(eval_args)
+    function = load_eval(spec, eval_args) if named else evaluate
+    target = parse_objective(objective)
+    axes = parse_tradeoff(tradeoff)
     out_dir = Path(out).resolve()
     base_path, tuned_path = Path(base).resolve(), Path(tuned).resolve()
     plan_merge(base_path, tuned_path)  # unreadable or unmergeable inputs fail before any work
     check_output_path(out_dir / "models", [base_path, tuned_path])
-    _claim(out_dir, {"base": str(base_path), "tuned": str(tuned_path), "eval": spec})
+    identity = {"base": str(base_path), "tuned": str(tuned_path), "eval": spec}
+    # Options that change the scores are part of the sweep's identity, when given.
+    identity.update(
+        {k: v for k, v in [("eval_args", " ".join(eval_args)), ("objective", objective)] if v}
+    )
+    _claim(out_dir, identity)
     job = SweepJob(
         str(base_path),
         str(tuned_path),
@@ -74,6 +103,8 @@ def run_sweep(
         spec,
         backend,
         device or ("cuda" if gpus_per_trial > 0 else "cpu"),
+        eval_args,
+        objective,
     )
     results = Results(out_dir / RESULTS_NAME)
     keeper = Keeper(results, keep, metric, maximize)
@@ -89,7 +120,7 @@ def run_sweep(
     if executor == "ray":
         from .ray_executor import run_ray
 
-        if todo and not _importable(spec, function):
+        if todo and not _importable(spec, function, eval_args):
             raise ParameterError(
                 f"--executor ray: the eval function {spec} cannot be imported by other "
                 "processes; define it at the top level of a module and pass MODULE:FUNCTION"
@@ -103,17 +134,43 @@ def run_sweep(
     rows = [results.rows[p.key] for p in points if p.key in results.rows]
     plots = write_plots(rows, names, results.metrics(), out_dir / "plots", log)
     best = keeper.best()
+    inputs = {"base": job.base, "tuned": job.tuned} if score_inputs else {}
+    references = reference_points.score_inputs(
+        inputs, function, spec, target, out_dir / reference_points.REFERENCES_NAME, log
+    )
+    report = write_report(
+        out_dir,
+        identity,
+        names,
+        results.columns,
+        results.metrics(),
+        rows,
+        references=references,
+        plots=plots,
+        best=best,
+        best_metric=keeper.metric,
+        objective=target,
+        tradeoff=axes,
+        log=log,
+    )
     if best is not None:
         log(f"best {keeper.metric}: {best[keeper.metric]} at {best['point']} {best['model']}")
-    return {"rows": rows, "best": best, "plots": plots, "skipped": len(points) - len(todo)}
+    return {
+        "rows": rows,
+        "best": best,
+        "plots": plots,
+        "skipped": len(points) - len(todo),
+        "references": references,
+        **report,
+    }
 
 
-def _importable(spec: str, function: Callable) -> bool:
+def _importable(spec: str, function: Callable, eval_args: tuple[str, ...]) -> bool:
     """Whether a worker process importing ``spec`` gets ``function``."""
-    if spec.startswith("__main__:"):
+    if any(part.startswith("__main__:") for part in split_specs(spec)):
         return False
     try:
-        return load_eval(spec) is function
+        return load_eval(spec, eval_args) is function
     except ParameterError:
         return False
 
@@ -122,7 +179,7 @@ def _claim(out_dir: Path, identity: dict[str, str]) -> None:
     marker = out_dir / SWEEP_NAME
     if marker.exists():
         previous = json.loads(marker.read_text())
-        changed = [k for k in identity if previous.get(k) != identity[k]]
+        changed = [k for k in {**previous, **identity} if previous.get(k) != identity.get(k)]
         if changed:
             raise ParameterError(
                 f"--out {out_dir} holds a sweep with another {', '.join(changed)} "
