@@ -30,6 +30,17 @@ def is_bin_checkpoint(path: Path) -> bool:
     return (path / BIN_INDEX_NAME).is_file() or (path / BIN_NAME).is_file()
 
 
+def output_shard_name(filename: str) -> str:
+    """The safetensors file a merge writes for an input shard: ``pytorch_model-00001-of-00002.bin``
+    → ``model-00001-of-00002.safetensors``; a ``.safetensors`` name stays as it is."""
+    if not filename.endswith(".bin"):
+        return filename
+    stem = filename.removesuffix(".bin")
+    return (
+        "model" + stem.removeprefix("pytorch_model") if stem.startswith("pytorch_model") else stem
+    ) + ".safetensors"
+
+
 def load_state(file: Path) -> dict[str, torch.Tensor]:
     """A ``.bin`` file's tensors, memory-mapped; refuses anything but names mapped to tensors."""
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from .binreader import output_shard_name
 from .dtypes import MERGEABLE
 from .errors import ParameterError, PlanError
 from .namemap import NameMap
@@ -99,7 +100,9 @@ def build_plan(
     skipped = [name for name in base.names() if name not in paired]
     if max_shard_size is None:
         shards = [
-            ShardPlan(file.name, [n for n in names if tuned.info(n).file == file])
+            ShardPlan(
+                output_shard_name(file.name), [n for n in names if tuned.info(n).file == file]
+            )
             for file in tuned.files
         ]
     else:
