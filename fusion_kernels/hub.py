@@ -85,6 +85,11 @@ def resolve(text: str) -> HubSnapshot:
             local_files_only=is_offline,
         )
     except Exception as exc:  # every Hub failure gets the same answer
+        # A cached snapshot that lacks files we did not need (the other weight format, a card)
+        # is still usable: opening the checkpoint names any file that is really missing.
+        if getattr(exc, "snapshot_path", None):
+            directory = Path(exc.snapshot_path)
+            return HubSnapshot(text, directory, directory.parent.parent)
         where = "HF_HUB_OFFLINE is set" if is_offline else "the Hub could not be reached"
         raise CheckpointError(
             f"{text}: no such local path, not in the Hugging Face cache {cache} and {where} "
