@@ -24,15 +24,16 @@ _FLAGS += ("top_neurons", "seed", "select")
 _LAYER_MODULE = re.compile(r"layers\.\d+\.(.+?)(?:\.weight)?$")
 
 
-def method_name(params: dict[str, Any]) -> str | None:
-    """The preset whose parameters these are (seed and selection aside), or None."""
+def method_names(params: dict[str, Any]) -> list[str]:
+    """The presets whose parameters these are (seed and selection aside; two presets may be
+    one method, e.g. ``neuron_fusion`` and ``neu-p-ties``)."""
     keys = ("suppress", "density", "gamma", "epsilon", "rescale", "weight", "restore")
     keys += ("top_neurons",)
-    for name in PRESETS:
-        preset = params_for(name).as_dict()
-        if all(preset[k] == params.get(k) for k in keys):
-            return name
-    return None
+    return [
+        name
+        for name in PRESETS
+        if all(params_for(name).as_dict()[k] == params.get(k) for k in keys)
+    ]
 
 
 def split_front_matter(text: str) -> tuple[dict[str, Any], str]:
@@ -93,8 +94,8 @@ def model_card(report: dict[str, Any], out: str, tuned_card: str | None = None) 
     tuned_meta, tuned_text = split_front_matter(tuned_card or "")
     base = report.get("base_model", report["base"])
     tuned = report.get("tuned_model", report["tuned"])
-    method = method_name(report["params"])
-    tags = ["merge", "fusion_kernels", method or report["params"]["suppress"]]
+    methods = method_names(report["params"])
+    tags = ["merge", "fusion_kernels", *(methods or [report["params"]["suppress"]])]
     if report["params"]["restore"] != "none":
         tags.append("neuron-restore")
     lines = ["---", "base_model:", f"- {_yaml(base)}", f"- {_yaml(tuned)}", "tags:"]
@@ -104,20 +105,21 @@ def model_card(report: dict[str, Any], out: str, tuned_card: str | None = None) 
         if tuned_meta.get(key):
             lines.append(f"{key}: {_yaml(str(tuned_meta[key]))}")
     lines += ["---", ""]
-    lines += _body(report, out, base, tuned, method)
+    lines += _body(report, out, base, tuned, methods)
     if tuned_text.strip():
         lines += ["", TUNED_CARD_HEADING, "", tuned_text.strip(), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _body(report, out, base, tuned, method) -> list[str]:
+def _body(report, out, base, tuned, methods) -> list[str]:
     totals = report["totals"]
+    preset = " = ".join(f"`{m}`" for m in methods)
     lines = [
         f"# {out.rstrip('/').rsplit('/', 1)[-1]}",
         "",
         f"This model is `{tuned}` merged back with its base `{base}` by "
-        f"[fusion_kernels](https://pypi.org/project/fusion-kernels/) "
-        f"using {f'the `{method}` preset' if method else 'custom parameters'}: "
+        "fusion_kernels "
+        f"using {f'the preset {preset}' if methods else 'custom parameters'}: "
         f"{totals['merged']} tensors merged, {totals['copied']} copied unchanged from the tuned "
         f"model, {len(totals['skipped_base_only'])} base-only tensors left out.",
         "",
