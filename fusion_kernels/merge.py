@@ -270,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _check_text_out(args: argparse.Namespace) -> None:
     """Refuse a --text-model-out that exists or overlaps an input or --out, before any work."""
-    from .errors import OutputExistsError
+    from .errors import OutputExistsError, ParameterError
     from .pipeline import check_output_path
     from .sources import open_checkpoint
 
@@ -279,7 +279,10 @@ def _check_text_out(args: argparse.Namespace) -> None:
             f"{args.text_model_out}: --text-model-out already exists; pass --overwrite or "
             "choose another directory"
         )
-    roots = [args.out]
+    text, out = args.text_model_out.resolve(), Path(args.out).resolve()
+    if text == out or out in text.parents or text in out.parents:
+        raise ParameterError(f"--text-model-out {text} overlaps --out {out}; keep them apart")
+    roots = []
     for reference in (args.base, args.tuned):
         ckpt = open_checkpoint(reference)
         roots += ckpt.roots
