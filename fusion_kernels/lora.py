@@ -197,20 +197,28 @@ class LoraCheckpoint:
 
     def _merged(self, name: str) -> torch.Tensor:
         """The tensor with the adapter merged in, in the model's dtype, in its own memory."""
-        dtype = self.model.info(name).torch_dtype
+        info = self.tensors[name]
         if name in self.replaced:
-            weight = self.weights.read(self.replaced[name]).to(dtype)
+            weight = self.weights.read(self.replaced[name]).to(info.torch_dtype)
         else:
-            weight = self.model.read(name)
+            weight = self.model.view(name)
         pair = self.pairs.get(name)
-        if pair is not None:
-            a = self.weights.read(pair.a).float()
-            b = self.weights.read(pair.b).float()
-            product = b @ a
-            delta = (product.T if pair.transpose else product) * pair.scale
-            # In place, as PEFT's merge: float32 sum, rounded once to the model's dtype.
-            weight += delta
-        return weight
+        if pair is None:
+            return weight
+        a = self.weights.read(pair.a).float()
+        b = self.weights.read(pair.b).float()
+        # PEFT's order of operations: (B @ A), transposed, times the scale (one rounding each).
+        product = (b @ a).mul_(pair.scale)
+        delta = product.T if pair.transpose else product
+        # PEFT adds delta to the weight in float32 and rounds once to the weight's dtype; the
+        # sum is the same with the operands swapped, so it accumulates into delta, the weight is
+        # read where it lies (no copy), and one cast writes the result.
+        delta.add_(weight)
+        if name not in self.replaced:
+            self.model.release(name)
+        merged = torch.empty(info.shape, dtype=info.torch_dtype)
+        merged.copy_(delta)
+        return merged
 
 
 def _read_config(adapter_dir: Path) -> dict:

@@ -70,7 +70,7 @@ def build(root, variant):
     torch.manual_seed(0)
     make(dtype).save_pretrained(root / "base")
     model = type(make(dtype)).from_pretrained(root / "base", dtype=dtype)
-    config = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **options)
+    config = peft.LoraConfig(r=4, lora_alpha=12, init_lora_weights=False, **options)
     tuned = peft.get_peft_model(model, config)
     with torch.no_grad():
         for name, param in tuned.named_parameters():
