@@ -111,13 +111,14 @@ class BinCheckpoint:
             return [self.path / BIN_NAME]
         try:
             self.index = json.loads(index.read_text())["weight_map"]
-            assert isinstance(self.index, dict) and all(
-                isinstance(v, str) for v in self.index.values()
-            )
-        except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        except (OSError, ValueError, KeyError, TypeError):
+            self.index = None
+        if not isinstance(self.index, dict) or not all(
+            isinstance(v, str) for v in self.index.values()
+        ):
             raise CheckpointError(
                 f"{index}: not a valid index file (needs a weight_map of tensor names to files)"
-            ) from None
+            )
         files = sorted(set(self.index.values()))
         for name in files:
             if Path(name).name != name or name in ("", ".", ".."):
@@ -142,7 +143,7 @@ class BinCheckpoint:
             position += nbytes
 
     def _check_index(self) -> None:
-        for name, file in getattr(self, "index", {}).items():
+        for name, file in (getattr(self, "index", None) or {}).items():
             info = self.tensors.get(name)
             if info is None or info.file.name != file:
                 raise CheckpointError(

@@ -64,11 +64,11 @@ class LoraCheckpoint:
     replace a model tensor of a float dtype and the right shape.
     """
 
-    def __init__(self, model, adapter_dir: str | os.PathLike, adapter_weights=None):
+    def __init__(self, model, adapter_dir: str | os.PathLike):
         self.model = model
         self.adapter_dir = Path(adapter_dir)
         self.config = _read_config(self.adapter_dir)
-        self.weights = adapter_weights or _open_weights(self.adapter_dir)
+        self.weights = _open_weights(self.adapter_dir)
         self.path, self.directory = model.path, model.directory
         self.files, self.metadata = model.files, model.metadata
         self.tensors = dict(model.tensors)
@@ -90,11 +90,10 @@ class LoraCheckpoint:
                 self._replace(key)
                 continue
             module = match.group(1) or match.group(3)
-            part = (match.group(2) or match.group(4))[-1]
-            halves.setdefault(module, {})[part] = key
-            halves[module]["embedding"] = "y" if match.group(3) else ""
-        for module, parts in halves.items():
-            self._pair(module, parts)
+            part = (match.group(2) or match.group(4))[-1]  # "A" or "B"
+            halves.setdefault((module, match.group(3) is not None), {})[part] = key
+        for (module, embedding), parts in halves.items():
+            self._pair(module, parts, embedding)
 
     def _replace(self, key: str) -> None:
         target = key[len(_PREFIX) :].replace(".base_layer.", ".").replace(".modules_to_save.", ".")
@@ -104,7 +103,7 @@ class LoraCheckpoint:
         self.tensors[target] = replace(info, shape=shape, end=info.begin + nbytes)
         self.replaced[target] = key
 
-    def _pair(self, module: str, parts: dict[str, str]) -> None:
+    def _pair(self, module: str, parts: dict[str, str], embedding: bool) -> None:
         if "A" not in parts or "B" not in parts:
             raise CheckpointError(
                 f"{self.weights.path}: module {module!r} has only one of lora_A and lora_B"
@@ -113,7 +112,6 @@ class LoraCheckpoint:
         self._target(target, parts["A"])
         info = self.tensors[target]  # replaced by the adapter when it saved the whole tensor too
         a, b = self.weights.info(parts["A"]), self.weights.info(parts["B"])
-        embedding = bool(parts["embedding"])
         transpose = embedding or bool(self.config.get("fan_in_fan_out"))
         rank = a.shape[0]
         product = (b.shape[0], a.shape[1]) if len(a.shape) == len(b.shape) == 2 else None

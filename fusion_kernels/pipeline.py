@@ -137,7 +137,8 @@ def merge_checkpoints(
 
 def _card(report: dict[str, Any], out_dir: Path, tuned_ckpt) -> str:
     """The model card; a tuned (or adapter) README.md is kept inside it, not copied over it."""
-    folders = [getattr(tuned_ckpt, "adapter_dir", None), tuned_ckpt.directory]
+    model_dir = tuned_ckpt.directory if tuned_ckpt.path.is_dir() else None
+    folders = [getattr(tuned_ckpt, "adapter_dir", None), model_dir]
     cards = [f / CARD_NAME for f in folders if f is not None and (f / CARD_NAME).is_file()]
     tuned_card = cards[0].read_text(encoding="utf-8", errors="replace") if cards else None
     return model_card(report, str(out_dir), tuned_card)

@@ -157,3 +157,11 @@ def test_output_shard_names():
         output_shard_name("pytorch_model-00001-of-00002.bin") == "model-00001-of-00002.safetensors"
     )
     assert output_shard_name("model.safetensors") == "model.safetensors"
+
+
+def test_malformed_bin_index_is_an_error(tmp_path):
+    _, tuned = tiny_pair(tmp_path / "st", shards=2)
+    target = to_bin(tuned, tmp_path / "bin")
+    (target / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": ["x"]}))
+    with pytest.raises(CheckpointError, match="not a valid index file"):
+        BinCheckpoint(target)

@@ -168,3 +168,17 @@ def test_shape_mismatch_and_adapter_as_model_are_errors(tmp_path):
         open_checkpoint(f"{base}+{adapter}")
     with pytest.raises(CheckpointError, match="no '\\+' splits"):
         open_checkpoint(f"{base}+{tmp_path / 'missing'}")
+
+
+def test_config_file_takes_model_plus_adapter(tmp_path):
+    base, adapter, full = build(tmp_path, "llama-bf16")
+    config = tmp_path / "ties.yml"
+    config.write_text(
+        f"merge_method: ties\nbase_model: {base}\n"
+        f"models:\n  - model: {base}+{adapter}\n    parameters: {{weight: 1.0, density: 0.3}}\n"
+    )
+    assert main(["--config", str(config), "--out", str(tmp_path / "b"), "--quiet"]) == 0
+    args = ["--base", str(base), "--tuned", str(full), "--method", "ties", "--density", "0.3"]
+    assert main([*args, "--out", str(tmp_path / "a"), "--quiet"]) == 0
+    a, b = tmp_path / "a" / "model.safetensors", tmp_path / "b" / "model.safetensors"
+    assert a.read_bytes() == b.read_bytes()
