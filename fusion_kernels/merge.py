@@ -7,9 +7,7 @@ Exit status: 0 done, 2 bad input (one line on stderr naming the file/tensor and 
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import NoReturn
@@ -29,7 +27,7 @@ from .params import (
 )
 from .pipeline import merge_checkpoints, plan_merge
 from .planner import parse_size
-from .process import interrupt_on_sigterm, run_and_exit
+from .process import run_cli
 
 DEFAULT_METHOD = "neuron_fusion"
 DEMO_DIR = "fusion_demo"
@@ -62,6 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="TUNED_PREFIX=BASE_PREFIX",
         help="rename tuned tensors to base names (repeatable); default: detected",
+    )
+    io.add_argument(
+        "--layer-map",
+        metavar="0,new,1-2|identity",
+        help="base layer of each tuned language-model layer, in order ('new': no base "
+        "counterpart, copied); default: from tuned's config (Mllama), else the identity",
+    )
+    io.add_argument(
+        "--allow-unpaired",
+        action="store_true",
+        help="merge even when base and tuned do not pair one to one: skip base-only tensors, "
+        "copy unpaired tuned ones (recorded in the report); default: refuse",
     )
     io.add_argument(
         "--config",
@@ -194,7 +204,7 @@ _METHOD_FLAGS = (
 
 def _from_config(args: argparse.Namespace) -> tuple[TensorParams, NeuronRules]:
     """Models, parameters and neuron rules from a mergekit YAML file (``--config``)."""
-    from .config import load_merge_config
+    from .mergekit.config import load_merge_config
     from .sources import open_checkpoint
 
     given = [f"--{n.replace('_', '-')}" for n in _METHOD_FLAGS if getattr(args, n) is not None]
@@ -214,7 +224,7 @@ def _from_config(args: argparse.Namespace) -> tuple[TensorParams, NeuronRules]:
     extra = {"seed": args.seed, "select": args.select, "allow_nonfinite": args.allow_nonfinite}
     default = cfg.params.default.replace(**{k: v for k, v in extra.items() if v is not None})
     rules = [*(parse_rule(r) for r in args.neuron_rule), *cfg.rules.rules]
-    return TensorParams(default, cfg.params.overrides), NeuronRules(rules, use_defaults=False)
+    return cfg.params.with_default(default), NeuronRules(rules, use_defaults=False)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -231,11 +241,27 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         raise FusionError(f"missing {', '.join(missing)} (or use --demo)")
     if args.dry_run:
-        _, _, plan = plan_merge(args.base, args.tuned, rules, args.max_shard_size, args.map)
+        _, _, plan = plan_merge(
+            args.base,
+            args.tuned,
+            rules,
+            args.max_shard_size,
+            args.map,
+            args.layer_map,
+            args.allow_unpaired,
+        )
+        params.check(name for name, task in plan.tasks.items() if task.action == "merge")
         print(plan.describe())
         print(f"params: {params.default.as_dict()}")
-        for override in params.overrides:
-            print(f"  for /{override.pattern}/: {override.changes}")
+        for entry in params.describe():
+            if "pattern" in entry:
+                pattern = entry.pop("pattern")
+                print(f"  for /{pattern}/: {entry}")
+            else:
+                print(
+                    f"  for names containing {entry['filter']!r}: {entry['parameter']} = "
+                    f"{entry['value']!r} (mergekit filter)"
+                )
         return 0
     if args.text_model_out is not None:
         _check_text_out(args)
@@ -249,6 +275,8 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         max_shard_size=args.max_shard_size,
         name_map=args.map,
+        layer_map=args.layer_map,
+        allow_unpaired=args.allow_unpaired,
         overwrite=args.overwrite,
         progress=not args.quiet,
         verify=args.verify,
@@ -260,7 +288,13 @@ def run(args: argparse.Namespace) -> int:
         from .textexport import export_text_model
 
         export_text_model(
-            args.base, args.out, args.text_model_out, name_map=args.map, overwrite=args.overwrite
+            args.base,
+            args.out,
+            args.text_model_out,
+            name_map=args.map,
+            layer_map=args.layer_map,
+            allow_unpaired=args.allow_unpaired,
+            overwrite=args.overwrite,
         )
         print(f"text model: {args.text_model_out}")
     if args.plots:
@@ -347,27 +381,22 @@ def _run_demo(root: Path, args, params, rules) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    interrupt_on_sigterm()
+def command(argv: list[str] | None = None) -> int:
+    """The merge command; raises :class:`FusionError` on bad input (see :func:`run_cli`)."""
     # Past a file-size limit, let the write fail with EFBIG (a clear error) instead of dying.
     if hasattr(signal, "SIGXFSZ"):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except FusionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: no output written", file=sys.stderr)
-        return 130
+    return run(build_parser().parse_args(argv))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point from Python; returns the exit status (0, 2 bad input, 130 interrupted)."""
+    return run_cli(command, argv, exit=False)
 
 
 def cli() -> NoReturn:
-    """Console-script entry point: :func:`main`, then a fast exit."""
-    run_and_exit(main)
+    """Console-script entry point: :func:`command` under :func:`run_cli`, then a fast exit."""
+    run_cli(command)
 
 
 if __name__ == "__main__":

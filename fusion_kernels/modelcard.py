@@ -61,8 +61,14 @@ def reproduce_command(report: dict[str, Any], out: str) -> str:
     if params.get("allow_nonfinite"):
         words.append("--allow-nonfinite")
     for override in report.get("param_overrides", []):
-        changes = ",".join(f"{k}={v}" for k, v in override.items() if k != "pattern")
-        words += ["--set", f"{override['pattern']}:{changes}"]
+        if "pattern" in override:
+            changes = ",".join(f"{k}={v}" for k, v in override.items() if k != "pattern")
+            words += ["--set", f"{override['pattern']}:{changes}"]
+    layer_map = report.get("layer_map") or {}
+    if layer_map.get("source") == "--layer-map":
+        words += ["--layer-map", layer_map["spec"]]
+    if (report.get("pairing") or {}).get("strict") is False:
+        words.append("--allow-unpaired")
     defaults = {(rule.pattern, rule.axis) for rule in DEFAULT_RULES}
     for rule in report.get("neuron_rules", []):
         if (rule["pattern"], rule["axis"]) not in defaults:
@@ -132,10 +138,10 @@ def _body(report, out, base, tuned, methods) -> list[str]:
     lines += ["", "## Per-tensor rules (`--set`)", ""]
     overrides = report.get("param_overrides", [])
     if overrides:
-        lines += ["| pattern | changes |", "|---|---|"]
-        for item in overrides:
-            changes = ", ".join(f"{k}={v}" for k, v in item.items() if k != "pattern")
-            lines.append(f"| `{item['pattern']}` | {changes} |")
+        lines += ["| tensors | changes |", "|---|---|"]
+        lines += [_override_row(item) for item in overrides]
+        if any("pattern" not in item for item in overrides):
+            lines += ["", "The filters come from a mergekit config: pass it again with `--config`."]
     else:
         lines.append("None: every tensor used the parameters above.")
     lines += ["", "## Name and layer map (tuned → base)", ""]
@@ -146,7 +152,16 @@ def _body(report, out, base, tuned, methods) -> list[str]:
         top = "(top level)"
         lines += [f"| `{r['tuned'] or top}` | `{r['base'] or top}` |" for r in rules]
     else:
-        lines.append("Identity: tuned and base tensors share names, layer i with layer i.")
+        lines.append("Identity: tuned and base tensors share names.")
+    layer_map = report.get("layer_map") or {}
+    if layer_map.get("spec"):
+        lines += [
+            "",
+            f"Layer map ({layer_map['source']}): base layer of each tuned layer, in "
+            f"order (`new`: no base counterpart, copied): `{layer_map['spec']}`.",
+        ]
+    else:
+        lines += ["", "Layers pair one to one: tuned layer i with base layer i."]
     lines += ["", "## What was kept, per module type", ""]
     lines += ["| module | tensors | kept share | restored neurons |", "|---|---|---|---|"]
     for module, count, kept, restored in module_table(report["tensors"]):
@@ -163,6 +178,14 @@ def _body(report, out, base, tuned, methods) -> list[str]:
         "restored neurons.",
     ]
     return lines
+
+
+def _override_row(item: dict[str, Any]) -> str:
+    """One ``--set`` rule (a regex) or one mergekit filter (a substring) as a table row."""
+    if "pattern" in item:
+        changes = ", ".join(f"{k}={v}" for k, v in item.items() if k != "pattern")
+        return f"| matching `{item['pattern']}` | {changes} |"
+    return f"| containing `{item['filter']}` | {item['parameter']}={item['value']} |"
 
 
 def _yaml(text: str) -> str:

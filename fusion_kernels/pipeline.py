@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from . import __version__
 from .errors import FusionError, ParameterError
+from .layermap import layer_map_for
 from .modelcard import CARD_NAME, model_card
-from .namemap import detect, user_map
+from .namemap import detect, layer_prefix, user_map
 from .neurons import NeuronRules
 from .ops import TensorStats, merge_tensor
 from .params import MergeParams, TensorParams
@@ -29,6 +29,7 @@ from .planner import MergePlan, TensorTask, build_plan
 from .reader import Checkpoint
 from .sources import open_checkpoint
 from .transfer import make_transport
+from .version import __version__
 from .writer import CheckpointWriter
 
 log = logging.getLogger("fusion_kernels")
@@ -40,18 +41,26 @@ def plan_merge(
     rules: NeuronRules | None = None,
     max_shard_size: int | None = None,
     name_map: list[str] | None = None,
+    layer_map: str | None = None,
+    allow_unpaired: bool = False,
 ) -> tuple[Checkpoint, Checkpoint, MergePlan]:
     """Open both checkpoints and plan the merge; nothing is written.
 
     ``base`` and ``tuned``: local paths, Hub ids or ``MODEL+ADAPTER`` (see :mod:`.sources`).
 
     ``name_map``: ``TUNED_PREFIX=BASE_PREFIX`` rewrites; default: detected from names and shapes.
+    ``layer_map``: base layer per tuned layer (``0,new,1-2``); default: from tuned's config.
+    ``allow_unpaired``: skip base tensors and copy tuned language-model tensors that do not pair
+    (default: refuse).
     """
     base_ckpt, tuned_ckpt = open_checkpoint(base), open_checkpoint(tuned)
     mapping = (
         user_map(base_ckpt, tuned_ckpt, name_map) if name_map else detect(base_ckpt, tuned_ckpt)
     )
-    plan = build_plan(base_ckpt, tuned_ckpt, rules, max_shard_size, mapping)
+    layers = layer_map_for(tuned_ckpt, layer_map, layer_prefix(base_ckpt))
+    plan = build_plan(
+        base_ckpt, tuned_ckpt, rules, max_shard_size, mapping, layers, not allow_unpaired
+    )
     return base_ckpt, tuned_ckpt, plan
 
 
@@ -83,6 +92,8 @@ def merge_checkpoints(
     device: str = "cpu",
     max_shard_size: int | None = None,
     name_map: list[str] | None = None,
+    layer_map: str | None = None,
+    allow_unpaired: bool = False,
     overwrite: bool = False,
     progress: bool = True,
     verify: bool = False,
@@ -101,6 +112,10 @@ def merge_checkpoints(
         device: where tensors are merged (``cpu``, ``cuda``, ``cuda:1``).
         max_shard_size: regroup output shards to at most this many bytes (default: tuned's).
         name_map: ``TUNED_PREFIX=BASE_PREFIX`` rewrites (default: detected, e.g. for LLaVA).
+        layer_map: base layer per tuned layer, e.g. ``0,new,1-2`` (default: from tuned's config,
+            e.g. Mllama's cross-attention layers are new; else the identity).
+        allow_unpaired: merge even when base and tuned do not pair one to one (recorded in the
+            report); default: refuse before writing anything.
         overwrite: replace an existing ``out``.
         progress: show a progress bar on stderr.
         verify: re-read the written files and check every tensor against what was computed.
@@ -111,10 +126,15 @@ def merge_checkpoints(
     out_dir = Path(out)
     params = params if isinstance(params, TensorParams) else TensorParams(params)
     rules = rules or NeuronRules()
-    base_ckpt, tuned_ckpt, plan = plan_merge(base, tuned, rules, max_shard_size, name_map)
+    base_ckpt, tuned_ckpt, plan = plan_merge(
+        base, tuned, rules, max_shard_size, name_map, layer_map, allow_unpaired
+    )
     check_output_path(out_dir, [*base_ckpt.roots, *tuned_ckpt.roots])
+    params.check(name for name, task in plan.tasks.items() if task.action == "merge")
     for name in plan.skipped:
         log.warning("tensor %r is only in base (%s); it is not in the output", name, base_ckpt.path)
+    for name in plan.structure.unpaired_tuned:
+        log.warning("tensor %r has no base counterpart; it is copied from tuned", name)
     torch_device = torch.device(device)
     started = time.perf_counter()
     with CheckpointWriter(out_dir, plan, overwrite=overwrite) as writer:
@@ -255,12 +275,14 @@ def _report(plan, params, rules, base_ckpt, tuned_ckpt, stats, device, started) 
         "base_model": getattr(base_ckpt, "reference", str(base_ckpt.path)),
         "tuned_model": getattr(tuned_ckpt, "reference", str(tuned_ckpt.path)),
         "params": params.default.as_dict(),
-        "param_overrides": [{"pattern": o.pattern, **o.changes} for o in params.overrides],
+        "param_overrides": params.describe(),
         "neuron_rules": [{"pattern": r.pattern, "axis": r.axis} for r in rules.rules],
         "name_map": {
             "detected": plan.name_map.detected,
             "rules": [{"tuned": t, "base": b} for t, b in plan.name_map.rules],
         },
+        "layer_map": plan.layer_map.as_dict(),
+        "pairing": plan.structure.as_dict(),
         "device": device,
         "backends": sorted({s.backend for s in merged}),
         "totals": {

@@ -16,10 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PlanError
-from .namemap import NameMap, detect, user_map
 from .planner import MergePlan, ShardPlan, TensorTask, _regroup
-from .reader import Checkpoint, TensorInfo
-from .sources import open_checkpoint
+from .reader import TensorInfo
 from .writer import CheckpointWriter
 
 #: Shard size of the export (transformers' own default).
@@ -32,21 +30,23 @@ def export_text_model(
     out: str | os.PathLike,
     *,
     name_map: list[str] | None = None,
+    layer_map: str | None = None,
+    allow_unpaired: bool = False,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write the language model of the merged checkpoint ``merged`` as ``base`` names it.
 
-    Returns a small report (also written as ``fusion_report.json``): per base tensor, where its
-    bytes came from.
+    The tensors pair as the merge paired them (``name_map``, ``layer_map`` and
+    ``allow_unpaired`` as given to it). Returns a small report (also written as
+    ``fusion_report.json``): per base tensor, where its bytes came from.
     """
-    base_ckpt, merged_ckpt = open_checkpoint(base), Checkpoint(merged)
+    from .pipeline import plan_merge
+
+    base_ckpt, merged_ckpt, pairing = plan_merge(
+        base, merged, name_map=name_map, layer_map=layer_map, allow_unpaired=allow_unpaired
+    )
     try:
-        mapping = (
-            user_map(base_ckpt, merged_ckpt, name_map)
-            if name_map
-            else detect(base_ckpt, merged_ckpt)
-        )
-        sources = _sources(base_ckpt, merged_ckpt, mapping)
+        sources = _sources(pairing)
         plan = _plan(base_ckpt, merged_ckpt, sources)
         with CheckpointWriter(out, plan, overwrite=overwrite) as writer:
             for name in base_ckpt.names():
@@ -69,14 +69,13 @@ def export_text_model(
     return report
 
 
-def _sources(base, merged, mapping: NameMap) -> dict[str, str]:
+def _sources(pairing: MergePlan) -> dict[str, str]:
     """Base tensor name → the merged tensor that holds it. Two merged tensors on one base tensor
     (a tuned lm_head merged against tied base embeddings) resolve to the one named like it."""
     candidates: dict[str, list[str]] = {}
-    for name in merged.names():
-        base_name = mapping.base_name(name, base.tensors)
-        if base_name is not None:
-            candidates.setdefault(base_name, []).append(name)
+    for name, task in pairing.tasks.items():
+        if task.base is not None:
+            candidates.setdefault(task.base.name, []).append(name)
     chosen = {}
     for base_name, names in candidates.items():
         tail = base_name.split(".")[-2:]

@@ -31,7 +31,7 @@ def test_card_front_matter_and_tables(tmp_path):
     assert {"merge", "neu-p-ties", "neuron_fusion"} <= set(meta["tags"])
     assert meta["library_name"] == "transformers" and meta["license"] == "apache-2.0"
     report = json.loads((out / "fusion_report.json").read_text())
-    assert "| density | `0.2` |" in body and "| `self_attn` | density=0.5 |" in body
+    assert "| density | `0.2` |" in body and "| matching `self_attn` | density=0.5 |" in body
     rows = [line for line in body.splitlines() if line.startswith("| `self_attn.q_proj` |")]
     (row,) = rows
     q = [t for t in report["tensors"] if "q_proj" in t["name"]]

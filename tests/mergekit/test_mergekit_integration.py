@@ -1,7 +1,8 @@
-"""mergekit integration (issue 6): mergekit YAML files read by ``fusion_kernels.config`` against
-stock ``mergekit-yaml`` on tiny transformers Llama models, the ``neuron_fusion`` method and the
+"""mergekit integration (issue 6): mergekit YAML files read by ``merge --config`` against stock
+``mergekit-yaml`` on tiny transformers Llama models, the ``neuron_fusion`` method and the
 accelerated sparsify through ``python -m fusion_kernels.mergekit``, and the accelerated sparsify's
-properties (exact counts, norm preservation, determinism)."""
+properties (exact counts, norm preservation, determinism). The reader's own tests are in
+test_mergekit_config.py."""
 
 from __future__ import annotations
 
@@ -15,8 +16,7 @@ import torch
 from conftest import assert_tensors_equal, assert_within_ulp, make_pair
 
 from fusion_kernels import merge_checkpoints, merge_tensor, params_for
-from fusion_kernels.config import TASK_ARITHMETIC_METHODS, load_merge_config, parse_merge_config
-from fusion_kernels.errors import ParameterError
+from fusion_kernels.mergekit.config import load_merge_config
 from fusion_kernels.ops.contract import magnitude_window
 from fusion_kernels.reader import Checkpoint
 
@@ -27,7 +27,7 @@ mergekit = pytest.importorskip("mergekit", reason="installed by the test extra")
 from mergekit.merge_methods import merge_tensors  # noqa: E402
 from mergekit.sparsify import RescaleNorm, SparsificationMethod, sparsify  # noqa: E402
 
-from fusion_kernels.integrations import mergekit as fk_mergekit  # noqa: E402
+import fusion_kernels.mergekit as fk_mergekit  # noqa: E402
 
 MERGEKIT_YAML = Path(sys.executable).parent / "mergekit-yaml"
 # Tokenizers are absent from the tiny models and the model card looks names up online.
@@ -486,204 +486,16 @@ def test_accelerated_mode_inside_mergekits_methods(accelerated):
     assert not torch.equal(first, second), "each model draws its own mask"
 
 
-# ---------------------------------------------------------------------------------------------
-# Reading YAML: mergekit's defaults and filter semantics, and every unsupported input
-
-
-def test_method_defaults_equal_mergekits_specs():
-    from mergekit.merge_methods import get
-    from mergekit.merge_methods.base import ParameterScope
-
-    for method, ours_spec in TASK_ARITHMETIC_METHODS.items():
-        theirs = get(method)
-        assert (theirs.consensus_method is not None) == ours_spec.consensus, method
-        kind = theirs.sparsification_method
-        suppress = {
-            None: "none",
-            "magnitude": "magnitude",
-            "random": "random",
-            "magnitude_outliers": "breadcrumbs",
-            "della_magprune": "della",
-        }
-        assert suppress[kind.value if kind else None] == ours_spec.suppress, method
-        expected = ours_spec.parameters()
-        assert {p.name for p in theirs.spec.parameters} == set(expected), method
-        for p in theirs.spec.parameters:
-            mine = expected[p.name]
-            assert (p.scope == ParameterScope.SHARED) == mine.shared, (method, p.name)
-            assert p.required == mine.required, (method, p.name)
-            assert p.required or p.default == mine.default, (method, p.name)
-
-
-FILTER_CONFIG = {
-    "merge_method": "breadcrumbs",
-    "base_model": "base",
-    "models": [
-        {"model": "base"},
-        {
-            "model": "tuned",
-            "parameters": {
-                "weight": 0.5,
-                "density": [
-                    {"filter": "q_proj", "value": 0.7},
-                    {"filter": "self_attn", "value": 0.3},
-                ],
-            },
-        },
-    ],
-    "parameters": {
-        "density": [{"filter": "mlp", "value": 0.4}, {"filter": "*", "value": 0.2}],
-        "gamma": [{"filter": "layers.1.", "value": 0.05}, {"value": 0.02}],
-        "lambda": [{"filter": "up_proj", "value": 2.0}, {"value": 1.0}],
-    },
-}
-
-
-def test_filters_resolve_as_in_mergekit():
-    from mergekit.common import ModelReference
-    from mergekit.config import (
-        ConfigReader,
-        InputSliceDefinition,
-        MergeConfiguration,
-        OutputSliceDefinition,
-    )
-    from mergekit.merge_methods import get
-    from mergekit.parameter_resolver import resolve_parameters
-
-    params = parse_merge_config(FILTER_CONFIG).params
-    config = MergeConfiguration.model_validate(FILTER_CONFIG)
-    sources = [
-        InputSliceDefinition(model=m.model, layer_range=(0, 2), parameters=m.parameters)
-        for m in config.models
-    ]
-    reader = ConfigReader(config=config, t=0, slice_out=OutputSliceDefinition(sources=sources))
-    tuned = ModelReference.parse("tuned")
-    for layer in (0, 1):
-        for module in (
-            "self_attn.q_proj",
-            "self_attn.k_proj",
-            "mlp.up_proj",
-            "mlp.down_proj",
-            "input_layernorm",
-        ):
-            name = f"model.layers.{layer}.{module}.weight"
-            shared, per_input = resolve_parameters(
-                get("breadcrumbs").spec,
-                tensor_name=name,
-                inputs={s.model: name for s in sources},
-                sources=reader.parameter_sources,
-                base_model=config.base_model,
-            )
-            mine = params.for_tensor(name)
-            assert mine.density == per_input[tuned]["density"], name
-            assert mine.gamma == per_input[tuned]["gamma"], name
-            assert mine.weight == per_input[tuned]["weight"] * shared["lambda"], name
-
-
-def test_method_mapping():
-    def load(method, model, **top):
-        data = {
-            "merge_method": method,
-            "base_model": "b",
-            "models": [{"model": "t", "parameters": model}],
-            **top,
-        }
-        return parse_merge_config(data).params.default
-
-    assert load("ties", {"weight": 0.3, "density": 0.2}).weight == 1.0, "normalize cancels w"
-    assert load("ties", {"weight": 0.3}, parameters={"normalize": False}).weight == 0.3
-    assert load("ties", {"weight": 0.3}).suppress == "none", "density 1.0 keeps everything"
-    assert load("task_arithmetic", {"weight": 0.5}, parameters={"lambda": 0.5}).weight == 0.25
-    dare = load("dare_linear", {"weight": 1.0, "density": "3e-1"})
-    assert (dare.suppress, dare.density, dare.rescale) == ("random", 0.3, "l1")
-    assert (
-        load("dare_linear", {"weight": 1, "density": 0.3}, parameters={"rescale": False}).rescale
-        == "none"
-    )
-    della = load("della_linear", {"weight": 1.0, "density": 0.5})
-    assert (della.suppress, della.epsilon, della.rescale) == ("della", 0.15, "l1")
-    assert load("breadcrumbs", {"weight": 1.0, "density": 0.5}).gamma == 0.01
-    nf = parse_merge_config(
-        {
-            "merge_method": "neuron_fusion",
-            "base_model": "b",
-            "models": [{"model": "t", "parameters": {"top_neurons": 0.1, "neuron_rules": "x=col"}}],
-        }
-    )
-    assert nf.params.default == params_for("neuron_fusion", top_neurons=0.1)
-    assert nf.rules.axis_for("a.x.b") == "col"
-
-
-@pytest.mark.parametrize(
-    "change,message",
-    [
-        ({"merge_method": "slerp"}, "'slerp' is not supported"),
-        ({"slices": []}, "'slices'"),
-        ({"tokenizer_source": "base"}, "'tokenizer_source'"),
-        ({"nonsense": 1}, "unknown key 'nonsense'"),
-        ({"models": [{"model": "t", "parameters": {"weight": 1, "densty": 0.2}}]}, "'densty'"),
-        ({"models": [{"model": "t", "parameters": {"density": 0.2}}]}, "'weight' is required"),
-        ({"models": [{"model": "t", "parameters": {"weight": [0.1, 0.5]}}]}, "gradients"),
-        ({"models": [{"model": "t", "parameters": {"weight": 1, "lambda": 2}}]}, "top-level"),
-        ({"models": [{"model": "t"}, {"model": "u"}]}, "exactly one model"),
-        ({"models": [{"model": "t", "parameters": {"weight": "heavy"}}]}, "must be a float"),
-        ({"dtype": "float64"}, "dtype 'float64'"),
-        ({"parameters": {"rescale": True}}, "rescale: true with ties"),
-        (
-            {
-                "merge_method": "della_linear",
-                "models": [{"model": "t", "parameters": {"weight": 1, "density": 0.1}}],
-                "parameters": {"epsilon": 0.2},
-            },
-            "della needs",
-        ),
-    ],
-)
-def test_unsupported_or_bad_input_is_a_parameter_error(change, message):
-    data = {
-        "merge_method": "ties",
-        "base_model": "b",
-        "models": [{"model": "t", "parameters": {"weight": 1.0, "density": 0.2}}],
-        **change,
-    }
-    with pytest.raises(ParameterError, match=message):
-        parse_merge_config(data)
-
-
-def test_load_merge_config_names_the_file(tmp_path):
-    bad = tmp_path / "bad.yml"
-    bad.write_text("merge_method: slerp\n")
-    with pytest.raises(ParameterError, match=r"bad\.yml"):
-        load_merge_config(bad)
-    with pytest.raises(ParameterError, match="cannot read"):
-        load_merge_config(tmp_path / "missing.yml")
-
-
-def test_dtype_checks():
-    data = {
-        "merge_method": "task_arithmetic",
-        "base_model": "b",
-        "models": [{"model": "t", "parameters": {"weight": 1.0}}],
-    }
-    ok = parse_merge_config({**data, "dtype": "float32", "out_dtype": "bfloat16"})
-    ok.check_dtypes([torch.bfloat16, torch.int64])
-    with pytest.raises(ParameterError, match="written as float32"):
-        parse_merge_config({**data, "dtype": "float32"}).check_dtypes([torch.bfloat16])
-    with pytest.raises(ParameterError, match="round the float32"):
-        parse_merge_config({**data, "dtype": "bfloat16"}).check_dtypes([torch.float32])
-
-
 def test_importing_without_mergekit_fails_only_on_use():
     code = """
 import sys
 sys.modules["mergekit"] = None
-import fusion_kernels.config, fusion_kernels.mergekit
-from fusion_kernels.integrations import mergekit
+import fusion_kernels.mergekit as mergekit
 try:
     mergekit.install()
 except mergekit.MergekitMissingError as exc:
     print("MISSING", exc)
-sys.exit(fusion_kernels.mergekit.main(["c.yml", "out"]))
+sys.exit(mergekit.main(["c.yml", "out"]))
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV)
     assert done.returncode == 2, done.stderr

@@ -5,6 +5,9 @@ import csv
 import importlib.util
 import json
 import math
+import signal
+import subprocess
+import sys
 
 import matplotlib.image
 import pytest
@@ -178,3 +181,28 @@ def test_merge_plots_add_the_per_layer_figure(tmp_path):
     page = (out / "fusion_plots" / "index.html").read_text()
     assert 'src="merge_layers.png"' in page
     assert matplotlib.image.imread(out / "fusion_plots" / "merge_layers.png").ndim == 3
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_an_interrupted_locate_exits_130_with_nothing_written(tmp_path, signum):
+    # The signal arrives while the checkpoints are being scored (the long part), from the
+    # process itself so it lands there however fast the machine is.
+    base_dir, tuned_dir = tiny_pair(tmp_path / "in")
+    out = tmp_path / "report"
+    code = f"""
+import os, signal, sys, time
+import fusion_kernels.locate as locate
+
+def interrupted(*args, **kwargs):
+    os.kill(os.getpid(), {int(signum)})
+    time.sleep(30)
+
+locate.locate_checkpoints = interrupted
+sys.argv = ["locate", "--base", {str(base_dir)!r}, "--tuned", {str(tuned_dir)!r},
+            "--out", {str(out)!r}, "--quiet"]
+locate.cli()
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.strip().splitlines() == ["interrupted: no output written"]
+    assert not out.exists()

@@ -13,11 +13,12 @@ import pytest
 pytest.importorskip("transformers", reason="installed by the test extra")
 pytest.importorskip("matplotlib", reason="installed by the test extra")
 
-from fusion_kernels import PRESETS, miniature
+from fusion_kernels import PRESETS
 from fusion_kernels.errors import FusionError
+from fusion_kernels.experiments import miniature
 from fusion_kernels.sweep import run_sweep
 
-SCRIPT = Path(__file__).parent.parent / "python" / "paper_miniature.py"
+SCRIPT = Path(__file__).parents[2] / "examples" / "paper_miniature.py"
 TABLE_ROWS = [
     "MLLM (tuned)",
     "LLM (base)",
@@ -101,7 +102,7 @@ def test_evaluate_is_the_sweeps_built_in_example(quick_run, tmp_path):
         workdir / "tuned",
         tmp_path / "sweep",
         "method=ties;density=0.2,0.9",
-        "fusion_kernels.miniature:evaluate",
+        "fusion_kernels.experiments.miniature:evaluate",
         metric="OA",
     )
     by_point = {r["point"]: r for r in result["rows"]}

@@ -88,7 +88,9 @@ def test_tuned_only_and_non_float_tensors_are_copied_and_base_only_skipped(tmp_p
     }
     write_single(tmp_path / "base", base)
     write_single(tmp_path / "tuned", tuned)
-    plan = build_plan(Checkpoint(tmp_path / "base"), Checkpoint(tmp_path / "tuned"))
+    with pytest.raises(PlanError, match=r"do not pair one to one.*'new'.*'old'"):
+        build_plan(Checkpoint(tmp_path / "base"), Checkpoint(tmp_path / "tuned"))
+    plan = build_plan(Checkpoint(tmp_path / "base"), Checkpoint(tmp_path / "tuned"), strict=False)
     actions = {n: (t.action, t.reason) for n, t in plan.tasks.items()}
     assert actions == {
         "w": ("merge", ""),
@@ -97,12 +99,18 @@ def test_tuned_only_and_non_float_tensors_are_copied_and_base_only_skipped(tmp_p
     }
     assert plan.skipped == ["old"]
     report = merge_checkpoints(
-        tmp_path / "base", tmp_path / "tuned", tmp_path / "out", params_for("ties"), progress=False
+        tmp_path / "base",
+        tmp_path / "tuned",
+        tmp_path / "out",
+        params_for("ties"),
+        allow_unpaired=True,
+        progress=False,
     )
     out = load_file(tmp_path / "out" / "model.safetensors")
     assert torch.equal(out["ids"], tuned["ids"]) and torch.equal(out["new"], tuned["new"])
     assert "old" not in out and report["totals"]["skipped_base_only"] == ["old"]
     assert "only in base" in caplog.text
+    assert report["pairing"]["strict"] is False and report["pairing"]["unpaired_tuned"] == ["new"]
 
 
 def test_shape_and_dtype_mismatch_are_plan_errors_naming_the_tensor(tmp_path):

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
-import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,15 +34,13 @@ from typing import Any
 
 import torch
 
-from .dtypes import MERGE_DTYPE_NAMES, dtype_from_name
-from .errors import ParameterError
-from .integrations.mergekit import METHOD_PARAMETERS, neuron_rules_from_text
-from .neurons import NeuronRules
-from .params import MergeParams, ParamOverride, TensorParams
+from ..dtypes import MERGE_DTYPE_NAMES, dtype_from_name
+from ..errors import ParameterError
+from ..neurons import NeuronRules
+from ..params import FIELD_TYPES, MergeParams, TensorParams, convert_field
+from .method import METHOD_PARAMETERS, neuron_rules_from_text
 
 _MISSING = object()
-#: Distinct filter strings a file may use: every combination becomes one override pattern.
-MAX_FILTERS = 10
 
 
 @dataclass(frozen=True)
@@ -262,7 +258,7 @@ def _method_parameters(method: str) -> dict[str, _Param]:
     if method != NEURON_FUSION:
         return TASK_ARITHMETIC_METHODS[method].parameters()
     return {
-        name: _Param(str if default is None else type(default), default, optional=default is None)
+        name: _Param(FIELD_TYPES.get(name, str), default, optional=default is None)
         for name, (_, default) in METHOD_PARAMETERS.items()
     }
 
@@ -297,7 +293,7 @@ def _name(dtype: torch.dtype) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Values: filter chains, resolved per combination of matching filters
+# Values: filter chains, resolved per tensor name
 
 #: ``(filter or None, value)`` in mergekit's order of precedence; None matches every tensor.
 Chain = list[tuple[str | None, Any]]
@@ -335,26 +331,65 @@ def _resolve(chain: Chain, matching: frozenset[str]) -> Any:
     return next((v for f, v in chain if f is None or f in matching), _MISSING)
 
 
-def _coerce(name: str, param: _Param, value: Any) -> Any:
-    """Validate like mergekit's pydantic types in lax mode (YAML's ``1e-3`` is a string)."""
+def _value(name: str, param: _Param, chain: Chain, matching: frozenset[str]) -> Any:
+    """The parameter's value for tensors whose name contains exactly the filters ``matching``,
+    converted like mergekit's pydantic types in lax mode (YAML's ``1e-3`` is a string)."""
+    value = _resolve(chain, matching)
+    value = param.default if value is _MISSING else value
     if value is None and param.optional:
         return None
-    kind = param.kind
     try:
-        if kind is bool:
-            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
-                return value.lower() in ("true", "yes")
-            if isinstance(value, bool) or value in (0, 1):
-                return bool(value)
-        elif kind is float and not isinstance(value, bool):
-            return float(value)
-        elif kind is int and not isinstance(value, bool) and float(value) == int(float(value)):
-            return int(float(value))
-        elif kind is str and isinstance(value, str):
-            return value
-    except (TypeError, ValueError, OverflowError):
-        pass
-    raise ParameterError(f"parameter {name!r} must be a {kind.__name__}, got {value!r}")
+        return convert_field(name, value, param.kind)
+    except ParameterError as exc:
+        raise ParameterError(f"parameter {exc}") from None
+
+
+class _FilterChains:
+    """Per tensor name, the fields that differ from the default: every parameter takes the first
+    value of its chain whose filter is a substring of the name. Names that contain the same
+    filters share one resolution, so a file's filters cost one resolution per combination that
+    occurs among the tensors, never an enumeration of all of them."""
+
+    def __init__(
+        self,
+        definitions: dict[str, _Param],
+        chains: dict[str, Chain],
+        to_fields: Callable[[dict[str, Any]], dict[str, Any]],
+    ):
+        self.definitions, self.chains, self.to_fields = definitions, chains, to_fields
+        self.filters = tuple(dict.fromkeys(f for c in chains.values() for f, _ in c if f))
+        self.default = self.params(frozenset())
+        #: The filtered values as written, for reports.
+        self.description = [
+            {"filter": f, "parameter": name, "value": v}
+            for name, chain in chains.items()
+            for f, v in chain
+            if f is not None
+        ]
+        self._changes = functools.lru_cache(maxsize=None)(self._changes_for)
+
+    def params(self, matching: frozenset[str]) -> MergeParams:
+        """Our parameters for names that contain exactly the filters ``matching``."""
+        values = {
+            name: _value(name, param, self.chains[name], matching)
+            for name, param in self.definitions.items()
+        }
+        try:
+            return MergeParams(**self.to_fields(values)).validated()
+        except ParameterError as exc:
+            where = f" for tensors matching {sorted(matching)}" if matching else ""
+            raise ParameterError(f"{exc}{where}") from None
+
+    def _changes_for(self, matching: frozenset[str]) -> dict[str, Any]:
+        params = self.params(matching)
+        return {
+            f.name: getattr(params, f.name)
+            for f in dataclasses.fields(MergeParams)
+            if getattr(params, f.name) != getattr(self.default, f.name)
+        }
+
+    def __call__(self, name: str) -> dict[str, Any]:
+        return self._changes(frozenset(f for f in self.filters if f in name))
 
 
 def _tensor_params(
@@ -362,62 +397,22 @@ def _tensor_params(
     chains: dict[str, Chain],
     to_fields: Callable[[dict[str, Any]], dict[str, Any]],
 ) -> TensorParams:
-    """One parameter set per combination of matching filters: the empty one is the default,
-    the others become overrides whose patterns match exactly their combination."""
+    """The file's parameters per tensor: the default (no filter matching) and a function of the
+    name for the rest."""
     for name, param in definitions.items():
         if param.required and all(f is not None for f, _ in chains[name]):
             raise ParameterError(
                 f"parameter {name!r} is required (mergekit has no default): give it a value "
                 "without filter"
             )
-    filters = list(dict.fromkeys(f for chain in chains.values() for f, _ in chain if f))
-    if len(filters) > MAX_FILTERS:
-        raise ParameterError(f"{len(filters)} distinct filters; at most {MAX_FILTERS} supported")
-
-    def params_for(matching: frozenset[str]) -> MergeParams:
-        values = {}
-        for name, param in definitions.items():
-            value = _resolve(chains[name], matching)
-            values[name] = _coerce(name, param, param.default if value is _MISSING else value)
-        try:
-            return MergeParams(**to_fields(values)).validated()
-        except ParameterError as exc:
-            where = f" for tensors matching {sorted(matching)}" if matching else ""
-            raise ParameterError(f"{exc}{where}") from None
-
-    default = params_for(frozenset())
-    overrides = []
-    for size in range(1, len(filters) + 1):
-        for combination in itertools.combinations(filters, size):
-            params = params_for(frozenset(combination))
-            changes = {
-                f.name: getattr(params, f.name)
-                for f in dataclasses.fields(MergeParams)
-                if getattr(params, f.name) != getattr(default, f.name)
-            }
-            if changes:
-                overrides.append(ParamOverride(_pattern(combination, filters), changes))
-    return TensorParams(default, overrides)
-
-
-def _pattern(matching: tuple[str, ...], filters: list[str]) -> str:
-    """A regex (for ``re.search``) matching names that contain exactly ``matching`` of
-    ``filters`` as substrings."""
-    others = [f for f in filters if f not in matching]
-    if len(matching) == 1 and not others:
-        return re.escape(matching[0])
-    present = "".join(f"(?=.*?{re.escape(f)})" for f in matching)
-    absent = "".join(f"(?!.*?{re.escape(f)})" for f in others)
-    return f"^{present}{absent}"
+    resolver = _FilterChains(definitions, chains, to_fields)
+    return TensorParams(resolver.default, changes=resolver)
 
 
 def _constant_rules(chain: Chain, param: _Param) -> NeuronRules:
     if any(f is not None for f, _ in chain):
         raise ParameterError("neuron_rules cannot take filters; list all rules in one string")
-    value = _resolve(chain, frozenset())
-    return neuron_rules_from_text(
-        _coerce("neuron_rules", param, param.default if value is _MISSING else value)
-    )
+    return neuron_rules_from_text(_value("neuron_rules", param, chain, frozenset()))
 
 
 # ---------------------------------------------------------------------------------------------

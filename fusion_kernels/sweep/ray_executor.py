@@ -19,8 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import FusionError
-from .sweep import GridPoint, SweepJob, run_point
+from ..errors import FusionError
+from .grid import GridPoint
+from .job import SweepJob, run_point
 
 _ROW_KEY = "fusion_kernels_row"
 

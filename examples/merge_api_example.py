@@ -1,6 +1,6 @@
 """Using fusion_kernels from Python: one tensor, then a whole checkpoint.
 
-Run: python python/merge_api_example.py [WORKDIR]
+Run: python examples/merge_api_example.py [WORKDIR]
 """
 
 import sys

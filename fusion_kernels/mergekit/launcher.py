@@ -1,7 +1,7 @@
 """mergekit with fusion_kernels inside: ``python -m fusion_kernels.mergekit CONFIG.yml OUT [...]``.
 
-Installs the ``neuron_fusion`` merge method and the accelerated sparsify
-(:mod:`fusion_kernels.integrations.mergekit`), then runs mergekit's own ``mergekit-yaml`` entry
+Installs the ``neuron_fusion`` merge method (:mod:`.method`) and the accelerated sparsify
+(:mod:`.sparsify`), then runs mergekit's own ``mergekit-yaml`` entry
 point with the remaining arguments, so every mergekit option and YAML feature works as usual.
 
 Options of the launcher itself (removed before mergekit sees the arguments):
@@ -9,14 +9,15 @@ Options of the launcher itself (removed before mergekit sees the arguments):
   --fk-backend NAME    our backend: auto, torch, cpp, triton (default: $FUSION_KERNELS_BACKEND/auto)
 
 mergekit's ``--random-seed N`` also seeds our counter-based draws and tie-breaks (default 0).
-Exit status: mergekit's; 2 for a fusion_kernels error (one line on stderr).
+Exit status: mergekit's; 2 for a fusion_kernels error (one line on stderr); 130 interrupted.
 """
 
 from __future__ import annotations
 
 import sys
 
-from .errors import FusionError
+from ..errors import FusionError
+from ..process import run_cli
 
 PROG = "python -m fusion_kernels.mergekit"
 LAUNCHER_HELP = """fusion_kernels launcher options (the rest are mergekit-yaml's):
@@ -60,17 +61,16 @@ def split_arguments(argv: list[str]) -> tuple[list[str], dict]:
     return rest, options
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Install our method and sparsify, run ``mergekit-yaml`` on ``argv``; return the status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        rest, options = split_arguments(argv)
-        from .integrations.mergekit import install
+def command(argv: list[str] | None = None) -> int:
+    """Install our method and sparsify, run ``mergekit-yaml`` on ``argv``; return its status.
 
-        install(**options)
-    except FusionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    Raises :class:`FusionError` for our errors (see :func:`run_cli`).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest, options = split_arguments(argv)
+    from .sparsify import install
+
+    install(**options)
     import click
     from mergekit.scripts.run_yaml import main as mergekit_yaml
 
@@ -85,11 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     except click.Abort:
         print("Aborted!", file=sys.stderr)
         return 1
-    except FusionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     return status if isinstance(status, int) else 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def main(argv: list[str] | None = None) -> int:
+    """Entry point from Python; returns the exit status."""
+    return run_cli(command, argv, interrupted="interrupted", exit=False)

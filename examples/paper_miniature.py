@@ -6,7 +6,7 @@ English. Every merge method then fuses the two through the public API, and each 
 scored for language ability (LA), visual ability (VA) and their mean (OA), as in the paper's
 Table 2; the density and neuron sweeps redo its Figures 6, 7 and 8.
 
-Run: python python/paper_miniature.py [WORKDIR] [--full] [--threads N]
+Run: python examples/paper_miniature.py [WORKDIR] [--full] [--threads N]
 
 Without ``--full`` (or with ``--quick``) it runs the reduced version the tests run: a smaller model,
 shorter training and fewer sweep points, under a minute. ``--full`` is the documented run, about
@@ -34,7 +34,7 @@ import torch
 import transformers
 
 import fusion_kernels as fk
-from fusion_kernels import miniature
+from fusion_kernels.experiments import miniature
 
 #: The paper's rows (Table 2), as (its name, our preset).
 METHODS = [

@@ -10,8 +10,9 @@
 - OA: the mean of LA and VA, as in the paper's tables.
 
 :func:`evaluate` (model directory → ``{"LA", "VA", "OA"}``) is the built-in example for
-``python -m fusion_kernels.sweep --eval fusion_kernels.miniature:evaluate``; it reads the task from
-``miniature.json``, which every model directory of the experiment carries (a merge copies it).
+``python -m fusion_kernels.sweep --eval fusion_kernels.experiments.miniature:evaluate``; it reads
+the task from ``miniature.json``, which every model directory of the experiment carries (a merge
+copies it).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .errors import FusionError
+from ..errors import FusionError
 
 SPEC_NAME = "miniature.json"
 #: The base vocabulary: newline and printable ASCII, one token per character.

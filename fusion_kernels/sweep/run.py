@@ -1,0 +1,139 @@
+"""Running a sweep: every point of a grid merged and evaluated (here or as Ray Tune trials),
+resumable from ``results.csv``."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..errors import ParameterError
+from ..pipeline import check_output_path, plan_merge
+from .grid import GridPoint, parse_grid
+from .job import SweepJob, eval_spec_of, load_eval, merge_point, run_point
+from .plots import write_plots
+from .results import KEEP_MODES, RESULTS_NAME, Keeper, Results
+
+SWEEP_NAME = "sweep.json"
+
+
+def run_sweep(
+    base: str | os.PathLike,
+    tuned: str | os.PathLike,
+    out: str | os.PathLike,
+    grid: str | list[GridPoint],
+    evaluate: str | Callable[[str], dict[str, float]],
+    *,
+    keep: str = "best",
+    metric: str | None = None,
+    maximize: bool = True,
+    executor: str = "local",
+    ray_address: str | None = None,
+    cpus_per_trial: float = 1,
+    gpus_per_trial: float = 0,
+    backend: str | None = None,
+    device: str | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run (or resume) a sweep into ``out``; returns ``{"rows", "best", "plots", "skipped"}``.
+
+    Args:
+        grid: ``name=v1,v2;name=...`` (see :func:`parse_grid`) or parsed points.
+        evaluate: ``MODULE:FUNCTION`` or a function: merged model directory -> {metric: number}.
+            The ray executor needs one that other processes can import.
+        keep: merged models left in ``out/models``: ``best``, ``all`` or ``none``.
+        metric, maximize: what "best" means (default: the largest first metric returned).
+        executor: ``local`` (one point at a time, here) or ``ray`` (see :mod:`.ray_executor`).
+        ray_address, cpus_per_trial, gpus_per_trial: the ray executor's cluster and resources.
+        backend, device: how each merge runs (device default: ``cuda`` with GPUs per trial).
+        log: where progress lines go.
+
+    Points already in ``out/results.csv`` are skipped; ``out`` must be new, empty, or a sweep of
+    the same base, tuned and eval function. A bad grid, eval name or path raises
+    :class:`FusionError` before any merge.
+    """
+    points = parse_grid(grid) if isinstance(grid, str) else list(grid)
+    if keep not in KEEP_MODES:
+        raise ParameterError(f"--keep must be one of {', '.join(KEEP_MODES)}, got {keep!r}")
+    if executor not in ("local", "ray"):
+        raise ParameterError(f"--executor must be local or ray, got {executor!r}")
+    spec = evaluate if isinstance(evaluate, str) else eval_spec_of(evaluate)
+    function = load_eval(spec) if isinstance(evaluate, str) else evaluate
+    out_dir = Path(out).resolve()
+    base_path, tuned_path = Path(base).resolve(), Path(tuned).resolve()
+    plan_merge(base_path, tuned_path)  # unreadable or unmergeable inputs fail before any work
+    check_output_path(out_dir / "models", [base_path, tuned_path])
+    _claim(out_dir, {"base": str(base_path), "tuned": str(tuned_path), "eval": spec})
+    job = SweepJob(
+        str(base_path),
+        str(tuned_path),
+        str(out_dir / "models"),
+        spec,
+        backend,
+        device or ("cuda" if gpus_per_trial > 0 else "cpu"),
+    )
+    results = Results(out_dir / RESULTS_NAME)
+    keeper = Keeper(results, keep, metric, maximize)
+    todo = [p for p in points if p.key not in results.rows]
+    log(f"sweep: {len(points)} points, {len(points) - len(todo)} already in {results.path}")
+    done = []
+
+    def record(row: dict[str, Any]) -> None:
+        keeper.add(row)
+        done.append(row["point"])
+        log(f"[{len(done)}/{len(todo)}] {row['point']}: {_metrics_text(row, results.metrics())}")
+
+    if executor == "ray":
+        from .ray_executor import run_ray
+
+        if todo and not _importable(spec, function):
+            raise ParameterError(
+                f"--executor ray: the eval function {spec} cannot be imported by other "
+                "processes; define it at the top level of a module and pass MODULE:FUNCTION"
+            )
+        run_ray(job, todo, record, ray_address, cpus_per_trial, gpus_per_trial)
+    else:
+        for point in todo:
+            record(run_point(job, point, function))
+    keeper.finish(points, functools.partial(merge_point, job))
+    names = [name for name, _ in points[0].values] if points else []
+    rows = [results.rows[p.key] for p in points if p.key in results.rows]
+    plots = write_plots(rows, names, results.metrics(), out_dir / "plots", log)
+    best = keeper.best()
+    if best is not None:
+        log(f"best {keeper.metric}: {best[keeper.metric]} at {best['point']} {best['model']}")
+    return {"rows": rows, "best": best, "plots": plots, "skipped": len(points) - len(todo)}
+
+
+def _importable(spec: str, function: Callable) -> bool:
+    """Whether a worker process importing ``spec`` gets ``function``."""
+    if spec.startswith("__main__:"):
+        return False
+    try:
+        return load_eval(spec) is function
+    except ParameterError:
+        return False
+
+
+def _claim(out_dir: Path, identity: dict[str, str]) -> None:
+    marker = out_dir / SWEEP_NAME
+    if marker.exists():
+        previous = json.loads(marker.read_text())
+        changed = [k for k in identity if previous.get(k) != identity[k]]
+        if changed:
+            raise ParameterError(
+                f"--out {out_dir} holds a sweep with another {', '.join(changed)} "
+                f"({', '.join(str(previous.get(k)) for k in changed)}); choose another --out"
+            )
+    elif out_dir.exists() and any(out_dir.iterdir()):
+        raise ParameterError(f"--out {out_dir} exists and is not a sweep; choose another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(identity, indent=2) + "\n")
+
+
+def _metrics_text(row: dict[str, Any], metrics: list[str]) -> str:
+    shown = " ".join(f"{name}={row[name]:g}" for name in metrics if name in row)
+    return f"{shown} (merge {row['merge_seconds']:.2f} s, eval {row['eval_seconds']:.2f} s)"
