@@ -39,8 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Merge a fine-tuned model back with its base (Neuron-Fusion and friends).",
     )
     io = parser.add_argument_group("checkpoints")
-    io.add_argument("--base", type=Path, help="base model directory or .safetensors file")
-    io.add_argument("--tuned", type=Path, help="fine-tuned model directory or .safetensors file")
+    io.add_argument(
+        "--base", help="base model: a directory or weights file, or a Hub id ORG/NAME[@REV]"
+    )
+    io.add_argument(
+        "--tuned",
+        help="fine-tuned model: a directory, weights file or Hub id, or MODEL+LORA_ADAPTER",
+    )
     io.add_argument("--out", type=Path, help="output directory (appears only when complete)")
     io.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     io.add_argument(
@@ -76,6 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
         "(task_arithmetic, ties, breadcrumbs, dare_linear, della_linear, neuron_fusion, ...)",
     )
     io.add_argument("--dry-run", action="store_true", help="print the plan and stop")
+    io.add_argument(
+        "--no-model-card",
+        dest="model_card",
+        action="store_false",
+        help="do not write OUT/README.md (the merged model's card)",
+    )
+    io.add_argument(
+        "--text-model-out",
+        type=Path,
+        metavar="DIR",
+        help="also write the merged language model alone, as the base names it, to DIR",
+    )
     io.add_argument(
         "--demo",
         nargs="?",
@@ -188,7 +205,7 @@ _METHOD_FLAGS = (
 def _from_config(args: argparse.Namespace) -> tuple[TensorParams, NeuronRules]:
     """Models, parameters and neuron rules from a mergekit YAML file (``--config``)."""
     from .mergekit.config import load_merge_config
-    from .reader import Checkpoint
+    from .sources import open_checkpoint
 
     given = [f"--{n.replace('_', '-')}" for n in _METHOD_FLAGS if getattr(args, n) is not None]
     given += ["--method"] * (args.method is not None)
@@ -198,12 +215,12 @@ def _from_config(args: argparse.Namespace) -> tuple[TensorParams, NeuronRules]:
             f"--config sets the models and the method; drop {', '.join(given) or '--demo'}"
         )
     cfg = load_merge_config(args.config)
-    tuned = Checkpoint(cfg.tuned)
+    tuned = open_checkpoint(cfg.tuned)
     try:
         cfg.check_dtypes(tuned.info(name).torch_dtype for name in tuned.names())
     finally:
         tuned.close()
-    args.base, args.tuned = cfg.base, cfg.tuned
+    args.base, args.tuned = str(cfg.base), str(cfg.tuned)
     extra = {"seed": args.seed, "select": args.select, "allow_nonfinite": args.allow_nonfinite}
     default = cfg.params.default.replace(**{k: v for k, v in extra.items() if v is not None})
     rules = [*(parse_rule(r) for r in args.neuron_rule), *cfg.rules.rules]
@@ -246,6 +263,8 @@ def run(args: argparse.Namespace) -> int:
                     f"{entry['value']!r} (mergekit filter)"
                 )
         return 0
+    if args.text_model_out is not None:
+        _check_text_out(args)
     report = merge_checkpoints(
         args.base,
         args.tuned,
@@ -262,11 +281,47 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         verify=args.verify,
         staging_bytes=args.staging_size,
+        model_card=args.model_card,
     )
     print(summary(report, args.out))
+    if args.text_model_out is not None:
+        from .textexport import export_text_model
+
+        export_text_model(
+            args.base,
+            args.out,
+            args.text_model_out,
+            name_map=args.map,
+            layer_map=args.layer_map,
+            allow_unpaired=args.allow_unpaired,
+            overwrite=args.overwrite,
+        )
+        print(f"text model: {args.text_model_out}")
     if args.plots:
         _write_plots(args, rules, report, args.out)
     return 0
+
+
+def _check_text_out(args: argparse.Namespace) -> None:
+    """Refuse a --text-model-out that exists or overlaps an input or --out, before any work."""
+    from .errors import OutputExistsError, ParameterError
+    from .pipeline import check_output_path
+    from .sources import open_checkpoint
+
+    if args.text_model_out.exists() and not args.overwrite:
+        raise OutputExistsError(
+            f"{args.text_model_out}: --text-model-out already exists; pass --overwrite or "
+            "choose another directory"
+        )
+    text, out = args.text_model_out.resolve(), Path(args.out).resolve()
+    if text == out or out in text.parents or text in out.parents:
+        raise ParameterError(f"--text-model-out {text} overlaps --out {out}; keep them apart")
+    roots = []
+    for reference in (args.base, args.tuned):
+        ckpt = open_checkpoint(reference)
+        roots += ckpt.roots
+        ckpt.close()
+    check_output_path(args.text_model_out, roots)
 
 
 def _write_plots(args, rules, report, out: Path) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from .binreader import output_shard_name
 from .dtypes import MERGEABLE
 from .errors import ParameterError, PlanError
 from .layermap import LayerMap, layer_map_for
@@ -124,7 +125,9 @@ def build_plan(
     skipped = structure.unpaired_base
     if max_shard_size is None:
         shards = [
-            ShardPlan(file.name, [n for n in names if tuned.info(n).file == file])
+            ShardPlan(
+                output_shard_name(file.name), [n for n in names if tuned.info(n).file == file]
+            )
             for file in tuned.files
         ]
     else:

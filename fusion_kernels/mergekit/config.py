@@ -16,8 +16,9 @@ Parameters resolve as mergekit resolves them: a model's own ``parameters`` befor
 ones; a list of ``{filter, value}`` takes the first entry whose ``filter`` is a substring of the
 tensor name (no filter, or ``*``, matches every tensor); unmatched lists fall through to the next
 scope, then to the method's default. Defaults are those of mergekit's method specs
-(``merge_methods/registry.py`` and ``generalized_task_arithmetic.py``). Model paths are local
-directories, relative to the working directory as in mergekit.
+(``merge_methods/registry.py`` and ``generalized_task_arithmetic.py``). Models are local paths
+(relative to the working directory as in mergekit), Hub ids (``org/name@revision``) or
+``MODEL+LORA``, as for ``--base``/``--tuned``.
 
 mergekit is not needed here; PyYAML is.
 """
@@ -217,11 +218,10 @@ def _check_keys(data: Mapping) -> None:
 
 def _model_path(reference: Any, where: str) -> Path:
     if not isinstance(reference, str) or not reference:
-        raise ParameterError(f"{where} must be a model directory (a string), got {reference!r}")
-    if "+" in reference:
-        raise ParameterError(f"{where} {reference!r}: LoRA references (MODEL+LORA) unsupported")
-    if "@" in reference:
-        raise ParameterError(f"{where} {reference!r}: revisions (MODEL@REV) are not supported")
+        raise ParameterError(
+            f"{where} must be a model (a directory, Hub id or MODEL+LORA), got {reference!r}"
+        )
+    # A path, a Hub id (org/name@rev) or MODEL+LORA; fusion_kernels.sources opens each.
     return Path(reference)
 
 

@@ -157,7 +157,6 @@ def test_method_mapping():
         ({"models": [{"model": "t", "parameters": {"weight": [0.1, 0.5]}}]}, "gradients"),
         ({"models": [{"model": "t", "parameters": {"weight": 1, "lambda": 2}}]}, "top-level"),
         ({"models": [{"model": "t"}, {"model": "u"}]}, "exactly one model"),
-        ({"models": [{"model": "t+lora"}]}, "LoRA"),
         ({"models": [{"model": "t", "parameters": {"weight": "heavy"}}]}, "must be a float"),
         ({"dtype": "float64"}, "dtype 'float64'"),
         ({"parameters": {"rescale": True}}, "rescale: true with ties"),
