@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from .errors import ParameterError, PlanError
+from .params import check_pattern
 
 AXES = ("row", "col", "none")
 
@@ -43,10 +44,7 @@ def parse_rule(text: str) -> NeuronRule:
         raise ParameterError(f"neuron rule {text!r} must look like REGEX=row|col|none")
     if axis not in AXES:
         raise ParameterError(f"neuron rule {text!r}: axis must be row, col or none, not {axis!r}")
-    try:
-        re.compile(pattern)
-    except re.error as exc:
-        raise ParameterError(f"neuron rule {text!r}: bad regular expression ({exc})") from None
+    check_pattern(pattern, f"neuron rule {text!r}")
     return NeuronRule(pattern, axis)
 
 

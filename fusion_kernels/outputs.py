@@ -71,34 +71,40 @@ def _absolute(path: Path) -> Path:
     return path.parent.resolve() / path.name if path.name else path
 
 
-def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike]) -> None:
+def check_output_path(
+    out: str | os.PathLike,
+    inputs: Iterable[str | os.PathLike],
+    flag: str = "--out",
+    what: str = "the input",
+) -> None:
     """Refuse an output that is, contains or lies inside any input path; its nearest existing
-    directory must be writable. Raises :class:`ParameterError` naming both paths."""
+    directory must be writable. Raises :class:`ParameterError` naming both paths (``flag``: the
+    option that gave the output; ``what``: what the inputs are)."""
     out = Path(out)
     targets = {_absolute(out), out.resolve()}
     for path in input_paths(inputs):
         for target in targets:
             if target == path or path in target.parents or target in path.parents:
                 raise ParameterError(
-                    f"--out {out} overlaps the input {path}; write to a separate directory"
+                    f"{flag} {out} overlaps {what} {path}; write to a separate directory"
                 )
-    check_writable(out)
+    check_writable(out, flag)
 
 
-def check_writable(out: Path) -> None:
+def check_writable(out: Path, flag: str = "--out") -> None:
     """The output is a directory or does not exist yet, and it (if it exists) and the directory
     that receives it (the nearest existing ancestor) are writable."""
     out = Path(os.path.abspath(out))
     if out.exists() and not out.is_dir():
-        raise ParameterError(f"--out {out} is an existing file; choose a directory")
+        raise ParameterError(f"{flag} {out} is an existing file; choose a directory")
     probe = out.parent
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
-        raise ParameterError(f"--out {out}: cannot write under {probe}, a file")
+        raise ParameterError(f"{flag} {out}: cannot write under {probe}, a file")
     for directory in (probe, out) if out.exists() else (probe,):
         if not os.access(directory, os.W_OK | os.X_OK):
-            raise ParameterError(f"--out {out}: {directory} is not writable")
+            raise ParameterError(f"{flag} {out}: {directory} is not writable")
 
 
 # --- our temporary directories --------------------------------------------------------------------

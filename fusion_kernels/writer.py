@@ -155,12 +155,7 @@ class CheckpointWriter:
         # abspath, not Path.absolute: '..' and '.' must name the directory, not a link to it.
         self.out_dir = Path(os.path.abspath(out_dir))
         self.overwrite = overwrite
-        if os.path.lexists(self.out_dir) and not overwrite:
-            raise OutputExistsError(
-                f"{self.out_dir}: output already exists; pass --overwrite or choose another --out"
-            )
-        if os.path.lexists(self.out_dir):
-            check_replaceable(self.out_dir)
+        check_target(self.out_dir, overwrite)
         with _write_errors(self.out_dir.parent):
             self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_workspaces(self.out_dir)
@@ -219,9 +214,11 @@ class CheckpointWriter:
         copy_from: Path | None,
         report: dict[str, Any],
         checksums: dict[str, int] | None = None,
+        extra_files: dict[str, str] | None = None,
     ) -> Path:
         """Close shards, write the index, copied files and report, then rename into place.
 
+        ``extra_files`` (file name → text) are written instead of the copies of that name.
         With ``checksums`` (name → crc32 of the bytes computed), the written files are re-opened
         and every tensor's name, dtype, shape and checksum checked first.
         """
@@ -239,7 +236,10 @@ class CheckpointWriter:
         with _write_errors(self.tmp_dir):
             if copy_from is not None:
                 for path in non_weight_files(copy_from):
-                    self._copy(path)
+                    if path.name not in (extra_files or {}):
+                        self._copy(path)
+            for filename, text in (extra_files or {}).items():
+                self._write_text(filename, text)
             self._write_json(REPORT_NAME, report)
             self._rename_into_place()
         return self.out_dir
@@ -275,9 +275,13 @@ class CheckpointWriter:
         shutil.copy2(path, target)
 
     def _write_json(self, filename: str, payload: dict[str, Any]) -> None:
+        self._write_text(filename, json.dumps(payload, indent=2) + "\n")
+
+    def _write_text(self, filename: str, text: str) -> None:
+        """A new file of the output; never over one already there (a shard or a copy)."""
         target = self.tmp_dir / filename
-        with _write_errors(target), open(target, "x") as fh:
-            fh.write(json.dumps(payload, indent=2) + "\n")
+        with _write_errors(target), open(target, "x", encoding="utf-8") as fh:
+            fh.write(text)
 
     def _rename_into_place(self) -> None:
         # Once begun, the swap and the removal of what it leaves finish, Ctrl-C or not.
@@ -299,6 +303,19 @@ class CheckpointWriter:
             except KeyboardInterrupt:
                 # A second Ctrl-C that landed before the handlers were set aside: start over.
                 continue
+
+
+def check_target(out_dir: Path, overwrite: bool) -> None:
+    """An output directory may be written: it does not exist, or ``overwrite`` is given and it is
+    an earlier output of ours (:func:`check_replaceable`). Checked again, atomically, when the
+    finished output is renamed into place."""
+    if not os.path.lexists(out_dir):
+        return
+    if not overwrite:
+        raise OutputExistsError(
+            f"{out_dir}: output already exists; pass --overwrite or choose another directory"
+        )
+    check_replaceable(out_dir)
 
 
 def check_replaceable(out_dir: Path) -> None:

@@ -139,7 +139,7 @@ def test_sweep_refuses_an_out_that_holds_an_input(pair, tmp_path):
             "--grid",
             "method=ties",
             "--eval",
-            "fusion_kernels.miniature:evaluate",
+            "fusion_kernels.experiments.miniature:evaluate",
         ]
     )
     assert done.returncode == 2
@@ -490,7 +490,7 @@ def test_unsigned_dtypes_are_copied_and_f64_is_reported_as_copied(tmp_path):
 
 
 def test_a_config_accepts_a_checkpoint_with_an_f64_tensor(tmp_path):
-    from fusion_kernels.config import parse_merge_config
+    from fusion_kernels.mergekit.config import parse_merge_config
 
     data = {
         "merge_method": "ties",
