@@ -30,6 +30,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from . import faults
 from .errors import OutputExistsError, ParameterError
 
 #: The marker file inside every temporary directory a run creates.
@@ -117,6 +118,8 @@ def create_workspace(out: Path) -> Path:
     if os.path.lexists(workspace):
         _remove_if_ours(workspace, out, os.getpid())
     workspace.mkdir()
+    # Removed by the SIGBUS handler too, if an input shard shrinks under the run.
+    faults.WORKSPACES.add(workspace)
     marker = {"output": out.name, "pid": os.getpid()}
     (workspace / MARKER_NAME).write_text(json.dumps(marker) + "\n")
     (workspace / PAYLOAD_NAME).mkdir()
@@ -184,6 +187,7 @@ def remove_tree(path: Path) -> None:
     """Remove a directory tree of ours, without being cut short by a second Ctrl-C."""
     with uninterruptible():
         shutil.rmtree(path, ignore_errors=True)
+    faults.WORKSPACES.discard(path)
 
 
 @contextlib.contextmanager

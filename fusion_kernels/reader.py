@@ -23,6 +23,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
+from . import faults
 from .dtypes import SAFETENSORS_DTYPES
 from .errors import CheckpointError
 from .safeload import MAX_INDEX_BYTES, load_json, open_regular, parse_json
@@ -328,14 +329,16 @@ class Checkpoint:
         """The shard's mapping, after checking that the file still has its size.
 
         The descriptor stays open so the check looks at the mapped file itself, even if the path
-        has since been replaced. It narrows, but cannot close, the window in which another
-        process truncating the shard turns a read into SIGBUS.
+        has since been replaced. A shard that shrinks after the check (a read past its new end
+        raises SIGBUS) is left to :mod:`.faults`, which watches every mapped shard.
         """
         if file not in self._maps:
-            self._handles[file] = os.fdopen(open_regular(file, CheckpointError), "rb")
+            handle = os.fdopen(open_regular(file, CheckpointError), "rb")
+            self._handles[file] = handle
             self._check_size(file)
+            faults.watch(handle.fileno(), file, handle.fileno(), self._sizes[file])
             # Private and writable: views of it are ordinary tensors, and nothing reaches the file.
-            self._maps[file] = mmap.mmap(self._handles[file].fileno(), 0, access=mmap.ACCESS_COPY)
+            self._maps[file] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
         else:
             self._check_size(file)
         return self._maps[file]
@@ -356,6 +359,7 @@ class Checkpoint:
                 mapped.close()
         self._maps.clear()
         for handle in self._handles.values():
+            faults.unwatch(handle.fileno())
             handle.close()
         self._handles.clear()
 
