@@ -9,15 +9,16 @@ until a tensor is read. What is loaded must be a flat mapping of tensor names to
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 
+from . import faults
 from .dtypes import SAFETENSORS_DTYPES, safetensors_name
 from .errors import CheckpointError
 from .reader import TensorInfo
+from .safeload import MAX_INDEX_BYTES, load_json, open_regular
 
 BIN_NAME = "pytorch_model.bin"
 BIN_INDEX_NAME = "pytorch_model.bin.index.json"
@@ -25,9 +26,10 @@ BIN_INDEX_NAME = "pytorch_model.bin.index.json"
 
 def is_bin_checkpoint(path: Path) -> bool:
     """True when ``path`` is a ``.bin`` file or a directory holding a ``.bin`` checkpoint."""
-    if path.is_file():
+    # exists, not is_file: a FIFO or directory by that name is refused when opened, by name.
+    if not path.is_dir():
         return path.suffix == ".bin"
-    return (path / BIN_INDEX_NAME).is_file() or (path / BIN_NAME).is_file()
+    return (path / BIN_INDEX_NAME).exists() or (path / BIN_NAME).exists()
 
 
 def output_shard_name(filename: str) -> str:
@@ -42,7 +44,9 @@ def output_shard_name(filename: str) -> str:
 
 
 def load_state(file: Path) -> dict[str, torch.Tensor]:
-    """A ``.bin`` file's tensors, memory-mapped; refuses anything but names mapped to tensors."""
+    """A ``.bin`` file's tensors, memory-mapped; refuses anything but names mapped to tensors.
+    The file must be a regular file (check it with :func:`open_regular` first: a FIFO would block
+    the load forever)."""
     try:
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError as exc:
@@ -97,22 +101,26 @@ class BinCheckpoint:
         self.metadata: dict[str, str] = {}
         self.tensors: dict[str, TensorInfo] = {}
         self._state: dict[str, torch.Tensor] = {}
-        for file in self.files:
-            self._add(file, load_state(file))
+        self._watched: list[int] = []
+        try:
+            for file in self.files:
+                self._watch(file)
+                self._add(file, load_state(file))
+        except BaseException:
+            self.close()
+            raise
         self._check_index()
 
     def _shard_files(self) -> list[Path]:
-        if self.path.is_file():
+        if not self.path.is_dir():
             return [self.path]
         index = self.path / BIN_INDEX_NAME
-        if not index.is_file():
-            if not (self.path / BIN_NAME).is_file():
+        if not index.exists():
+            if not (self.path / BIN_NAME).exists():
                 raise CheckpointError(f"{self.path}: no {BIN_NAME} or {BIN_INDEX_NAME} here")
             return [self.path / BIN_NAME]
-        try:
-            self.index = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError):
-            self.index = None
+        document = load_json(index, MAX_INDEX_BYTES, CheckpointError)
+        self.index = document.get("weight_map") if isinstance(document, dict) else None
         if not isinstance(self.index, dict) or not all(
             isinstance(v, str) for v in self.index.values()
         ):
@@ -123,7 +131,14 @@ class BinCheckpoint:
         for name in files:
             if Path(name).name != name or name in ("", ".", ".."):
                 raise CheckpointError(f"{index}: shard {name!r} is not a file name here")
-            if not (self.path / name).is_file():
+            # Its output shard keeps any other name, which could be one the writer creates
+            # (config.json, the report) or copies from the tuned directory.
+            if not name.endswith(".bin"):
+                raise CheckpointError(
+                    f"{index}: shard {name!r} is not a .bin file name; rename the shard and its "
+                    "index entries"
+                )
+            if not os.path.lexists(self.path / name):
                 raise CheckpointError(f"{index}: names shard {name!r}, which does not exist")
         return [self.path / name for name in files]
 
@@ -183,8 +198,19 @@ class BinCheckpoint:
         flat = self.view(name).reshape(-1).view(torch.uint8)
         out[:] = flat[offset : offset + len(out)].numpy()
 
+    def _watch(self, file: Path) -> None:
+        """Refuse a file that is not regular, and hand it to :mod:`.faults` for as long as it is
+        mapped: a shard that shrinks under its mapping is one error line, not death by SIGBUS."""
+        fd = open_regular(file, CheckpointError)
+        self._watched.append(fd)
+        faults.watch(fd, file, fd, os.fstat(fd).st_size)
+
     def close(self) -> None:
-        """Nothing held open but the mappings, which go with the tensors."""
+        """Stop watching the files; the mappings go with the tensors."""
+        for fd in self._watched:
+            faults.unwatch(fd)
+            os.close(fd)
+        self._watched.clear()
 
     @property
     def nbytes(self) -> int:

@@ -12,12 +12,12 @@ The map is written as one entry per tuned layer, in order: a base layer index, a
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 
 from .errors import ParameterError, PlanError
 from .reader import Checkpoint
+from .safeload import MAX_INDEX_BYTES, load_json
 
 IDENTITY = "identity"
 NEW = "new"
@@ -146,9 +146,6 @@ def layer_map_for(tuned: Checkpoint, text: str | None, prefix: str) -> LayerMap:
     config_path = tuned.path / "config.json"
     if not tuned.path.is_dir() or not config_path.is_file():
         return LayerMap(prefix=prefix)
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PlanError(f"{config_path}: cannot read the model config ({exc})") from None
+    config = load_json(config_path, MAX_INDEX_BYTES, PlanError)
     found = from_config(config) if isinstance(config, dict) else LayerMap()
     return LayerMap(found.layers, found.source, prefix)

@@ -17,7 +17,6 @@ The merged model is never held or written whole: each tensor exists only while i
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -28,6 +27,8 @@ import torch
 
 from .dtypes import MERGEABLE
 from .errors import CheckpointError
+from .params import check_pattern, float32_finite
+from .safeload import MAX_INDEX_BYTES, load_json
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -44,7 +45,8 @@ _UNSUPPORTED = {
 
 
 def is_adapter(path: Path) -> bool:
-    return path.is_dir() and (path / ADAPTER_CONFIG).is_file()
+    # exists, not is_file: a FIFO or directory by that name is refused when opened, by name.
+    return path.is_dir() and (path / ADAPTER_CONFIG).exists()
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,8 @@ class LoraCheckpoint:
         a, b = self.weights.info(parts["A"]), self.weights.info(parts["B"])
         transpose = embedding or bool(self.config.get("fan_in_fan_out"))
         rank = a.shape[0]
+        if rank == 0:
+            raise CheckpointError(f"{self.weights.path}: LoRA {module!r} has rank 0")
         product = (b.shape[0], a.shape[1]) if len(a.shape) == len(b.shape) == 2 else None
         expected = product[::-1] if product and transpose else product
         if b.shape[-1:] != (rank,) or expected != tuple(info.shape):
@@ -221,17 +225,30 @@ class LoraCheckpoint:
 
 def _read_config(adapter_dir: Path) -> dict:
     path = adapter_dir / ADAPTER_CONFIG
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: cannot read the adapter config ({exc})") from None
+    config = load_json(path, MAX_INDEX_BYTES, CheckpointError)
     if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
         kind = config.get("peft_type") if isinstance(config, dict) else config
         raise CheckpointError(f"{path}: a {kind} adapter; only LoRA adapters merge as tuned")
     for key, what in _UNSUPPORTED.items():
         if config.get(key):
             raise CheckpointError(f"{path}: {what} ({key}) is not supported; merge it with PEFT")
+    _check_alphas(path, config)
     return config
+
+
+def _check_alphas(path: Path, config: dict) -> None:
+    """``lora_alpha`` and ``alpha_pattern`` are numbers a float32 holds (the scale is applied in
+    float32), and the pattern keys regular expressions; refused here, before any work."""
+    patterns = config.get("alpha_pattern") or {}
+    if not isinstance(patterns, dict):
+        raise CheckpointError(f"{path}: alpha_pattern must map module patterns to numbers")
+    for key, alpha in [("lora_alpha", config.get("lora_alpha", 8)), *patterns.items()]:
+        if key != "lora_alpha":
+            check_pattern(key, f"{path}: alpha_pattern {key!r}")
+        if not float32_finite(alpha):
+            raise CheckpointError(
+                f"{path}: {key} must be a finite number (a float32), got {alpha!r}"
+            )
 
 
 def _open_weights(adapter_dir: Path):
@@ -240,6 +257,6 @@ def _open_weights(adapter_dir: Path):
 
     for filename in ADAPTER_WEIGHTS:
         path = adapter_dir / filename
-        if path.is_file():
+        if path.exists():
             return Checkpoint(path) if path.suffix == ".safetensors" else BinCheckpoint(path)
     raise CheckpointError(f"{adapter_dir}: no {' or '.join(ADAPTER_WEIGHTS)} beside its config")

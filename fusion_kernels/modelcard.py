@@ -14,8 +14,10 @@ import shlex
 from collections import defaultdict
 from typing import Any
 
+from .errors import FusionError
 from .neurons import DEFAULT_RULES
 from .params import PRESETS, params_for
+from .safeload import parse_yaml
 
 CARD_NAME = "README.md"
 TUNED_CARD_HEADING = "## The tuned model's card"
@@ -41,11 +43,10 @@ def split_front_matter(text: str) -> tuple[dict[str, Any], str]:
     match = re.match(r"\A---\s*\n(.*?)\n---\s*(?:\n|\Z)", text, re.DOTALL)
     if match is None:
         return {}, text
-    import yaml
-
     try:
-        data = yaml.safe_load(match.group(1))
-    except yaml.YAMLError:
+        # Bounded and alias-free: the card is an input (an alias bomb would exhaust memory).
+        data = parse_yaml(match.group(1), CARD_NAME)
+    except FusionError:
         data = None
     return (data if isinstance(data, dict) else {}), text[match.end() :]
 

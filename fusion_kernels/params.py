@@ -65,7 +65,7 @@ class MergeParams:
                 )
         _unit("density", self.density)
         _unit("top_neurons", self.top_neurons)
-        if not _finite(self.epsilon):
+        if not float32_finite(self.epsilon):
             # Unused outside della, but written to the report, which must stay valid JSON.
             raise ParameterError(f"epsilon must be a finite number, got {self.epsilon}")
         if not 0.0 <= self.gamma < 1.0:
@@ -79,7 +79,7 @@ class MergeParams:
                 f"della needs 0 < density - epsilon and density + epsilon < 1; got density "
                 f"{self.density}, epsilon {self.epsilon}: lower --epsilon"
             )
-        if not _finite(self.weight):
+        if not float32_finite(self.weight):
             raise ParameterError(
                 "weight must be a finite number (a finite float32: |weight| <= "
                 f"{FLOAT32_MAX:.4g}), got {self.weight}"
@@ -103,17 +103,19 @@ def _choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
 FLOAT32_MAX = 3.4028234663852886e38
 
 
-def _finite(x: float) -> bool:
+def float32_finite(x: float) -> bool:
+    """A number (not a boolean) that is finite in float32, the dtype every parameter is used in.
+    The bound is compared first: a huge int is not converted to float, which would overflow."""
     return (
         isinstance(x, (int, float))
         and not isinstance(x, bool)
-        and math.isfinite(x)
         and abs(x) <= FLOAT32_MAX
+        and math.isfinite(x)
     )
 
 
 def _unit(field: str, value: float) -> None:
-    if not _finite(value) or not 0.0 <= value <= 1.0:
+    if not float32_finite(value) or not 0.0 <= value <= 1.0:
         raise ParameterError(f"{field} must be in [0, 1], got {value}")
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .errors import FusionError
+from .errors import CheckpointError, FusionError
 from .layermap import layer_map_for
 from .modelcard import CARD_NAME, model_card
 from .namemap import detect, layer_prefix, user_map
@@ -28,6 +28,7 @@ from .outputs import check_output_path
 from .params import MergeParams, TensorParams
 from .planner import MergePlan, TensorTask, build_plan
 from .reader import Checkpoint
+from .safeload import MAX_INDEX_BYTES, read_bytes
 from .sources import open_checkpoint
 from .transfer import make_transport, parse_device
 from .version import __version__
@@ -144,7 +145,8 @@ def _card(report: dict[str, Any], out_dir: Path, tuned_ckpt) -> str:
     model_dir = tuned_ckpt.directory if tuned_ckpt.path.is_dir() else None
     folders = [getattr(tuned_ckpt, "adapter_dir", None), model_dir]
     cards = [f / CARD_NAME for f in folders if f is not None and (f / CARD_NAME).is_file()]
-    tuned_card = cards[0].read_text(encoding="utf-8", errors="replace") if cards else None
+    raw = read_bytes(cards[0], MAX_INDEX_BYTES, CheckpointError) if cards else None
+    tuned_card = raw.decode("utf-8", errors="replace") if raw is not None else None
     return model_card(report, str(out_dir), tuned_card)
 
 

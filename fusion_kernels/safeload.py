@@ -113,19 +113,24 @@ def load_json(path: Path, limit: int, error: type[FusionError] = FusionError) ->
 def load_yaml(path: Path, error: type[FusionError] = FusionError) -> Any:
     """A YAML file: regular, at most :data:`MAX_CONFIG_BYTES`, UTF-8, of bounded depth, without
     aliases (anchors alone are harmless)."""
+    return parse_yaml(read_text(path, MAX_CONFIG_BYTES, error), path, error)
+
+
+def parse_yaml(text: str, where: Path | str, error: type[FusionError] = FusionError) -> Any:
+    """Parse a YAML document of bounded depth and without aliases; ``where`` names it in the
+    error."""
     import yaml
 
-    text = read_text(path, MAX_CONFIG_BYTES, error)
     loader = _BoundedLoader(text)
     try:
         return loader.get_single_data()
     except _Refused as exc:
-        raise error(f"{path}: {exc}") from None
+        raise error(f"{where}: {exc}") from None
     except yaml.YAMLError as exc:
         problem = " ".join(str(exc).split())
-        raise error(f"{path} is not valid YAML: {problem}") from None
+        raise error(f"{where} is not valid YAML: {problem}") from None
     except RecursionError:
-        raise error(f"{path}: YAML nested too deeply") from None
+        raise error(f"{where}: YAML nested too deeply") from None
     finally:
         loader.dispose()
 

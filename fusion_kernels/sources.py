@@ -92,11 +92,11 @@ def _open_local(path: Path):
         raise CheckpointError(f"{path}: no such file or directory")
     if path.is_dir():
         model_files = [path / INDEX_NAME, path / "model.safetensors"]
-        if is_adapter(path) and not any(f.is_file() for f in model_files):
+        if is_adapter(path) and not any(f.exists() for f in model_files):
             raise CheckpointError(
                 f"{path}: a LoRA adapter, not a model; give it as --tuned MODEL+{path}"
             )
-        has_safetensors = model_files[0].is_file() or any(path.glob("*.safetensors"))
+        has_safetensors = model_files[0].exists() or any(path.glob("*.safetensors"))
         if not has_safetensors and is_bin_checkpoint(path):
             return BinCheckpoint(path)
     elif is_bin_checkpoint(path):

@@ -97,7 +97,7 @@ def test_tuned_config_sets_the_map_and_a_flag_overrides_it(tmp_path):
     assert layer_map_for(tuned, "identity", "model.").is_identity
     assert layer_map_for(tuned, "1,new,0", "model.").source == "--layer-map"
     (tmp_path / "tuned" / "config.json").write_text("{not json")
-    with pytest.raises(PlanError, match=r"config\.json: cannot read the model config"):
+    with pytest.raises(PlanError, match=r"config\.json: not valid JSON"):
         layer_map_for(Checkpoint(tmp_path / "tuned"), None, "model.")
 
 

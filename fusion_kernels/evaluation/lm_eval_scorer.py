@@ -10,7 +10,6 @@ lm-eval is optional (``pip install 'fusion_kernels[eval]'``) and imported on fir
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -19,6 +18,7 @@ from typing import Any
 
 from ..errors import FusionError, ParameterError
 from ..params import convert_field
+from ..safeload import MAX_INDEX_BYTES, load_json
 
 PREFIX = "lm-eval:"
 LA_NAME = "LA"
@@ -233,11 +233,7 @@ def _main_key(output: dict[str, Any], task: str, row: dict[str, Any]) -> tuple[s
 def is_multimodal(model_dir: str | Path) -> bool:
     """Whether ``model_dir/config.json`` describes a multimodal model (a ``text_config`` or a
     ``vision_config``): one lm-eval's ``hf`` model cannot load as a language model."""
-    config_path = Path(model_dir) / "config.json"
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, ValueError):
-        raise FusionError(f"{config_path}: lm-eval needs a readable config.json") from None
+    config = load_json(Path(model_dir) / "config.json", MAX_INDEX_BYTES)
     return isinstance(config, dict) and ("text_config" in config or "vision_config" in config)
 
 
