@@ -320,14 +320,15 @@ def _check_text_out(args: argparse.Namespace) -> None:
     from .sources import open_checkpoint
     from .writer import check_target
 
-    check_target(Path(os.path.abspath(args.text_model_out)), args.overwrite)
-    check_output_path(args.text_model_out, [args.out], "--text-model-out", "--out")
+    flag = "--text-model-out"
+    check_output_path(args.text_model_out, [args.out], flag, "--out")
     roots = []
     for reference in (args.base, args.tuned):
         ckpt = open_checkpoint(reference)
         roots += ckpt.roots
         ckpt.close()
-    check_output_path(args.text_model_out, roots, "--text-model-out")
+    check_output_path(args.text_model_out, roots, flag)
+    check_target(Path(os.path.abspath(args.text_model_out)), args.overwrite, flag)
 
 
 def _write_plots(args, rules, report, out: Path) -> None:

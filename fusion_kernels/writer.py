@@ -305,20 +305,20 @@ class CheckpointWriter:
                 continue
 
 
-def check_target(out_dir: Path, overwrite: bool) -> None:
-    """An output directory may be written: it does not exist, or ``overwrite`` is given and it is
-    an earlier output of ours (:func:`check_replaceable`). Checked again, atomically, when the
-    finished output is renamed into place."""
+def check_target(out_dir: Path, overwrite: bool, flag: str = "--out") -> None:
+    """An output directory (given as ``flag``) may be written: it does not exist, or
+    ``overwrite`` is given and it is an earlier output of ours (:func:`check_replaceable`).
+    Checked again, atomically, when the finished output is renamed into place."""
     if not os.path.lexists(out_dir):
         return
     if not overwrite:
         raise OutputExistsError(
-            f"{out_dir}: output already exists; pass --overwrite or choose another directory"
+            f"{out_dir}: output already exists; pass --overwrite or choose another {flag}"
         )
-    check_replaceable(out_dir)
+    check_replaceable(out_dir, flag)
 
 
-def check_replaceable(out_dir: Path) -> None:
+def check_replaceable(out_dir: Path, flag: str = "--out") -> None:
     """``--overwrite`` replaces only an empty directory or an earlier merge output (a real
     directory holding the report every merge writes): anything else, a model, a home directory
     or one that holds the working directory, is not this tool's to remove."""
@@ -327,7 +327,7 @@ def check_replaceable(out_dir: Path) -> None:
         return
     raise OutputExistsError(
         f"{out_dir}: exists and is not an earlier merge output (no {REPORT_NAME}); --overwrite "
-        "replaces only those: remove it yourself or choose another --out"
+        f"replaces only those: remove it yourself or choose another {flag}"
     )
 
 
