@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -11,6 +12,8 @@ from safetensors.torch import save_file
 
 from fusion_kernels.demo import PairSpec, generate_pair
 
+#: The commit a cached Hub snapshot is stored under by default.
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
 TINY = PairSpec(hidden=32, intermediate=48, layers=2, heads=4, kv_heads=2, vocab=64, shards=2)
 
 
@@ -36,3 +39,22 @@ def tree_digest(root: Path) -> dict[str, str]:
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
+
+
+def cache_repo(cache: Path, repo_id: str, source: Path, commit: str = COMMIT, ref: str = "main"):
+    """Put the files of ``source`` in ``cache`` as huggingface_hub stores a downloaded snapshot."""
+    folder = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = folder / "snapshots" / commit
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (folder / "blobs").mkdir(exist_ok=True)
+    for path in sorted(p for p in source.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        blob = folder / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = snapshot / path.relative_to(source)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (folder / "refs").mkdir(exist_ok=True)
+    if ref:
+        (folder / "refs" / ref).write_text(commit)
+    return snapshot

@@ -3,7 +3,6 @@ from a local Hugging Face cache laid out as the real one (snapshots/REV/ of syml
 refs/): same output as the local paths, the cache only read, and a clear error when an id is not
 cached. Nothing here touches the network (HF_HUB_OFFLINE=1)."""
 
-import hashlib
 import json
 import os
 import subprocess
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoints import tiny_pair, tree_digest
+from checkpoints import COMMIT, cache_repo, tiny_pair, tree_digest
 from safetensors.torch import save_file
 
 from fusion_kernels.merge import main
@@ -20,27 +19,7 @@ from fusion_kernels.reader import Checkpoint
 
 pytest.importorskip("huggingface_hub", reason="installed with the package")
 
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
 OLD_COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
-
-
-def cache_repo(cache: Path, repo_id: str, source: Path, commit: str = COMMIT, ref: str = "main"):
-    """Put the files of ``source`` in ``cache`` as huggingface_hub stores a downloaded snapshot."""
-    folder = cache / ("models--" + repo_id.replace("/", "--"))
-    snapshot = folder / "snapshots" / commit
-    snapshot.mkdir(parents=True, exist_ok=True)
-    (folder / "blobs").mkdir(exist_ok=True)
-    for path in sorted(p for p in source.rglob("*") if p.is_file()):
-        data = path.read_bytes()
-        blob = folder / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.write_bytes(data)
-        link = snapshot / path.relative_to(source)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    (folder / "refs").mkdir(exist_ok=True)
-    if ref:
-        (folder / "refs" / ref).write_text(commit)
-    return snapshot
 
 
 @pytest.fixture
