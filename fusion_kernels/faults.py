@@ -20,10 +20,10 @@ import signal
 import threading
 from pathlib import Path
 
+from .outputs import live_workspaces
+
 #: Shards mapped now: descriptor → (path, descriptor, size when the header was read).
 _SHARDS: dict[int, tuple[Path, int, int]] = {}
-#: Temporary directories this process is writing (see :mod:`.outputs`).
-WORKSPACES: set[Path] = set()
 _LOCK = threading.Lock()
 _HANDLER = None  # the installed ctypes callback, kept alive here
 _EXIT_STATUS = 2
@@ -65,7 +65,7 @@ def _on_sigbus(signum: int) -> None:
         libc.signal(signal.SIGBUS, None)
         return
     path, _, size = shrunk
-    for workspace in list(WORKSPACES):
+    for workspace in live_workspaces():
         shutil.rmtree(workspace, ignore_errors=True)
     message = (
         f"error: {path}: shrank while being read (from {size} bytes; another program truncated "

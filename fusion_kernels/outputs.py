@@ -30,7 +30,6 @@ import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from . import faults
 from .errors import OutputExistsError, ParameterError
 
 #: The marker file inside every temporary directory a run creates.
@@ -38,6 +37,10 @@ MARKER_NAME = ".fusion_kernels-partial.json"
 #: Inside the temporary directory: where the output is built, and where a replaced one waits.
 PAYLOAD_NAME = "output"
 PREVIOUS_NAME = "previous"
+
+#: Temporary directories this process created and has not removed yet (see
+#: :func:`remove_live_workspaces`).
+_LIVE: set[Path] = set()
 
 _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
@@ -118,8 +121,7 @@ def create_workspace(out: Path) -> Path:
     if os.path.lexists(workspace):
         _remove_if_ours(workspace, out, os.getpid())
     workspace.mkdir()
-    # Removed by the SIGBUS handler too, if an input shard shrinks under the run.
-    faults.WORKSPACES.add(workspace)
+    _LIVE.add(workspace)
     marker = {"output": out.name, "pid": os.getpid()}
     (workspace / MARKER_NAME).write_text(json.dumps(marker) + "\n")
     (workspace / PAYLOAD_NAME).mkdir()
@@ -187,7 +189,20 @@ def remove_tree(path: Path) -> None:
     """Remove a directory tree of ours, without being cut short by a second Ctrl-C."""
     with uninterruptible():
         shutil.rmtree(path, ignore_errors=True)
-    faults.WORKSPACES.discard(path)
+    _LIVE.discard(path)
+
+
+def live_workspaces() -> list[Path]:
+    """The temporary directories this process created and has not removed yet."""
+    return list(_LIVE)
+
+
+def remove_live_workspaces() -> None:
+    """Remove every temporary directory this process still has: run when a command ends, so
+    that a Ctrl-C landing where no handler of the writer can catch it (between two calls, as a
+    ``with`` block is left) leaves nothing behind either."""
+    for workspace in live_workspaces():
+        remove_tree(workspace)
 
 
 @contextlib.contextmanager

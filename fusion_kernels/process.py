@@ -22,6 +22,7 @@ import sys
 from collections.abc import Callable
 
 from .errors import FusionError
+from .outputs import remove_live_workspaces
 
 #: Exit status of an interrupted command (128 + SIGINT, what shells report for Ctrl-C).
 INTERRUPTED = 130
@@ -66,6 +67,14 @@ def run_cli(
         # A second Ctrl-C that landed while the first one's cleanup or message was under way:
         # the command's own handlers already cleaned up what they could.
         status = INTERRUPTED
+    # What a Ctrl-C kept the writer from removing (it can land between two calls, where no
+    # handler of the writer runs); on success there is nothing left to remove.
+    while True:
+        try:
+            remove_live_workspaces()
+            break
+        except KeyboardInterrupt:
+            status = INTERRUPTED
     if exit:
         # The command is done; a Ctrl-C now would only turn the exit into a traceback.
         for sig in (signal.SIGINT, signal.SIGTERM):

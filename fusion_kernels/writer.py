@@ -147,8 +147,8 @@ class _write_errors:
 class CheckpointWriter:
     """Writes a planned checkpoint into ``out_dir`` atomically.
 
-    Use as a context manager: leaving it with an exception removes the temporary directory.
-    Call :meth:`commit` once every tensor is written.
+    Use as a context manager (entering it creates the temporary directory; leaving it with an
+    exception removes it). Call :meth:`commit` once every tensor is written.
     """
 
     def __init__(self, out_dir: str | os.PathLike, plan: MergePlan, overwrite: bool = False):
@@ -168,6 +168,12 @@ class CheckpointWriter:
         self.plan = plan
         self.shards: dict[str, ShardFile] = {}
         self.workspace: Path | None = None
+
+    def __enter__(self) -> CheckpointWriter:
+        """Create the workspace and the shard files. Here, not in ``__init__``: a Ctrl-C between
+        the constructor's return and the ``with`` taking hold would skip :meth:`__exit__` and
+        leave the workspace behind; one that lands in this method is handled in it."""
+        plan = self.plan
         try:
             # A Ctrl-C is held while the workspace and its marker are created, so that whatever
             # exists is recorded here for abort() to remove.
@@ -191,8 +197,6 @@ class CheckpointWriter:
         except BaseException:
             self.abort()
             raise
-
-    def __enter__(self) -> CheckpointWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -66,3 +66,15 @@ run_cli(command)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stderr) == (status, stderr)
     assert done.stdout == "outatexit ran\n", "stdout is flushed and atexit callbacks run"
+
+
+def test_a_workspace_left_by_an_interrupt_is_removed_when_the_command_ends(tmp_path, capsys):
+    from fusion_kernels.outputs import create_workspace, live_workspaces
+
+    def interrupted_between_calls(argv):
+        # As a Ctrl-C that lands after the writer's handlers, before abort() runs.
+        create_workspace(tmp_path / "out")
+        raise KeyboardInterrupt
+
+    assert run_cli(interrupted_between_calls, [], exit=False) == 130
+    assert list(tmp_path.iterdir()) == [] and live_workspaces() == []
