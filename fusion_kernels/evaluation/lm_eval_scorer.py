@@ -233,7 +233,10 @@ def _main_key(output: dict[str, Any], task: str, row: dict[str, Any]) -> tuple[s
 def is_multimodal(model_dir: str | Path) -> bool:
     """Whether ``model_dir/config.json`` describes a multimodal model (a ``text_config`` or a
     ``vision_config``): one lm-eval's ``hf`` model cannot load as a language model."""
-    config = load_json(Path(model_dir) / "config.json", MAX_INDEX_BYTES)
+    try:
+        config = load_json(Path(model_dir) / "config.json", MAX_INDEX_BYTES)
+    except FusionError as exc:
+        raise FusionError(f"{exc}: lm-eval needs a readable config.json") from None
     return isinstance(config, dict) and ("text_config" in config or "vision_config" in config)
 
 
