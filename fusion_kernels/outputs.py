@@ -27,7 +27,7 @@ import shutil
 import signal
 import stat
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from .errors import OutputExistsError, ParameterError
@@ -286,9 +286,18 @@ def rename_noreplace(source: Path, target: Path) -> None:
     os.rename(source, target)
 
 
-def move_into_place(workspace: Path, out: Path, overwrite: bool) -> None:
+def move_into_place(
+    workspace: Path,
+    out: Path,
+    overwrite: bool,
+    flag: str = "--out",
+    replaceable: Callable[[Path], None] | None = None,
+) -> None:
     """Make ``workspace/output`` the output ``out`` in one step; a replaced output (with
-    ``overwrite``) ends up inside the workspace, which the caller then removes."""
+    ``overwrite``) ends up inside the workspace, which the caller then removes.
+
+    ``replaceable(out)`` raises if what is at ``out`` now may not be replaced: checked again here,
+    since something else may have appeared there while the output was built."""
     payload = workspace / PAYLOAD_NAME
     while True:
         try:
@@ -298,10 +307,12 @@ def move_into_place(workspace: Path, out: Path, overwrite: bool) -> None:
             if not overwrite:
                 raise OutputExistsError(
                     f"{out}: output appeared while this merge ran (another run?); nothing was "
-                    "written: pass --overwrite or choose another --out"
+                    f"written: pass --overwrite or choose another {flag}"
                 ) from None
         if not out.is_dir() or out.is_symlink():
-            raise ParameterError(f"--out {out} is not a directory; --overwrite replaces only one")
+            raise ParameterError(f"{flag} {out} is not a directory; --overwrite replaces only one")
+        if replaceable is not None:
+            replaceable(out)
         try:
             _renameat2(payload, out, _RENAME_EXCHANGE)
             return

@@ -48,7 +48,7 @@ def export_text_model(
     try:
         sources = _sources(pairing)
         plan = _plan(base_ckpt, merged_ckpt, sources)
-        with CheckpointWriter(out, plan, overwrite=overwrite) as writer:
+        with CheckpointWriter(out, plan, overwrite, "--text-model-out") as writer:
             for name in base_ckpt.names():
                 source, shape = sources.get(name), base_ckpt.info(name).shape
                 tensor = merged_ckpt.read(source) if source else base_ckpt.read(name)

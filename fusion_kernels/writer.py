@@ -8,6 +8,7 @@ the end; on any failure it is removed and the output path is left as it was.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -151,11 +152,18 @@ class CheckpointWriter:
     exception removes it). Call :meth:`commit` once every tensor is written.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, plan: MergePlan, overwrite: bool = False):
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        plan: MergePlan,
+        overwrite: bool = False,
+        flag: str = "--out",
+    ):
+        """``flag``: the option that named ``out_dir``, for messages."""
         # abspath, not Path.absolute: '..' and '.' must name the directory, not a link to it.
         self.out_dir = Path(os.path.abspath(out_dir))
-        self.overwrite = overwrite
-        check_target(self.out_dir, overwrite)
+        self.overwrite, self.flag = overwrite, flag
+        check_target(self.out_dir, overwrite, flag)
         with _write_errors(self.out_dir.parent):
             self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_workspaces(self.out_dir)
@@ -290,7 +298,13 @@ class CheckpointWriter:
     def _rename_into_place(self) -> None:
         # Once begun, the swap and the removal of what it leaves finish, Ctrl-C or not.
         with uninterruptible():
-            move_into_place(self.workspace, self.out_dir, self.overwrite)
+            move_into_place(
+                self.workspace,
+                self.out_dir,
+                self.overwrite,
+                self.flag,
+                functools.partial(check_replaceable, flag=self.flag),
+            )
             # What is left is ours: the marker, and with --overwrite the replaced output.
             remove_tree(self.workspace)
 

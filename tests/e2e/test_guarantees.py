@@ -229,6 +229,21 @@ def test_an_output_that_appears_during_the_merge_is_not_replaced(pair, tmp_path)
     assert leftovers(tmp_path) == []
 
 
+def test_overwrite_does_not_replace_a_foreign_directory_that_appears_during_the_merge(
+    pair, tmp_path
+):
+    base, tuned, _ = pair
+    out = tmp_path / "out"
+    refused = pytest.raises(OutputExistsError, match="not an earlier merge output")
+    with refused, CheckpointWriter(out, _plan(base, tuned), overwrite=True) as writer:
+        out.mkdir()
+        (out / "notes.txt").write_text("someone else's")
+        _write_all(writer, tuned)
+        writer.commit(None, {})
+    assert (out / "notes.txt").read_text() == "someone else's"
+    assert leftovers(tmp_path) == []
+
+
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_without_renameat2_the_same_guarantees_hold(pair, tmp_path, monkeypatch, overwrite):
     def unsupported(*args):
