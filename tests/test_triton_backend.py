@@ -105,7 +105,7 @@ def test_matches_reference(case, axis, shape, dtype):
 @interpreted
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_untied_data_and_larger_tensor(dtype):
-    # 3072 entries: the selection passes span 12 blocks and the della rows are ranked by counting.
+    # 3072 entries: the selection passes span 12 blocks; the della rows are sorted in global memory.
     base, tuned = make_pair((64, 48), dtype, seed=5)
     for case in (METHOD_CASES[6], METHOD_CASES[10], METHOD_CASES[15]):
         check_against_reference(base, tuned, "col", case)

@@ -9,7 +9,8 @@ Full passes over base/tuned, each reading both inputs once:
 - window selection (magnitude/breadcrumbs): one pass histograms the cut's next digit and copies
   the keys of its bin aside; the deeper digits read only that copy (and read base/tuned again
   only when the bin outgrows the copy buffer). The cuts live on the device; no host round trip.
-- della ranks: one pass sorts each row (or counts ranks, for rows too long for one block).
+- della ranks: one pass sorts each short row in one block; longer rows are sorted in global
+  memory (keys written, a stable segmented sort, ranks scattered back), a chunk of rows at a time.
 - C' (restore=rescale): one pass summing |Sub(Δ)| per neuron.
 - write: Sub, restore and α, cast to the output dtype; counts kept and non-finite entries.
 
@@ -20,6 +21,7 @@ A single host sync at the end reads the counters. Locate's change scores are the
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -59,8 +61,9 @@ class Tuning:
     max_block_c: int
     flat_block: int  # elements per program of the selection passes
     sort_elems: int  # elements per program of the della row sort
-    max_sort_len: int  # longer della rows are ranked by counting instead
-    count_block: int  # BLOCK_I = BLOCK_J of the della counting kernel
+    max_sort_len: int  # longer della rows are sorted in global memory instead
+    rank_block: int  # positions per program of the della rank scatter
+    rank_chunk: int  # entries (whole rows, at least one) sorted per global della sort
     neuron_block: int
     candidates_min: int  # the candidate key buffer holds max(min, n // div) keys per cut
     candidates_div: int
@@ -68,8 +71,12 @@ class Tuning:
     num_warps: int
 
 
-CUDA_TUNING = Tuning(4096, 512, 4096, 4096, 16384, 64, 64, 1 << 16, 8, 528, 8)
-INTERPRETER_TUNING = Tuning(256, 32, 256, 64, 32, 16, 16, 0, 4, 8, 4)
+# `programs` is a constant, not a multiple of the SM count: it sets how the float64 sums are split
+# into partials (and so their summation order), and the l1 scale and Neu-S's C/C' round from those
+# sums. A constant makes the output bytes a function of the shape alone, the same on every GPU.
+# The della global sort keeps 24 bytes per entry (key, sorted key, index): 2^24 entries, 384 MiB.
+CUDA_TUNING = Tuning(4096, 512, 4096, 4096, 4096, 1024, 1 << 24, 64, 1 << 16, 8, 512, 8)
+INTERPRETER_TUNING = Tuning(256, 32, 256, 64, 32, 16, 96, 16, 0, 4, 8, 4)
 
 # The digits of the 63-bit order key, top first, as (shift, width). The top one (exponent and
 # three mantissa bits of |Δ|) is histogrammed by the sums pass.
@@ -107,10 +114,16 @@ def _kernel_view(t: torch.Tensor) -> torch.Tensor:
 
 
 def _tuning(device: torch.device) -> Tuning:
-    if device.type != "cuda":
-        return INTERPRETER_TUNING
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return Tuning(**{**vars(CUDA_TUNING), "programs": 4 * sms})
+    # Never the device's properties (see CUDA_TUNING): the same shape runs the same way anywhere.
+    return CUDA_TUNING if device.type == "cuda" else INTERPRETER_TUNING
+
+
+def on_device(device: torch.device):
+    """Make ``device`` current for the block: Triton launches on the current CUDA device (and
+    its current stream), whatever device the tensors live on."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 @dataclass
@@ -149,7 +162,8 @@ class _Job:
     def launch(self, kernel, grid, *args, num_warps=None, **meta) -> None:
         # No FMA contraction: the reference rounds every product before adding.
         warps = num_warps or self.tuning.num_warps
-        kernel[grid](*args, **meta, num_warps=warps, enable_fp_fusion=False)
+        with on_device(self.state.device):
+            kernel[grid](*args, **meta, num_warps=warps, enable_fp_fusion=False)
 
 
 def _window_cuts(params: MergeParams, n: int) -> tuple[int, int]:
@@ -291,14 +305,40 @@ def _della_ranks(job: _Job, kept_sum: bool) -> torch.Tensor:
             num_warps=min(32, max(4, per_program * length // 512)),
         )  # fmt: skip
         return kept
-    block = job.tuning.count_block
-    blocks = _cdiv(job.cols, block)
-    kept = torch.zeros(rows * blocks, dtype=torch.float64, device=dev)
-    job.launch(
-        selection._della_count_kernel, (rows, blocks),
-        *common, kept, rows, job.cols, job.seed, job.fparams, **job.kinds,
-        BLOCK_I=block, BLOCK_J=block, KEPT_SUM=kept_sum,
-    )  # fmt: skip
+    return _della_sorted_ranks(job, kept_sum)
+
+
+def _della_sorted_ranks(job: _Job, kept_sum: bool) -> torch.Tensor:
+    """r(i) of rows too long for one block: per chunk of rows, write the keys, sort each row
+    in global memory (O(L log L), no shared-memory limit on L), scatter the positions back.
+
+    The keys are inverted (~key: larger SPEC key, smaller sort key) and the sort is stable, so equal
+    keys keep ascending column order: SPEC's last tie-break, without room for it in 64 bits.
+    Returns the kept Σ|Δ| per (row, block of ``rank_block`` sorted positions).
+    """
+    from . import triton_select as selection
+
+    rows, cols, dev, block = job.rows, job.cols, job.state.device, job.tuning.rank_block
+    tiles = _cdiv(cols, block)
+    kept = torch.zeros(rows * tiles, dtype=torch.float64, device=dev)
+    per_chunk = max(1, min(rows, job.tuning.rank_chunk // cols))
+    keys = torch.empty(per_chunk * cols, dtype=torch.int64, device=dev)
+    for row0 in range(0, rows, per_chunk):
+        count = min(per_chunk, rows - row0)
+        chunk = keys[: count * cols]
+        job.launch(
+            selection._della_keys_kernel, (_cdiv(count * cols, job.tuning.flat_block),),
+            job.base, job.tuned, chunk, row0 * cols, count * cols, job.seed, **job.kinds,
+            BLOCK=job.tuning.flat_block,
+        )  # fmt: skip
+        with on_device(dev):
+            ordered, order = torch.sort(chunk.view(count, cols), dim=1, stable=True)
+        job.launch(
+            selection._della_scatter_kernel, (count * tiles,),
+            ordered, order, job.rank, kept, row0, cols, tiles, job.seed, job.fparams,
+            BLOCK=block, KEPT_SUM=kept_sum,
+        )  # fmt: skip
+        del ordered, order
     return kept
 
 
