@@ -1,4 +1,4 @@
-"""DELLA's ranks of rows too long for one block: keys sorted in global memory, chunk by chunk.
+"""DELLA's ranks: each row's keys sorted in global memory, a chunk of rows at a time.
 
 Through Triton's interpreter (TRITON_INTERPRET=1) with block sizes small enough that the rows
 below span many scatter blocks and many sort chunks, against the torch reference byte for byte;
@@ -28,11 +28,8 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Rows of more than 8 entries are sorted in global memory, in 8-position scatter blocks
-    (rows of 23 end in a partial one) and 40-entry sort chunks."""
-    tuning = dataclasses.replace(
-        triton_backend.INTERPRETER_TUNING, max_sort_len=8, rank_block=8, rank_chunk=40
-    )
+    """8-position scatter blocks (rows of 23 end in a partial one) and 40-entry sort chunks."""
+    tuning = dataclasses.replace(triton_backend.INTERPRETER_TUNING, rank_block=8, rank_chunk=40)
     monkeypatch.setattr(triton_backend, "INTERPRETER_TUNING", tuning)
     return tuning
 
@@ -57,10 +54,10 @@ def merge_both(shape, dtype, case, axis="none"):
     ],
     ids=["l1", "inverse", "none-replace"],
 )
-@pytest.mark.parametrize("shape", [(5, 23), (3, 40), (61,), (2, 3, 17)], ids=str)
+@pytest.mark.parametrize("shape", [(5, 23), (3, 40), (61,), (2, 3, 17), (9, 1)], ids=str)
 def test_long_rows_match_the_reference(small_blocks, case, shape):
     # (5, 23): 3 scatter blocks a row, 1 row a chunk; (3, 40): one row fills a chunk; (61,): one
-    # row longer than a chunk; (2, 3, 17): leading dimensions flattened into 6 rows.
+    # row longer than a chunk; (2, 3, 17): leading dimensions flattened into 6 rows; (9, 1): L = 1.
     axis = "row" if case.get("restore") and len(shape) == 2 else "none"
     want, got, expected, actual = merge_both(shape, torch.bfloat16, case, axis)
     assert (got.kept, got.restored, got.fallbacks) == (want.kept, want.restored, want.fallbacks)
@@ -89,7 +86,7 @@ def test_exact_key_ties_rank_by_column(small_blocks, monkeypatch):
     monkeypatch.setattr(selection, "_della_keys_kernel", PlantedKeys())
     base, tuned = make_pair((rows, cols), torch.float32, seed=2)
     job = triton_backend._prepare(base, tuned, poisoned_like(base), NAME, params_for("della"))
-    triton_backend._della_sorted_ranks(job, kept_sum=False)
+    triton_backend._della_ranks(job, kept_sum=False)
     for r in range(rows):
         # SPEC order: key descending, then column ascending; r counts from the last.
         order = sorted(range(cols), key=lambda c: (-int(keys[r, c]), c))

@@ -9,8 +9,8 @@ Full passes over base/tuned, each reading both inputs once:
 - window selection (magnitude/breadcrumbs): one pass histograms the cut's next digit and copies
   the keys of its bin aside; the deeper digits read only that copy (and read base/tuned again
   only when the bin outgrows the copy buffer). The cuts live on the device; no host round trip.
-- della ranks: one pass sorts each short row in one block; longer rows are sorted in global
-  memory (keys written, a stable segmented sort, ranks scattered back), a chunk of rows at a time.
+- della ranks: the keys are written, each row sorted in global memory (a stable segmented
+  sort) and the ranks scattered back, a chunk of rows at a time.
 - C' (restore=rescale): one pass summing |Sub(Δ)| per neuron.
 - write: Sub, restore and α, cast to the output dtype; counts kept and non-finite entries.
 
@@ -60,8 +60,6 @@ class Tuning:
     tile: int  # elements per [BLOCK_R, BLOCK_C] tile of the sums and write passes
     max_block_c: int
     flat_block: int  # elements per program of the selection passes
-    sort_elems: int  # elements per program of the della row sort
-    max_sort_len: int  # longer della rows are sorted in global memory instead
     rank_block: int  # positions per program of the della rank scatter
     rank_chunk: int  # entries (whole rows, at least one) sorted per global della sort
     neuron_block: int
@@ -75,8 +73,8 @@ class Tuning:
 # into partials (and so their summation order), and the l1 scale and Neu-S's C/C' round from those
 # sums. A constant makes the output bytes a function of the shape alone, the same on every GPU.
 # The della global sort keeps 24 bytes per entry (key, sorted key, index): 2^24 entries, 384 MiB.
-CUDA_TUNING = Tuning(4096, 512, 4096, 4096, 4096, 1024, 1 << 24, 64, 1 << 16, 8, 512, 8)
-INTERPRETER_TUNING = Tuning(256, 32, 256, 64, 32, 16, 96, 16, 0, 4, 8, 4)
+CUDA_TUNING = Tuning(4096, 512, 4096, 1024, 1 << 24, 64, 1 << 16, 8, 512, 8)
+INTERPRETER_TUNING = Tuning(256, 32, 256, 16, 96, 16, 0, 4, 8, 4)
 
 # The digits of the 63-bit order key, top first, as (shift, width). The top one (exponent and
 # three mantissa bits of |Δ|) is histogrammed by the sums pass.
@@ -98,10 +96,6 @@ def load():
 
 def _pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
-
-
-def _log2(x: int) -> int:
-    return int(x).bit_length() - 1
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -290,31 +284,14 @@ def _select_window(job: _Job, top_hist: torch.Tensor, active_cuts: int) -> None:
 
 
 def _della_ranks(job: _Job, kept_sum: bool) -> torch.Tensor:
-    """r(i) into job.rank; returns the partial Σ|Δ| over della's kept entries."""
-    from . import triton_select as selection
-
-    rows, length, dev = job.rows, _pow2(job.cols), job.state.device
-    common = (job.base, job.tuned, job.rank)
-    if length <= job.tuning.max_sort_len:
-        per_program = min(_pow2(rows), max(1, job.tuning.sort_elems // length))
-        kept = torch.zeros(rows, dtype=torch.float64, device=dev)
-        job.launch(
-            selection._della_sort_kernel, (_cdiv(rows, per_program),),
-            *common, kept, rows, job.cols, job.seed, job.fparams, **job.kinds,
-            LOG_ROWS=_log2(per_program), LOG_LEN=_log2(length), KEPT_SUM=kept_sum,
-            num_warps=min(32, max(4, per_program * length // 512)),
-        )  # fmt: skip
-        return kept
-    return _della_sorted_ranks(job, kept_sum)
-
-
-def _della_sorted_ranks(job: _Job, kept_sum: bool) -> torch.Tensor:
-    """r(i) of rows too long for one block: per chunk of rows, write the keys, sort each row
-    in global memory (O(L log L), no shared-memory limit on L), scatter the positions back.
+    """r(i) into job.rank: per chunk of rows, write the keys, sort each row in global memory
+    (O(L log L) work, no shared-memory bound on L), scatter the positions back.
 
     The keys are inverted (~key: larger SPEC key, smaller sort key) and the sort is stable, so equal
     keys keep ascending column order: SPEC's last tie-break, without room for it in 64 bits.
-    Returns the kept Σ|Δ| per (row, block of ``rank_block`` sorted positions).
+    (A bitonic sort of whole rows in one block needed 128 KiB of shared memory for rows of 16384
+    and minutes of compilation per row length.) Returns the kept Σ|Δ| per (row, block of
+    ``rank_block`` sorted positions).
     """
     from . import triton_select as selection
 
@@ -358,6 +335,18 @@ def _select_neurons(job: _Job, change, kept_change, m: int) -> tuple[torch.Tenso
 
 
 def _run(job: _Job, axis: str, name: str) -> KernelStats:
+    m, l1 = _enqueue(job, axis)
+    # The one host sync: counters and the l1 scale together (all exact in float64).
+    kept, nonfinite, fallbacks, scale = torch.cat([job.stats.double(), job.scale.double()]).tolist()
+    if nonfinite:
+        raise NonFiniteDeltaError(name, int(nonfinite))
+    return KernelStats(
+        kept=int(kept), restored=m, fallbacks=int(fallbacks), l1_scale=scale if l1 else 1.0
+    )
+
+
+def _enqueue(job: _Job, axis: str) -> tuple[int, bool]:
+    """Launch every pass of the merge, without waiting; returns (restored neurons m, l1)."""
     from . import triton_kernels as kernels
 
     params, dev = job.params, job.state.device
@@ -397,13 +386,7 @@ def _run(job: _Job, axis: str, name: str) -> KernelStats:
         **job.kinds, BLOCK_R=block_r, BLOCK_C=block_c, METHOD=job.method, RESCALE=job.rescale,
         NEURON=neuron_axis,
     )  # fmt: skip
-    # The one host sync: counters and the l1 scale together (all exact in float64).
-    kept, nonfinite, fallbacks, scale = torch.cat([job.stats.double(), job.scale.double()]).tolist()
-    if nonfinite:
-        raise NonFiniteDeltaError(name, int(nonfinite))
-    return KernelStats(
-        kept=int(kept), restored=m, fallbacks=int(fallbacks), l1_scale=scale if l1 else 1.0
-    )
+    return m, l1
 
 
 def merge_triton(

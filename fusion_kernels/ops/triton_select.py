@@ -198,82 +198,10 @@ def _index_pick_kernel(
 # ----------------------------------------------------------------------------- della ranks
 
 
-@triton.jit
-def _indicator(N_DIMS: tl.constexpr, DIM: tl.constexpr):
-    # 0/1 along hypercube dimension DIM (counted from the innermost), broadcastable.
-    return tl.reshape(tl.arange(0, 2), [1] * (N_DIMS - DIM - 1) + [2] + [1] * DIM)
-
-
-@triton.jit
-def _compare_swap(key, col, flip, DIM: tl.constexpr, N_DIMS: tl.constexpr):
-    # Partner along DIM is the other element of the pair: x ^ (x ^ partner).
-    axis: tl.constexpr = N_DIMS - 1 - DIM
-    other_key = key ^ tl.xor_sum(key, axis, keep_dims=True)
-    other_col = col ^ tl.xor_sum(col, axis, keep_dims=True)
-    # "later": this entry comes after its partner in SPEC order (key descending, column ascending).
-    later = (key < other_key) | ((key == other_key) & (col > other_col))
-    swap = later != (flip ^ _indicator(N_DIMS, DIM)).to(tl.int1)
-    return tl.where(swap, other_key, key), tl.where(swap, other_col, col)
-
-
-@triton.jit
-def _sort_rows(key, col, LOG_ROWS: tl.constexpr, LOG_LEN: tl.constexpr):
-    """Bitonic sort of each row of [2^LOG_ROWS, 2^LOG_LEN] (key, column) pairs into SPEC order."""
-    N_DIMS: tl.constexpr = LOG_ROWS + LOG_LEN
-    key = tl.reshape(key, [2] * N_DIMS)
-    col = tl.reshape(col, [2] * N_DIMS)
-    for stage in tl.static_range(1, LOG_LEN + 1):
-        # Runs of 2^stage alternate direction until the last stage merges each whole row.
-        flip = _indicator(N_DIMS, stage) if stage < LOG_LEN else 0
-        for i in tl.static_range(stage):
-            key, col = _compare_swap(key, col, flip, stage - 1 - i, N_DIMS)
-    key = tl.reshape(key, [1 << LOG_ROWS, 1 << LOG_LEN])
-    return key, tl.reshape(col, [1 << LOG_ROWS, 1 << LOG_LEN])
-
-
-@triton.jit
-def _della_sort_kernel(
-    base_ptr,
-    tuned_ptr,
-    rank_ptr,  # [R, L] int32 out: r(i), 0 = smallest
-    kept_part_ptr,  # [R] float64 out: Σ|Δ| over della's kept entries of the row
-    R,
-    L,
-    seed,
-    fparams_ptr,
-    BASE_KIND: tl.constexpr,
-    TUNED_KIND: tl.constexpr,
-    LOG_ROWS: tl.constexpr,
-    LOG_LEN: tl.constexpr,
-    KEPT_SUM: tl.constexpr,
-):
-    """Per-row ranks for rows that fit one block: sort (key, column), then scatter positions."""
-    ROWS: tl.constexpr = 1 << LOG_ROWS
-    LEN: tl.constexpr = 1 << LOG_LEN
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS]
-    cols = tl.arange(0, LEN)  # [LEN]
-    mask = (rows < R)[:, None] & (cols < L)[None, :]  # [ROWS, LEN]
-    idx = rows[:, None] * L + cols[None, :]
-    _, delta = _delta(base_ptr, tuned_ptr, idx, mask, BASE_KIND, TUNED_KIND)
-    # Padding sorts last: every real key is >= 0.
-    key = tl.where(mask, _order_key(delta, idx, seed), -1)
-    col = tl.broadcast_to(cols[None, :], [ROWS, LEN])
-    if LOG_LEN > 0:
-        key, col = _sort_rows(key, col, LOG_ROWS, LOG_LEN)
-    rank = (L - 1 - cols)[None, :]  # position p in the sorted row has r = L - 1 - p
-    sorted_idx = rows[:, None] * L + col
-    tl.store(rank_ptr + sorted_idx, tl.broadcast_to(rank, [ROWS, LEN]).to(tl.int32), mask=mask)
-    if KEPT_SUM:
-        keep, _ = _della_keep(rank, sorted_idx, L, seed, fparams_ptr)
-        magnitude = (key >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-        kept = tl.where(keep & mask, magnitude, 0.0).to(tl.float64)
-        tl.store(kept_part_ptr + rows, tl.sum(kept, axis=1), mask=rows < R)
-
-
-# Long rows: _della_keys writes each entry's key, inverted (~key = −1 − key, so ascending order is
-# SPEC order), a stable segmented sort orders every row in global memory (ties keep ascending
-# column order, SPEC's last tie-break), and _della_scatter writes position p's rank L − 1 − p to
-# the entry that landed there. No block holds a whole row, so any L fits any GPU.
+# _della_keys writes each entry's key, inverted (~key = −1 − key, so ascending order is SPEC
+# order), a stable segmented sort orders every row in global memory (ties keep ascending column
+# order, SPEC's last tie-break), and _della_scatter writes position p's rank L − 1 − p to the
+# entry that landed there. No block holds a whole row, so any L fits any GPU.
 
 
 @triton.jit
