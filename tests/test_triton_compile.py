@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+pytest.importorskip("triton")
 import triton_compile as tc
 
 HERE = Path(__file__).parent
@@ -27,7 +29,6 @@ MAX_REGISTERS = 255  # ptxas's ceiling per thread; more would not assemble at al
 
 
 def compile_for(target: int, dtypes: str, tmp_path: Path, smoke: bool = False) -> list[dict]:
-    pytest.importorskip("triton")
     out = tmp_path / f"sm{target}.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = str(HERE.parent)
