@@ -23,9 +23,9 @@ pytest.importorskip("triton")
 import triton_compile as tc
 
 HERE = Path(__file__).parent
-# Spills: ptxas's stack frame per thread, where spilled registers live. At 8 entries a thread the
-# della variants keep a few float64 values there (8-16 bytes, cached in L1) rather than use more
-# than 80 registers; a bigger frame would mean a variant outgrew its tile.
+# Spills: ptxas's stack frame per thread, where spilled registers live. At 8 entries a thread a
+# few della variants keep 8-16 bytes of float64 values there (cached in L1); a bigger frame would
+# mean a variant outgrew its tile.
 MAX_STACK_BYTES = 64
 MAX_REGISTERS = 255  # ptxas's ceiling per thread; more would not assemble at all
 

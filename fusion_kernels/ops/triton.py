@@ -73,8 +73,9 @@ class Tuning:
 # into partials (and so their summation order), and the l1 scale and Neu-S's C/C' round from those
 # sums. A constant makes the output bytes a function of the shape alone, the same on every GPU.
 # The della global sort keeps 24 bytes per entry (key, sorted key, index): 2^24 entries, 384 MiB.
-# Tiles of 2048 at 8 warps (8 entries a thread): the heavier sums/write variants compiled for
-# 4096 took 125-184 registers a thread, one or two blocks per SM; 2048 takes about 80.
+# Tiles of 2048 at 8 warps (8 entries a thread): at 4096 the heaviest sums/write variants took up
+# to 184 registers a thread (one 256-thread block per SM); at 2048 at most 120 (two blocks), most
+# far fewer, with at most 16 bytes spilled (tests/test_triton_compile.py checks all of it).
 CUDA_TUNING = Tuning(2048, 512, 4096, 1024, 1 << 24, 64, 1 << 16, 8, 512, 8)
 INTERPRETER_TUNING = Tuning(256, 32, 256, 16, 96, 16, 0, 4, 8, 4)
 
