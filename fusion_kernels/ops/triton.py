@@ -72,6 +72,9 @@ class Tuning:
 # `programs` is a constant, not a multiple of the SM count: it sets how the float64 sums are split
 # into partials (and so their summation order), and the l1 scale and Neu-S's C/C' round from those
 # sums. A constant makes the output bytes a function of the shape alone, the same on every GPU.
+# (The cpp backend's order follows its thread count; a float64 sum rounds differently in another
+# order only in its last bits, so those scales agree with it unless that lands on a float32
+# rounding boundary: at most one ulp, as SPEC allows.)
 # The della global sort keeps 24 bytes per entry (key, sorted key, index): 2^24 entries, 384 MiB.
 # Tiles of 2048 at 8 warps (8 entries a thread): at 4096 the heaviest sums/write variants took up
 # to 184 registers a thread (one 256-thread block per SM); at 2048 at most 120 (two blocks), most
