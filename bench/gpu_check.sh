@@ -12,7 +12,7 @@
 #               is built in place; the tree is on PYTHONPATH either way), while every kernel
 #               variant is compiled for this device's target with its shared memory, registers
 #               and spills recorded (tests/triton_compile.py), which fills Triton's cache
-#   cuda-tests  tests/test_triton_cuda.py without TRITON_INTERPRET: the cpp backend's bytes,
+#   cuda-tests  the cuda tests of tests/ops/test_triton.py and tests/test_transfer.py, no TRITON_INTERPRET: the cpp backend's bytes,
 #               della rows past 16384, index ties on the GPU, staged merges on every GPU
 #   e2e         a generated Llama-3-8B-shape pair (2 layers) merged with --device cuda and with
 #               the cpp backend (the torch one on the GPU if cpp is not built): byte-identical
@@ -20,7 +20,7 @@
 #   bench       GB/s and % of HBM peak for 4096x14336 and 14336x4096, each method, bytes checked
 #               against cpp first, and the plain elementwise pass for scale
 #   cuda-reference
-#               test_triton_backend.py's cuda tests (against the torch reference) in the time left
+#               tests/ops/test_conformance.py's cuda cases (against the torch reference) in the time left
 # and a summary of every figure, printed last (and kept in $OUT/summary.txt).
 # Without a CUDA device it says so in one line and exits 0.
 set -uo pipefail
@@ -97,12 +97,12 @@ build_and_precompile() {
 # Most important first: the deadline cuts the last steps short, never the first.
 step env 30 env_report
 step build-and-precompile 150 build_and_precompile
-step cuda-tests 100 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_triton_cuda.py \
+step cuda-tests 100 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/ops/test_triton.py tests/test_transfer.py \
     --junitxml="$OUT/cuda-tests.xml"
 step e2e 110 "$PY" bench/gpu_check.py e2e "$OUT" --data "$DATA"
 step bench 70 "$PY" -m pytest -q -p no:cacheprovider bench/bench_gpu_kernels.py \
     --benchmark-only -k "(test_triton or test_plain_pass) and (4096x14336 or 14336x4096)" \
     --benchmark-columns=min,mean,rounds --benchmark-json="$OUT/bench.json"
 step cuda-reference 300 "$PY" -m pytest -q -p no:cacheprovider -m cuda \
-    tests/test_triton_backend.py --junitxml="$OUT/cuda-reference.xml"
+    tests/ops/test_conformance.py --junitxml="$OUT/cuda-reference.xml"
 "$PY" bench/gpu_check.py summary "$OUT" | tee "$OUT/summary.txt"

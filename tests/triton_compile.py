@@ -30,7 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import METHOD_CASES
 
-from fusion_kernels.ops import triton as launcher
+from fusion_kernels.ops.contract import plan_tensor
+from fusion_kernels.ops.triton import launcher
 from fusion_kernels.params import params_for
 
 # Shared memory a block may use (opt-in maximum), by compute capability.
@@ -105,8 +106,9 @@ def record(shape, dtype, case: dict, axis: str) -> list[Launch]:
     launcher._Job.launch = launch
     try:
         base = torch.empty(shape, dtype=dtype, device="meta")
-        job = launcher._prepare(base, base, base, "compile", params_for(**case))
-        launcher._enqueue(job, axis)
+        params = params_for(**case)
+        plan = plan_tensor(params, base.shape, axis, "compile")
+        launcher._enqueue(launcher._prepare(base, base, base, plan, params))
     finally:
         launcher._tuning, launcher._Job.launch = tuning, launch_fn
     return launches
