@@ -3,8 +3,10 @@
 ``e2e``: generate a Llama-3-8B-shape pair (2 layers, bf16, vocabulary 128256), merge it with the
 CLI on the GPU (``--device cuda``) and with the cpp backend on the CPU, and compare every output
 shard byte for byte; time both merges and a read of the inputs from the page cache (the goal: a
-GPU merge within 1.3 times that read). ``summary``: one screen of every figure under the output
-directory.
+GPU merge within 1.3 times that read). The results file is rewritten after each method, so a
+step cut short by its time limit keeps what it finished. ``summary``: one screen of every figure
+in the check's working directory (test counts from the JUnit files, or from the verbose logs of
+steps cut short before pytest wrote them).
 
     python bench/gpu_check.py e2e OUT_DIR [--data DIR] [--methods neuron_fusion,della]
     python bench/gpu_check.py summary OUT_DIR
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -24,6 +27,12 @@ from pathlib import Path
 LLAMA3_8B_2_LAYERS = dict(
     hidden=4096, intermediate=14336, layers=2, heads=32, kv_heads=8, vocab=128256, shards=2
 )
+# The test steps of gpu_check.sh, in its order, and what each checks.
+TEST_STEPS = {
+    "cuda-core": "cuda tests: staged transport on every GPU, della rows > 16384 vs cpp, index ties",
+    "cuda-cpp": "cuda tests: Llama-3-8B shapes and every dtype vs cpp's bytes",
+    "cuda-reference": "cuda tests: the conformance matrix vs the torch reference",
+}
 READ_GOAL = 1.3  # a GPU merge within 1.3x the time of reading its inputs from the page cache
 PEAK_GOAL = 0.5  # fused kernels at 50 % of HBM peak or more
 
@@ -41,6 +50,7 @@ def read_seconds(paths: list[Path]) -> float:
 
 
 def merge(base: Path, tuned: Path, out: Path, method: str, *flags: str) -> float:
+    """Seconds the CLI took to merge ``base`` and ``tuned`` into ``out``."""
     command = [sys.executable, "-m", "fusion_kernels.merge", "--base", str(base)]
     command += ["--tuned", str(tuned), "--out", str(out), "--method", method]
     command += ["--overwrite", "--quiet", *flags]
@@ -59,20 +69,24 @@ def oracle_flags() -> list[str]:
     return ["--device", "cpu", "--backend", "cpp"]
 
 
-def e2e(out_dir: Path, data: Path, methods: list[str]) -> dict:
+def e2e(out_dir: Path, data: Path, methods: list[str], spec=None, device: str = "cuda") -> dict:
+    """Merge the generated pair on ``device`` and with the oracle, per method; write and return
+    the figures (``spec``: the pair's shapes, Llama-3-8B's with 2 layers unless given)."""
     from fusion_kernels.demo import PairSpec, generate_pair
 
     if not (data / "pair_spec.json").exists():
-        generate_pair(data, PairSpec(**LLAMA3_8B_2_LAYERS))
+        generate_pair(data, spec or PairSpec(**LLAMA3_8B_2_LAYERS))
     base, tuned = data / "base", data / "tuned"
     inputs = sorted(base.glob("*.safetensors")) + sorted(tuned.glob("*.safetensors"))
     results = {
         "read_seconds": read_seconds(inputs),
         "input_bytes": sum(p.stat().st_size for p in inputs),
+        "oracle": " ".join(oracle_flags()),
     }
+    out_dir.mkdir(parents=True, exist_ok=True)
     for method in methods:
         gpu, cpu = data / f"out-{method}-cuda", data / f"out-{method}-cpp"
-        row = {"cuda_seconds": merge(base, tuned, gpu, method, "--device", "cuda")}
+        row = {"cuda_seconds": merge(base, tuned, gpu, method, "--device", device)}
         row["cpp_seconds"] = merge(base, tuned, cpu, method, *oracle_flags())
         report = json.loads((gpu / "fusion_report.json").read_text())
         row["cuda_merge_seconds"] = report["totals"]["seconds"]
@@ -84,14 +98,31 @@ def e2e(out_dir: Path, data: Path, methods: list[str]) -> dict:
         row["identical"] = bool(shards) and not row["differing_shards"]
         row["vs_read"] = row["cuda_merge_seconds"] / results["read_seconds"]
         results[method] = row
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "e2e.json").write_text(json.dumps(results, indent=1))
+        (out_dir / "e2e.json").write_text(json.dumps(results, indent=1))
     return results
+
+
+# A test's line in pytest -v output: "path::name[id] PASSED   [ 10%]".
+VERBOSE_LINE = re.compile(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b", re.M)
+
+
+def _from_log(path: Path) -> str:
+    """Counts from a verbose log that pytest did not finish (the step hit its time limit)."""
+    if not path.exists():
+        return "no result"
+    found = VERBOSE_LINE.findall(path.read_text(errors="replace"))
+    if not found:
+        return f"no result (see {path.name})"
+    count = {k: sum(outcome == k for _, outcome in found) for k in ("PASSED", "SKIPPED")}
+    failed = [name for name, outcome in found if outcome in ("FAILED", "ERROR")]
+    line = f"{count['PASSED']} passed, {len(failed)} failed, {count['SKIPPED']} skipped"
+    line += f" before it was cut short (last: {found[-1][0]})"
+    return line + "".join(f"\n    FAILED {name}" for name in failed[:15])
 
 
 def _junit(path: Path) -> str:
     if not path.exists():
-        return f"no result (see {path.stem}.log)"
+        return _from_log(path.with_suffix(".log"))
     suites = ElementTree.parse(path).getroot()
     suite = suites if suites.tag == "testsuite" else suites[0]
     counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
@@ -125,37 +156,45 @@ def _bench(path: Path) -> list[str]:
 
 
 def _compile(out_dir: Path) -> list[str]:
-    lines = []
+    # compile-sm90-3.json: shard 3 of the compilation for sm_90; one line per target.
+    targets: dict[str, list[dict]] = {}
     for path in sorted(out_dir.glob("compile-*.json")):
-        rows = json.loads(path.read_text())
+        targets.setdefault(path.stem.rsplit("-", 1)[0], []).extend(json.loads(path.read_text()))
+    lines = []
+    for target, rows in targets.items():
         if not rows:
             continue
         worst = max(rows, key=lambda r: r["shared"])
         lines.append(
-            f"  {path.stem}: {len(rows)} variants; max shared {worst['shared']} B "
+            f"  {target}: {len(rows)} variants; max shared {worst['shared']} B "
             f"({worst['kernel']}), max registers {max(r['reg'] for r in rows)}, "
             f"max stack {max(r['stack'] for r in rows)} B"
         )
     return lines or ["  no result (see precompile.log)"]
 
 
+def _lines_with(path: Path, prefix: str) -> list[str]:
+    if not path.exists():
+        return []
+    return ["  " + line for line in path.read_text().splitlines() if line.startswith(prefix)]
+
+
 def summary(out_dir: Path) -> str:
     lines = [f"GPU check: {out_dir}"]
-    env = out_dir / "env.log"
-    if env.exists():
-        lines += ["  " + line for line in env.read_text().splitlines() if line.startswith("device")]
+    lines += _lines_with(out_dir / "env.log", "device")
+    lines += _lines_with(out_dir / "env.log", "cuda:N")
+    lines += _lines_with(out_dir / "build.log", "cpp extension")
     steps = out_dir / "steps.txt"
     if steps.exists():
         lines += ["steps (rc 0 = ok, 124 = timed out):"]
         lines += ["  " + line for line in steps.read_text().splitlines()]
     lines += ["compile (this device's target):", *_compile(out_dir)]
-    lines += [f"cuda tests: {_junit(out_dir / 'cuda-tests.xml')}"]
-    lines += [f"cuda tests against the reference: {_junit(out_dir / 'cuda-reference.xml')}"]
+    lines += [f"{what}: {_junit(out_dir / f'{step}.xml')}" for step, what in TEST_STEPS.items()]
     lines += [
         "kernel benchmarks (bytes checked against cpp first):",
         *_bench(out_dir / "bench.json"),
     ]
-    e2e_path = out_dir / "e2e" / "e2e.json"
+    e2e_path = out_dir / "e2e.json"
     if e2e_path.exists():
         result = json.loads(e2e_path.read_text())
         read, oracle = result["read_seconds"], result.get("oracle")
@@ -186,7 +225,7 @@ def main() -> int:
     parser.add_argument("--methods", default="neuron_fusion,della")
     args = parser.parse_args()
     if args.step == "e2e":
-        print(json.dumps(e2e(args.out / "e2e", args.data, args.methods.split(",")), indent=1))
+        print(json.dumps(e2e(args.out, args.data, args.methods.split(",")), indent=1))
     else:
         print(summary(args.out))
     return 0

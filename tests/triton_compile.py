@@ -10,7 +10,7 @@ dynamic shared memory is in the compiled kernel's metadata.
 Run as a script (what test_triton_compile.py does, in a process without TRITON_INTERPRET, since
 the interpreter replaces the compiler):
 
-    python tests/triton_compile.py --target 90 --dtypes bfloat16 --json out.json
+    python tests/triton_compile.py --target 90 --dtypes bfloat16 --json out.json [--shard 0/4]
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -174,6 +175,8 @@ def resources(cubin: bytes) -> dict:
     import triton
 
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():  # Triton builds that ship no cuobjdump: the CUDA toolkit's
+        tool = Path(shutil.which("cuobjdump") or tool)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
         handle.write(cubin)
         handle.flush()
@@ -193,13 +196,15 @@ def resources(cubin: bytes) -> dict:
     }
 
 
-def compile_all(capability: int, dtypes, smoke: bool = False) -> list[dict]:
-    """Compile every variant (``smoke``: the first of each kernel) for sm_``capability``."""
+def compile_all(capability: int, dtypes, smoke: bool = False, shard=(0, 1)) -> list[dict]:
+    """Compile every variant (``smoke``: the first of each kernel) for sm_``capability``;
+    ``shard = (i, n)`` takes every n-th of them from the i-th, so n processes share the work."""
     from triton.runtime import driver
 
     launches = list(variants(dtypes).values())
     if smoke:
         launches = list({launch.name: launch for launch in reversed(launches)}.values())
+    launches = launches[shard[0] :: shard[1]]
     previous = driver._active
     driver.set_active(StandInDriver(capability))
     rows = []
@@ -236,12 +241,14 @@ def main() -> int:
     parser.add_argument("--dtypes", default="bfloat16,float16,float32")
     parser.add_argument("--json", required=True)
     parser.add_argument("--smoke", action="store_true", help="one variant of each kernel")
+    parser.add_argument("--shard", default="0/1", help="I/N: every N-th variant from the I-th")
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET"):
         print("unset TRITON_INTERPRET: the interpreter replaces the compiler", file=sys.stderr)
         return 2
     dtypes = [DTYPES[name] for name in args.dtypes.split(",")]
-    rows = compile_all(args.target, dtypes, args.smoke)
+    index, count = map(int, args.shard.split("/"))
+    rows = compile_all(args.target, dtypes, args.smoke, (index, count))
     Path(args.json).write_text(json.dumps(rows, indent=1, default=str))
     return 0
 
