@@ -25,10 +25,13 @@ def _extensions():
     if not sources:
         return []
     try:
-        from pybind11.setup_helpers import Pybind11Extension
+        from pybind11.setup_helpers import ParallelCompile, Pybind11Extension
     except ImportError:
         print("pybind11 not installed: not building the C++ extension", file=sys.stderr)
         return []
+    # One compiler process per core (FUSION_KERNELS_BUILD_JOBS=N to choose): the sources are
+    # independent, and a serial -O3 build of all of them takes minutes.
+    ParallelCompile("FUSION_KERNELS_BUILD_JOBS", default=0).install()
     return [
         Pybind11Extension(
             "fusion_kernels._cpp",

@@ -4,7 +4,9 @@ Each case moves ``base + tuned`` read once and the merged tensor written once; t
 over the mean time is the effective bandwidth, reported in GB/s and as a fraction of the GPU's
 HBM peak. Baselines in the same run: the torch reference on the GPU, mergekit's ``sparsify`` on
 the GPU (delta, sparsify, add back), and a plain elementwise pass over the same bytes (the
-floor a fused kernel can approach). Skipped without CUDA.
+floor a fused kernel can approach). Before a Triton case is timed, its output must equal the
+``cpp`` backend's byte for byte (within one ulp where a scale is a ratio of float64 sums, whose
+summation order differs between the two). Skipped without CUDA.
 
 Run:  python -m pytest bench/bench_gpu_kernels.py -q --benchmark-only \\
           --benchmark-columns=min,mean,rounds
@@ -61,6 +63,17 @@ def hbm_peak_gbps() -> float | None:
     return next((peak for key, peak in HBM_PEAK_GBPS.items() if key in name), None)
 
 
+def ulps_apart(actual: torch.Tensor, expected: torch.Tensor) -> int:
+    """The largest distance between the two in units in the last place of their dtype."""
+    width = {2: (torch.int16, 0x7FFF), 4: (torch.int32, 0x7FFFFFFF)}[actual.element_size()]
+    ordered = []
+    for t in (actual, expected):
+        bits = t.contiguous().view(width[0]).to(torch.int64)
+        magnitude = bits & width[1]
+        ordered.append(torch.where(bits < 0, -magnitude, magnitude))
+    return int((ordered[0] - ordered[1]).abs().max())
+
+
 def pair(rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator(device="cuda").manual_seed(0)
     base = torch.randn(rows, cols, generator=gen, device="cuda").to(torch.bfloat16)
@@ -104,9 +117,16 @@ def test_triton(benchmark, shape, method):
     base, tuned = pair(rows, cols)
     out = torch.empty_like(base)
     kernel = select_backend("triton", "cuda").kernel()
-    # No speed claim for wrong results: the kept count must match the reference first.
-    want = merge_reference(base, tuned, torch.empty_like(base), "bench", axis, params)
-    assert kernel(base, tuned, out, "bench", axis, params).kept == want.kept
+    # No speed claim for wrong results: counts and bytes must match the cpp backend's first.
+    expected = torch.empty(base.shape, dtype=base.dtype)
+    cpp = select_backend("cpp", "cpu").kernel()
+    want = cpp(base.cpu(), tuned.cpu(), expected, "bench", axis, params)
+    got = kernel(base, tuned, out, "bench", axis, params)
+    assert (got.kept, got.restored, got.fallbacks) == (want.kept, want.restored, want.fallbacks)
+    scaled = params.rescale_mode == "l1" or params.restore == "rescale"
+    apart = ulps_apart(out.cpu(), expected)
+    assert apart <= (1 if scaled else 0), f"{apart} ulps from the cpp backend's bytes"
+    benchmark.extra_info["ulps_from_cpp"] = apart
 
     def merge():
         kernel(base, tuned, out, "bench", axis, params)

@@ -12,6 +12,7 @@ runs the same chunking without pinning or streams (tests use it).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 
@@ -90,10 +91,32 @@ class HostTransport:
         return checksum(host) if want_crc else None
 
 
-class _Staging:
-    """A ring of staging buffers, each with the event of the last copy that used it."""
+def _device_guard(device: torch.device):
+    """Make ``device`` current for the block (a no-op off CUDA): the reader and writer threads
+    start on device 0, and CUDA allocations, streams and events follow the current device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
-    def __init__(self, count: int, nbytes: int, cuda: bool):
+
+def _record(stream) -> object:
+    """A fresh event recorded on ``stream`` (None without a stream).
+
+    Fresh, because an event re-recorded before a waiter reads it makes the waiter wait for the
+    later copy too. Blocking, so the host thread that synchronizes on it sleeps instead of
+    spinning a core.
+    """
+    if stream is None:
+        return None
+    event = torch.cuda.Event(blocking=True)
+    event.record(stream)
+    return event
+
+
+class _Staging:
+    """A ring of staging buffers, each with the event of the last copy that used it, and the copy
+    stream, created on ``device``."""
+
+    def __init__(self, count: int, nbytes: int, device: torch.device):
+        cuda = device.type == "cuda"
         try:
             self.buffers = [
                 torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda) for _ in range(count)
@@ -104,21 +127,32 @@ class _Staging:
                 f"--staging-size: cannot allocate {count} staging buffers of {nbytes} bytes "
                 f"({problem}); choose a smaller size"
             ) from None
-        self.events = [torch.cuda.Event() if cuda else None for _ in range(count)]
-        self.stream = torch.cuda.Stream() if cuda else None
+        self.events: list[object] = [None] * count
+        self.stream = torch.cuda.Stream(device=device) if cuda else None
         self.next = 0
 
-    def take(self) -> tuple[torch.Tensor, object]:
-        """The next buffer, once the copy that last used it has finished."""
+    def take(self) -> tuple[int, torch.Tensor]:
+        """The next buffer (and its index), once the copy that last used it has finished."""
         index = self.next
         self.next = (index + 1) % len(self.buffers)
         if self.events[index] is not None:
             self.events[index].synchronize()
-        return self.buffers[index], self.events[index]
+        return index, self.buffers[index]
+
+    def copied(self, index: int) -> object:
+        """Mark the copy just enqueued on the stream as buffer ``index``'s last use."""
+        self.events[index] = _record(self.stream)
+        return self.events[index]
 
 
 class StagedTransport:
     """Chunked copies through pinned staging buffers on dedicated copy streams.
+
+    Stream semantics on CUDA: an upload's target is allocated on the upload stream (so the
+    allocator never hands it memory the compute stream may still be reading) and, once
+    :meth:`ready` hands it to the compute stream, is recorded as used there (so its memory is not
+    reused before the compute is done). A download waits for the compute's event and copies on
+    the download stream, contiguous copy included.
 
     Args:
         device: where tensors are merged.
@@ -128,27 +162,27 @@ class StagedTransport:
     def __init__(self, device: torch.device, staging_bytes: int = DEFAULT_STAGING_BYTES):
         self.device = device
         self.chunk = staging_bytes
-        cuda = device.type == "cuda"
-        self.uploads = _Staging(2, staging_bytes, cuda)
-        # A page more, so each download can sit at its file offset's place within a page.
-        self.downloads = _Staging(2, staging_bytes + PAGE, cuda)
+        with _device_guard(device):
+            self.uploads = _Staging(2, staging_bytes, device)
+            # A page more, so each download can sit at its file offset's place within a page.
+            self.downloads = _Staging(2, staging_bytes + PAGE, device)
         self._loaded: dict[int, object] = {}
 
     def load(self, ckpt: Checkpoint, info: TensorInfo) -> torch.Tensor:
         """Allocate the tensor on the device and enqueue its upload; :meth:`ready` waits for it."""
-        target = torch.empty(info.nbytes, dtype=torch.uint8, device=self.device)
-        event = None
-        for offset in range(0, info.nbytes, self.chunk):
-            length = min(self.chunk, info.nbytes - offset)
-            buffer, event = self.uploads.take()
-            ckpt.read_into(info.name, offset, buffer[:length].numpy())
-            with _on(self.uploads.stream):
+        stream = self.uploads.stream
+        with _device_guard(self.device), _on(stream):
+            target = torch.empty(info.nbytes, dtype=torch.uint8, device=self.device)
+            for offset in range(0, info.nbytes, self.chunk):
+                length = min(self.chunk, info.nbytes - offset)
+                index, buffer = self.uploads.take()
+                ckpt.read_into(info.name, offset, buffer[:length].numpy())
                 target[offset : offset + length].copy_(buffer[:length], non_blocking=True)
-                if event is not None:
-                    event.record()
+                self.uploads.copied(index)
+            done = _record(stream)
         tensor = target.view(info.torch_dtype).reshape(info.shape)
-        if event is not None:
-            self._loaded[id(tensor)] = event
+        if done is not None:
+            self._loaded[id(tensor)] = done
         return tensor
 
     def release(self, ckpt: Checkpoint, info: TensorInfo) -> None:
@@ -159,45 +193,50 @@ class StagedTransport:
         return None
 
     def ready(self, tensor: torch.Tensor) -> None:
-        """Make the compute stream wait for ``tensor``'s upload (a no-op on CPU)."""
+        """Make the compute stream wait for ``tensor``'s upload (a no-op on CPU); call it on the
+        thread that computes, before the compute."""
         event = self._loaded.pop(id(tensor), None)
         if event is not None:
-            torch.cuda.current_stream(self.device).wait_event(event)
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(event)
+            # Allocated on the upload stream, used on this one: keep the memory until it is done.
+            tensor.record_stream(compute)
 
     def computed(self):
         """An event marking the work enqueued so far on this thread's stream (call it right after
         launching a tensor's merge, on the launching thread), or None on CPU."""
         if self.device.type != "cuda":
             return None
-        return torch.cuda.current_stream(self.device).record_event()
+        return _record(torch.cuda.current_stream(self.device))
 
     def store(
         self, writer: CheckpointWriter, name: str, tensor: torch.Tensor, want_crc: bool, after=None
     ):
         """Download ``tensor`` chunk by chunk (once ``after`` has happened) and write each chunk
         at its offset; the copy of chunk k+1 overlaps the write of chunk k."""
-        source = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-        if source.numel() == 0:
+        if tensor.numel() == 0:
             writer.write(name, tensor.cpu())
             return 0 if want_crc else None
+        stream = self.downloads.stream
         crc, pending = 0, None
         position = writer.position(name)
-        for offset in range(0, source.numel(), self.chunk):
-            length = min(self.chunk, source.numel() - offset)
-            buffer, event = self.downloads.take()
-            # Where the chunk's whole pages can be written straight to disk (directio.py).
-            shift = (page_offset(position + offset) - buffer.data_ptr()) % PAGE
-            target = buffer[shift : shift + length]
-            with _on(self.downloads.stream):
-                if after is not None:
-                    self.downloads.stream.wait_event(after)
+        with _device_guard(self.device), _on(stream):
+            if after is not None:
+                stream.wait_event(after)
+            # Any contiguous copy runs here too, after the compute and before the downloads.
+            source = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+            for offset in range(0, source.numel(), self.chunk):
+                length = min(self.chunk, source.numel() - offset)
+                index, buffer = self.downloads.take()
+                # Where the chunk's whole pages can be written straight to disk (directio.py).
+                shift = (page_offset(position + offset) - buffer.data_ptr()) % PAGE
+                target = buffer[shift : shift + length]
                 target.copy_(source[offset : offset + length], non_blocking=True)
-                if event is not None:
-                    event.record()
-            if pending is not None:
-                crc = self._write_chunk(writer, name, *pending, crc, want_crc)
-            pending = (offset, target, event)
-        crc = self._write_chunk(writer, name, *pending, crc, want_crc)
+                event = self.downloads.copied(index)
+                if pending is not None:
+                    crc = self._write_chunk(writer, name, *pending, crc, want_crc)
+                pending = (offset, target, event)
+            crc = self._write_chunk(writer, name, *pending, crc, want_crc)
         return crc if want_crc else None
 
     @staticmethod

@@ -30,7 +30,9 @@ BASE = {
 def test_tasks_axes_copies_and_skips(tmp_path):
     tuned = {k: v for k, v in BASE.items() if k != "only_in_base"}
     tuned["extra.weight"] = torch.zeros(3)
-    plan = build_plan(checkpoint(tmp_path / "b", BASE), checkpoint(tmp_path / "t", tuned))
+    plan = build_plan(
+        checkpoint(tmp_path / "b", BASE), checkpoint(tmp_path / "t", tuned), strict=False
+    )
     tasks = plan.tasks
     assert tasks["model.layers.0.mlp.up_proj.weight"].axis == "row"
     assert tasks["model.layers.0.mlp.down_proj.weight"].axis == "col"
@@ -38,10 +40,13 @@ def test_tasks_axes_copies_and_skips(tmp_path):
     assert tasks["position_ids"].action == "copy"
     assert tasks["position_ids"].reason == "I64 is not a float dtype"
     assert tasks["extra.weight"].action == "copy"
-    assert tasks["extra.weight"].reason == "no base counterpart"
+    assert tasks["extra.weight"].reason == "outside the language model"
     assert plan.skipped == ["only_in_base"]
     assert plan.merge_count == 4
     assert len(plan.shards) == 1 and sorted(plan.shards[0].names) == sorted(tuned)
+    # Strict pairing (the default) refuses the base tensor nothing pairs with.
+    with pytest.raises(PlanError, match="only_in_base"):
+        build_plan(checkpoint(tmp_path / "b", BASE), checkpoint(tmp_path / "t", tuned))
 
 
 def test_neuron_rules_come_before_the_defaults(tmp_path):

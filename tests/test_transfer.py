@@ -1,6 +1,7 @@
 """Transports. The staged (GPU-style) one: chunked reads into staging buffers and chunked writes
 give the same files as whole-tensor I/O, for tensors far larger than a staging buffer. The host
-one: zero-copy loads and a ring of two reused output buffers."""
+one: zero-copy loads and a ring of two reused output buffers. On a GPU (the ``cuda`` test): whole
+merges through the staged transport on every visible device write the CPU merge's files."""
 
 import pytest
 import torch
@@ -82,3 +83,22 @@ def test_a_shard_is_synced_and_closed_once_its_last_tensor_is_written(tmp_path):
         assert writer.shards[first.names[0]].closed
         assert not writer.shards[second.names[0]].closed
         writer.abort()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["neu-s-ties", "della", "dare"])
+@pytest.mark.parametrize("staging_bytes", [4099, None])
+def test_staged_gpu_merge_writes_the_cpu_merge_files(tmp_path, method, staging_bytes):
+    # On every visible GPU, so cuda:N is also tried while device 0 is current (when N > 0).
+    base, tuned = tiny_pair(tmp_path / "in")
+    params = params_for(method)
+    merge_checkpoints(base, tuned, tmp_path / "cpu", params, progress=False, backend="torch")
+    for device in [f"cuda:{i}" for i in range(torch.cuda.device_count())]:
+        out = tmp_path / device.replace(":", "")
+        merge_checkpoints(
+            base, tuned, out, params, progress=False, device=device, verify=True,
+            staging_bytes=staging_bytes,
+        )  # fmt: skip
+        for path in (tmp_path / "cpu").glob("*.safetensors"):
+            assert path.read_bytes() == (out / path.name).read_bytes(), f"{device} {path.name}"

@@ -8,7 +8,8 @@ Full passes over base/tuned, each reading both inputs once:
 - window selection (magnitude/breadcrumbs): one pass histograms the cut's next digit and copies
   the keys of its bin aside; the deeper digits read only that copy (and read base/tuned again
   only when the bin outgrows the copy buffer). The cuts live on the device; no host round trip.
-- della ranks: one pass sorts each row (or counts ranks, for rows too long for one block).
+- della ranks: the keys are written, each row sorted in global memory (a stable segmented
+  sort) and the ranks scattered back, a chunk of rows at a time.
 - C' (restore=rescale): one pass summing |Sub(Δ)| per neuron.
 - write: Sub, restore and α, cast to the output dtype; counts kept and non-finite entries.
 
@@ -19,6 +20,7 @@ A single host sync at the end reads the counters. Locate's change scores are the
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -38,9 +40,8 @@ class Tuning:
     tile: int  # elements per [BLOCK_R, BLOCK_C] tile of the sums and write passes
     max_block_c: int
     flat_block: int  # elements per program of the selection passes
-    sort_elems: int  # elements per program of the della row sort
-    max_sort_len: int  # longer della rows are ranked by counting instead
-    count_block: int  # BLOCK_I = BLOCK_J of the della counting kernel
+    rank_block: int  # positions per program of the della rank scatter
+    rank_chunk: int  # entries (whole rows, at least one) sorted per global della sort
     neuron_block: int
     candidates_min: int  # the candidate key buffer holds max(min, n // div) keys per cut
     candidates_div: int
@@ -48,8 +49,18 @@ class Tuning:
     num_warps: int
 
 
-CUDA_TUNING = Tuning(4096, 512, 4096, 4096, 16384, 64, 64, 1 << 16, 8, 528, 8)
-INTERPRETER_TUNING = Tuning(256, 32, 256, 64, 32, 16, 16, 0, 4, 8, 4)
+# `programs` is a constant, not a multiple of the SM count: it sets how the float64 sums are split
+# into partials (and so their summation order), and the l1 scale and Neu-S's C/C' round from those
+# sums. A constant makes the output bytes a function of the shape alone, the same on every GPU.
+# (The cpp backend's order follows its thread count; a float64 sum rounds differently in another
+# order only in its last bits, so those scales agree with it unless that lands on a float32
+# rounding boundary: at most one ulp, as SPEC allows.)
+# The della global sort keeps 24 bytes per entry (key, sorted key, index): 2^24 entries, 384 MiB.
+# Tiles of 2048 at 8 warps (8 entries a thread): at 4096 the heaviest sums/write variants took up
+# to 184 registers a thread (one 256-thread block per SM); at 2048 at most 120 (two blocks), most
+# far fewer, with at most 16 bytes spilled (tests/test_triton_compile.py checks all of it).
+CUDA_TUNING = Tuning(2048, 512, 4096, 1024, 1 << 24, 64, 1 << 16, 8, 512, 8)
+INTERPRETER_TUNING = Tuning(256, 32, 256, 16, 96, 16, 0, 4, 8, 4)
 
 # The digits of the 63-bit order key, top first, as (shift, width). The top one (exponent and
 # three mantissa bits of |Δ|) is histogrammed by the sums pass.
@@ -58,10 +69,6 @@ LEVELS = ((52, 11), (39, 13), (26, 13), (13, 13), (0, 13))
 
 def _pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
-
-
-def _log2(x: int) -> int:
-    return int(x).bit_length() - 1
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -74,10 +81,16 @@ def _kernel_view(t: torch.Tensor) -> torch.Tensor:
 
 
 def _tuning(device: torch.device) -> Tuning:
-    if device.type != "cuda":
-        return INTERPRETER_TUNING
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return Tuning(**{**vars(CUDA_TUNING), "programs": 4 * sms})
+    # Never the device's properties (see CUDA_TUNING): the same shape runs the same way anywhere.
+    return CUDA_TUNING if device.type == "cuda" else INTERPRETER_TUNING
+
+
+def on_device(device: torch.device):
+    """Make ``device`` current for the block: Triton launches on the current CUDA device (and
+    its current stream), whatever device the tensors live on."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 @dataclass
@@ -130,7 +143,8 @@ class _Job:
     def launch(self, kernel, grid, *args, num_warps=None, **meta) -> None:
         # No FMA contraction: the reference rounds every product before adding.
         warps = num_warps or self.tuning.num_warps
-        kernel[grid](*args, **meta, num_warps=warps, enable_fp_fusion=False)
+        with on_device(self.state.device):
+            kernel[grid](*args, **meta, num_warps=warps, enable_fp_fusion=False)
 
 
 def _prepare(base, tuned, out, plan: TensorPlan, params: MergeParams) -> _Job:
@@ -235,27 +249,36 @@ def _select_window(job: _Job, top_hist: torch.Tensor) -> None:
 
 
 def _della_ranks(job: _Job, kept_sum: bool) -> torch.Tensor:
-    """r(i) into job.rank; returns the partial Σ|Δ| over della's kept entries."""
-    rows, length, dev = job.rows, _pow2(job.cols), job.state.device
-    common = (job.base, job.tuned, job.rank)
-    if length <= job.tuning.max_sort_len:
-        per_program = min(_pow2(rows), max(1, job.tuning.sort_elems // length))
-        kept = torch.zeros(rows, dtype=torch.float64, device=dev)
+    """r(i) into job.rank: per chunk of rows, write the keys, sort each row in global memory
+    (O(L log L) work, no shared-memory bound on L), scatter the positions back.
+
+    The keys are inverted (~key: larger SPEC key, smaller sort key) and the sort is stable, so equal
+    keys keep ascending column order: SPEC's last tie-break, without room for it in 64 bits.
+    (A bitonic sort of whole rows in one block needed 128 KiB of shared memory for rows of 16384
+    and minutes of compilation per row length.) Returns the kept Σ|Δ| per (row, block of
+    ``rank_block`` sorted positions).
+    """
+    rows, cols, dev, block = job.rows, job.cols, job.state.device, job.tuning.rank_block
+    tiles = _cdiv(cols, block)
+    kept = torch.zeros(rows * tiles, dtype=torch.float64, device=dev)
+    per_chunk = max(1, min(rows, job.tuning.rank_chunk // cols))
+    keys = torch.empty(per_chunk * cols, dtype=torch.int64, device=dev)
+    for row0 in range(0, rows, per_chunk):
+        count = min(per_chunk, rows - row0)
+        chunk = keys[: count * cols]
         job.launch(
-            selection._della_sort_kernel, (_cdiv(rows, per_program),),
-            *common, kept, rows, job.cols, job.seed, job.fparams, **job.kinds,
-            LOG_ROWS=_log2(per_program), LOG_LEN=_log2(length), KEPT_SUM=kept_sum,
-            num_warps=min(32, max(4, per_program * length // 512)),
+            selection._della_keys_kernel, (_cdiv(count * cols, job.tuning.flat_block),),
+            job.base, job.tuned, chunk, row0 * cols, count * cols, job.seed, **job.kinds,
+            BLOCK=job.tuning.flat_block,
         )  # fmt: skip
-        return kept
-    block = job.tuning.count_block
-    blocks = _cdiv(job.cols, block)
-    kept = torch.zeros(rows * blocks, dtype=torch.float64, device=dev)
-    job.launch(
-        selection._della_count_kernel, (rows, blocks),
-        *common, kept, rows, job.cols, job.seed, job.fparams, **job.kinds,
-        BLOCK_I=block, BLOCK_J=block, KEPT_SUM=kept_sum,
-    )  # fmt: skip
+        with on_device(dev):
+            ordered, order = torch.sort(chunk.view(count, cols), dim=1, stable=True)
+        job.launch(
+            selection._della_scatter_kernel, (count * tiles,),
+            ordered, order, job.rank, kept, row0, cols, tiles, job.seed, job.fparams,
+            BLOCK=block, KEPT_SUM=kept_sum,
+        )  # fmt: skip
+        del ordered, order
     return kept
 
 
@@ -273,6 +296,18 @@ def _select_neurons(job: _Job, change, kept_change, m: int) -> tuple[torch.Tenso
 
 
 def _run(job: _Job, name: str) -> KernelStats:
+    m, l1 = _enqueue(job)
+    # The one host sync: counters and the l1 scale together (all exact in float64).
+    kept, nonfinite, fallbacks, scale = torch.cat([job.stats.double(), job.scale.double()]).tolist()
+    if nonfinite:
+        raise NonFiniteDeltaError(name, int(nonfinite))
+    return KernelStats(
+        kept=int(kept), restored=m, fallbacks=int(fallbacks), l1_scale=scale if l1 else 1.0
+    )
+
+
+def _enqueue(job: _Job) -> tuple[int, bool]:
+    """Launch every pass of the merge, without waiting; returns (restored neurons m, l1)."""
     params, plan, dev = job.params, job.plan, job.state.device
     m = plan.restored_neurons
     neuron_axis = ({"row": 1, "col": 2}[plan.axis]) if m > 0 else 0
@@ -308,13 +343,7 @@ def _run(job: _Job, name: str) -> KernelStats:
         **job.kinds, BLOCK_R=block_r, BLOCK_C=block_c, METHOD=job.method, RESCALE=job.rescale,
         NEURON=neuron_axis,
     )  # fmt: skip
-    # The one host sync: counters and the l1 scale together (all exact in float64).
-    kept, nonfinite, fallbacks, scale = torch.cat([job.stats.double(), job.scale.double()]).tolist()
-    if nonfinite:
-        raise NonFiniteDeltaError(name, int(nonfinite))
-    return KernelStats(
-        kept=int(kept), restored=m, fallbacks=int(fallbacks), l1_scale=scale if l1 else 1.0
-    )
+    return m, l1
 
 
 def merge_triton(

@@ -198,114 +198,59 @@ def _index_pick_kernel(
 # ----------------------------------------------------------------------------- della ranks
 
 
-@triton.jit
-def _indicator(N_DIMS: tl.constexpr, DIM: tl.constexpr):
-    # 0/1 along hypercube dimension DIM (counted from the innermost), broadcastable.
-    return tl.reshape(tl.arange(0, 2), [1] * (N_DIMS - DIM - 1) + [2] + [1] * DIM)
+# _della_keys writes each entry's key, inverted (~key = −1 − key, so ascending order is SPEC
+# order), a stable segmented sort orders every row in global memory (ties keep ascending column
+# order, SPEC's last tie-break), and _della_scatter writes position p's rank L − 1 − p to the
+# entry that landed there. No block holds a whole row, so any L fits any GPU.
 
 
 @triton.jit
-def _compare_swap(key, col, flip, DIM: tl.constexpr, N_DIMS: tl.constexpr):
-    # Partner along DIM is the other element of the pair: x ^ (x ^ partner).
-    axis: tl.constexpr = N_DIMS - 1 - DIM
-    other_key = key ^ tl.xor_sum(key, axis, keep_dims=True)
-    other_col = col ^ tl.xor_sum(col, axis, keep_dims=True)
-    # "later": this entry comes after its partner in SPEC order (key descending, column ascending).
-    later = (key < other_key) | ((key == other_key) & (col > other_col))
-    swap = later != (flip ^ _indicator(N_DIMS, DIM)).to(tl.int1)
-    return tl.where(swap, other_key, key), tl.where(swap, other_col, col)
-
-
-@triton.jit
-def _sort_rows(key, col, LOG_ROWS: tl.constexpr, LOG_LEN: tl.constexpr):
-    """Bitonic sort of each row of [2^LOG_ROWS, 2^LOG_LEN] (key, column) pairs into SPEC order."""
-    N_DIMS: tl.constexpr = LOG_ROWS + LOG_LEN
-    key = tl.reshape(key, [2] * N_DIMS)
-    col = tl.reshape(col, [2] * N_DIMS)
-    for stage in tl.static_range(1, LOG_LEN + 1):
-        # Runs of 2^stage alternate direction until the last stage merges each whole row.
-        flip = _indicator(N_DIMS, stage) if stage < LOG_LEN else 0
-        for i in tl.static_range(stage):
-            key, col = _compare_swap(key, col, flip, stage - 1 - i, N_DIMS)
-    key = tl.reshape(key, [1 << LOG_ROWS, 1 << LOG_LEN])
-    return key, tl.reshape(col, [1 << LOG_ROWS, 1 << LOG_LEN])
-
-
-@triton.jit
-def _della_sort_kernel(
+def _della_keys_kernel(
     base_ptr,
     tuned_ptr,
-    rank_ptr,  # [R, L] int32 out: r(i), 0 = smallest
-    kept_part_ptr,  # [R] float64 out: Σ|Δ| over della's kept entries of the row
-    R,
-    L,
+    keys_ptr,  # [count] int64 out: inverted order keys of entries start .. start + count
+    start,
+    count,
     seed,
-    fparams_ptr,
     BASE_KIND: tl.constexpr,
     TUNED_KIND: tl.constexpr,
-    LOG_ROWS: tl.constexpr,
-    LOG_LEN: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Inverted order keys of a chunk of whole rows."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < count
+    idx = start + offs
+    _, delta = _delta(base_ptr, tuned_ptr, idx, valid, BASE_KIND, TUNED_KIND)
+    tl.store(keys_ptr + offs, ~_order_key(delta, idx, seed), mask=valid)
+
+
+@triton.jit
+def _della_scatter_kernel(
+    ordered_ptr,  # [rows, L] int64: each row's inverted keys, sorted ascending
+    order_ptr,  # [rows, L] int64: the column each sorted key came from
+    rank_ptr,  # [R, L] int32 out: r(i)
+    kept_part_ptr,  # [R, tiles] float64 out: Σ|Δ| over della's kept entries per tile
+    row0,  # the chunk's first row
+    L,
+    tiles,  # programs per row
+    seed,
+    fparams_ptr,
+    BLOCK: tl.constexpr,
     KEPT_SUM: tl.constexpr,
 ):
-    """Per-row ranks for rows that fit one block: sort (key, column), then scatter positions."""
-    ROWS: tl.constexpr = 1 << LOG_ROWS
-    LEN: tl.constexpr = 1 << LOG_LEN
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS]
-    cols = tl.arange(0, LEN)  # [LEN]
-    mask = (rows < R)[:, None] & (cols < L)[None, :]  # [ROWS, LEN]
-    idx = rows[:, None] * L + cols[None, :]
-    _, delta = _delta(base_ptr, tuned_ptr, idx, mask, BASE_KIND, TUNED_KIND)
-    # Padding sorts last: every real key is >= 0.
-    key = tl.where(mask, _order_key(delta, idx, seed), -1)
-    col = tl.broadcast_to(cols[None, :], [ROWS, LEN])
-    if LOG_LEN > 0:
-        key, col = _sort_rows(key, col, LOG_ROWS, LOG_LEN)
-    rank = (L - 1 - cols)[None, :]  # position p in the sorted row has r = L - 1 - p
-    sorted_idx = rows[:, None] * L + col
-    tl.store(rank_ptr + sorted_idx, tl.broadcast_to(rank, [ROWS, LEN]).to(tl.int32), mask=mask)
+    """Ranks of BLOCK sorted positions of one row, scattered to their entries."""
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // tiles
+    tile = pid % tiles
+    pos = tile * BLOCK + tl.arange(0, BLOCK)
+    mask = pos < L
+    col = tl.load(order_ptr + row * L + pos, mask=mask, other=0)
+    rank = L - 1 - pos
+    idx = (row0 + row) * L + col
+    tl.store(rank_ptr + idx, rank.to(tl.int32), mask=mask)
     if KEPT_SUM:
-        keep, _ = _della_keep(rank, sorted_idx, L, seed, fparams_ptr)
+        key = ~tl.load(ordered_ptr + row * L + pos, mask=mask, other=-1)
+        keep, _ = _della_keep(rank, idx, L, seed, fparams_ptr)
         magnitude = (key >> 32).to(tl.int32).to(tl.float32, bitcast=True)
         kept = tl.where(keep & mask, magnitude, 0.0).to(tl.float64)
-        tl.store(kept_part_ptr + rows, tl.sum(kept, axis=1), mask=rows < R)
-
-
-@triton.jit
-def _della_count_kernel(
-    base_ptr,
-    tuned_ptr,
-    rank_ptr,
-    kept_part_ptr,  # [R, n_col_blocks] float64
-    R,
-    L,
-    seed,
-    fparams_ptr,
-    BASE_KIND: tl.constexpr,
-    TUNED_KIND: tl.constexpr,
-    BLOCK_I: tl.constexpr,
-    BLOCK_J: tl.constexpr,
-    KEPT_SUM: tl.constexpr,
-):
-    """Per-row ranks for rows too long to sort in one block: count the entries ahead of each."""
-    row = tl.program_id(0).to(tl.int64)
-    ci = tl.program_id(1).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)  # [BLOCK_I]
-    mask_i = ci < L
-    idx_i = row * L + ci
-    _, delta = _delta(base_ptr, tuned_ptr, idx_i, mask_i, BASE_KIND, TUNED_KIND)
-    key_i = _order_key(delta, idx_i, seed)
-    ahead = tl.zeros([BLOCK_I], tl.int64)
-    for start in range(0, L, BLOCK_J):
-        cj = start + tl.arange(0, BLOCK_J)  # [BLOCK_J]
-        mask_j = cj < L
-        _, delta_j = _delta(base_ptr, tuned_ptr, row * L + cj, mask_j, BASE_KIND, TUNED_KIND)
-        key_j = tl.where(mask_j, _order_key(delta_j, row * L + cj, seed), -1)
-        first = (key_j[None, :] > key_i[:, None]) | (
-            (key_j[None, :] == key_i[:, None]) & (cj[None, :] < ci[:, None])
-        )  # [BLOCK_I, BLOCK_J]
-        ahead += tl.sum(first.to(tl.int64), axis=1)
-    rank = L - 1 - ahead
-    tl.store(rank_ptr + idx_i, rank.to(tl.int32), mask=mask_i)
-    if KEPT_SUM:
-        keep, _ = _della_keep(rank, idx_i, L, seed, fparams_ptr)
-        kept = tl.where(keep & mask_i, tl.abs(delta), 0.0).to(tl.float64)
-        tl.store(kept_part_ptr + row * tl.num_programs(1) + tl.program_id(1), tl.sum(kept, axis=0))
+        tl.store(kept_part_ptr + (row0 + row) * tiles + tile, tl.sum(kept, axis=0))
