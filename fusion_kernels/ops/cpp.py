@@ -92,6 +92,76 @@ def merge_cpp(
     )
 
 
+class ChunkedMergeCpp:
+    """The C++ kernel's merge of one tensor streamed through in chunks of whole rows, for
+    tensors larger than the memory budget (``csrc/chunked.h``); the bytes are :func:`merge_cpp`'s.
+
+    The caller iterates :meth:`passes` and, within each pass, feeds every chunk of the tensor in
+    row order with :meth:`feed` (``out`` only in the ``write`` pass); then :meth:`stats`. Rows are
+    the tensor's leading dimensions flattened (a 1-D tensor is one row).
+
+    Args:
+        shape: the tensor's shape (the block merged, for a grown vocabulary).
+        base_dtype, tuned_dtype: the inputs' dtypes; when they differ the chunks run as float32
+            and the result is rounded to base's dtype, as :func:`merge_cpp` does.
+        name, axis, params: as for :func:`merge_cpp`; ``options`` too.
+    """
+
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        base_dtype: torch.dtype,
+        tuned_dtype: torch.dtype,
+        name: str,
+        axis: str,
+        params: MergeParams,
+        **options: int,
+    ):
+        ext = importlib.import_module("fusion_kernels._cpp")
+        self.name = name
+        self.kernel_dtype = base_dtype if tuned_dtype == base_dtype else torch.float32
+        self.rows, self.cols = (math.prod(shape[:-1]), shape[-1]) if shape else (1, 1)
+        args = _shape_args(tuple(shape), self.kernel_dtype, name, axis, params) | options
+        self._op = ext.ChunkedMerge(**args)
+
+    def passes(self):
+        """The names of the passes, each to be fed every chunk before asking for the next."""
+        while (name := self._op.next()) != "done":
+            yield name
+
+    def feed(self, base: torch.Tensor, tuned: torch.Tensor, out: torch.Tensor | None, row: int):
+        """Rows ``[row, row + len)`` of base and tuned (CPU, row-major: ``len x cols`` entries);
+        in the write pass ``out`` (base's dtype, same shape) receives the merged rows."""
+        if base.dtype != self.kernel_dtype:
+            base = base.float()
+        if tuned.dtype != self.kernel_dtype:
+            tuned = tuned.float()
+        target = out
+        if out is not None and (out.dtype != self.kernel_dtype or not out.is_contiguous()):
+            target = torch.empty(out.shape, dtype=self.kernel_dtype)
+        self._op.feed(
+            _bits(base.contiguous()),
+            _bits(tuned.contiguous()),
+            None if target is None else _bits(target),
+            row,
+        )
+        if target is not out:
+            out.copy_(target)
+
+    def stats(self) -> KernelStats:
+        """What the merge reports; raises :class:`NonFiniteDeltaError` when Δ was not finite
+        (then nothing was written: the first pass finds it)."""
+        result = self._op.result()
+        if result["nonfinite"]:
+            raise NonFiniteDeltaError(self.name, int(result["nonfinite"]))
+        return KernelStats(
+            kept=int(result["kept"]),
+            restored=int(result["restored"]),
+            fallbacks=int(result["fallbacks"]),
+            l1_scale=float(result["l1_scale"]),
+        )
+
+
 def scores_cpp(
     base: torch.Tensor, tuned: torch.Tensor, axis: str, *, threads: int = 0
 ) -> tuple[float, torch.Tensor | None]:
@@ -135,14 +205,21 @@ def _bits(t: torch.Tensor) -> np.ndarray:
 
 def _kernel_args(base: torch.Tensor, name: str, axis: str, params: MergeParams) -> dict:
     """The kernel's keyword arguments: SPEC's counts and thresholds from contract.py."""
-    n = base.numel()
-    rows, cols = _matrix_shape(base)
+    return _shape_args(tuple(base.shape), base.dtype, name, axis, params)
+
+
+def _shape_args(
+    shape: tuple[int, ...], dtype: torch.dtype, name: str, axis: str, params: MergeParams
+) -> dict:
+    """:func:`_kernel_args` from a tensor's shape and dtype alone."""
+    n = math.prod(shape)
+    rows, cols = (math.prod(shape[:-1]), shape[-1]) if shape else (1, 1)
     method = params.suppress
     window = magnitude_window(params, n) if method in ("magnitude", "breadcrumbs") else (0, 0)
     neurons = {"row": rows, "col": cols}.get(axis, 0)
     restoring = params.restore != "none" and axis != "none"
     return dict(
-        dtype=MERGE_DTYPE_NAMES[base.dtype],
+        dtype=MERGE_DTYPE_NAMES[dtype],
         rows=rows,
         cols=cols,
         axis=axis,
