@@ -132,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="pinned staging buffers that tensors stream through to a GPU (default 256MiB)",
     )
+    run.add_argument(
+        "--memory-budget",
+        type=parse_size,
+        metavar="SIZE",
+        help="most bytes of tensor data held at once; larger tensors stream through the cpp "
+        "backend in chunks (default 704MiB)",
+    )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument(
         "--plots",
@@ -234,6 +241,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         verify=args.verify,
         staging_bytes=args.staging_size,
+        memory_budget=args.memory_budget,
     )
     print(summary(report, args.out))
     if args.plots:

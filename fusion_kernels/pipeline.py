@@ -19,14 +19,16 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .errors import FusionError, ParameterError
+from .chunks import DEFAULT_MEMORY_BUDGET, Budget, merge_task_in_chunks
+from .errors import BackendUnavailableError, FusionError, ParameterError
 from .namemap import detect, user_map
 from .neurons import NeuronRules
-from .ops import TensorStats, merge_tensor
+from .ops import TensorStats, merge_tensor, select_backend
+from .ops.cpp import ChunkedMergeCpp
 from .params import MergeParams, TensorParams
 from .planner import MergePlan, TensorTask, build_plan
 from .reader import Checkpoint
-from .transfer import make_transport
+from .transfer import HostTransport, make_transport
 from .writer import CheckpointWriter
 
 log = logging.getLogger("fusion_kernels")
@@ -83,6 +85,7 @@ def merge_checkpoints(
     progress: bool = True,
     verify: bool = False,
     staging_bytes: int | None = None,
+    memory_budget: int | None = None,
 ) -> dict[str, Any]:
     """Merge the checkpoint ``tuned`` back with ``base`` into ``out``; returns the report.
 
@@ -100,7 +103,13 @@ def merge_checkpoints(
         progress: show a progress bar on stderr.
         verify: re-read the written files and check every tensor against what was computed.
         staging_bytes: size of the pinned staging buffers that tensors stream through to and from
-            a GPU (default 256 MiB on CUDA; on CPU, giving it streams through staging too).
+            a GPU (default 256 MiB on CUDA, at most a quarter of the memory budget; on CPU,
+            giving it streams through staging too).
+        memory_budget: the most bytes of tensor data held at once (default
+            :data:`~fusion_kernels.chunks.DEFAULT_MEMORY_BUDGET`); larger tensors stream
+            through the cpp backend in chunks (see :mod:`fusion_kernels.chunks`). The torch
+            and triton backends merge whole tensors (triton's host memory stays within the
+            staging buffers; the tensors themselves are on the GPU).
     """
     out_dir = Path(out)
     params = params if isinstance(params, TensorParams) else TensorParams(params)
@@ -113,22 +122,44 @@ def merge_checkpoints(
     started = time.perf_counter()
     with CheckpointWriter(out_dir, plan, overwrite=overwrite) as writer:
         checksums: dict[str, int] | None = {} if verify else None
-        transport = make_transport(torch_device, staging_bytes)
+        budget = Budget(memory_budget or DEFAULT_MEMORY_BUDGET)
+        transport = make_transport(torch_device, staging_bytes, budget.nbytes)
+        chunking = _chunks_enabled(backend, torch_device, transport)
         stats = _run(
-            plan, base_ckpt, tuned_ckpt, writer, params, backend, transport, progress, checksums
-        )
+            plan, base_ckpt, tuned_ckpt, writer, params, backend, transport, progress, checksums,
+            budget if chunking else None,
+        )  # fmt: skip
         report = _report(plan, params, rules, base_ckpt, tuned_ckpt, stats, device, started)
+        report["memory_budget"] = budget.nbytes
         report["verified"] = verify
         writer.commit(tuned_ckpt.directory if tuned_ckpt.path.is_dir() else None, report, checksums)
     return report
 
 
+def _chunks_enabled(backend: str | None, device: torch.device, transport) -> bool:
+    """Whether tensors over the budget stream in chunks: CPU merges on the cpp backend."""
+    if device.type != "cpu" or not isinstance(transport, HostTransport):
+        return False
+    try:
+        return select_backend(backend, "cpu").name == "cpp"
+    except BackendUnavailableError:
+        return False  # the merge itself says why
+
+
 def _run(
-    plan, base_ckpt, tuned_ckpt, writer, params, backend, transport, progress, checksums
-) -> list[TensorStats]:
+    plan, base_ckpt, tuned_ckpt, writer, params, backend, transport, progress, checksums,
+    budget: Budget | None,
+) -> list[TensorStats]:  # fmt: skip
+    """Every task in output order; with a ``budget``, the tasks it cannot hold whole stream in
+    chunks (read-ahead of the next task then waits until the chunked one is done)."""
     order = [plan.tasks[name] for shard in plan.shards for name in shard.names]
 
-    def load(task: TensorTask) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def whole(task: TensorTask) -> bool:
+        return budget is None or budget.whole(task, params.for_tensor(task.name))
+
+    def load(task: TensorTask) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if not whole(task):
+            return None, None
         tuned = transport.load(tuned_ckpt, task.tuned)
         base = transport.load(base_ckpt, task.base) if task.action == "merge" else None
         return base, tuned
@@ -161,9 +192,23 @@ def _run(
         in_flight: Future | None = None
         for position, task in enumerate(order):
             base, tuned = next_read.result()
-            next_read = (
-                reader.submit(load, order[position + 1]) if position + 1 < len(order) else None
-            )
+            following = order[position + 1] if position + 1 < len(order) else None
+            if not whole(task):
+                if in_flight is not None:
+                    in_flight.result()
+                    in_flight = None
+                io = _chunk_io(task, transport, writer, reader, out, checksums is not None)
+                stats, crc = merge_task_in_chunks(
+                    task, base_ckpt, tuned_ckpt, params.for_tensor(task.name), budget, io,
+                    ChunkedMergeCpp,
+                )  # fmt: skip
+                if checksums is not None:
+                    checksums[task.name] = crc
+                results.append(stats)
+                next_read = reader.submit(load, following) if following else None
+                bar.update(task.tuned.nbytes)
+                continue
+            next_read = reader.submit(load, following) if following else None
             for tensor in (base, tuned):
                 if tensor is not None:
                     transport.ready(tensor)
@@ -182,6 +227,18 @@ def _run(
         if in_flight is not None:
             in_flight.result()
     return results
+
+
+def _chunk_io(task, transport, writer, reader, out, want_crc) -> dict:
+    """The I/O a chunked task uses: the transport's output buffers, the writer, the threads."""
+    return dict(
+        output=transport.output,
+        write=lambda offset, data: writer.write_range(task.name, offset, data),
+        position=writer.position(task.name),
+        reader=reader,
+        writer=out,
+        want_crc=want_crc,
+    )
 
 
 def _compute(
