@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--staging-size",
         type=parse_size,
         metavar="SIZE",
-        help="pinned staging buffers that tensors stream through to a GPU (default 256MiB)",
+        help="pinned staging buffers that tensors stream through to a GPU (default 256MiB, at "
+        "most a quarter of --memory-budget)",
     )
     run.add_argument(
         "--memory-budget",

@@ -2,7 +2,8 @@
 
 Three stages overlap: a reader thread loads the next tensor pair while the current one is merged,
 and a writer thread writes the previous result; at most one tensor pair is read ahead and one
-result is in flight, so memory holds a few tensors whatever the model size.
+result is in flight, so memory holds a few tensors whatever the model size. A tensor too large for
+the memory budget streams through the same threads in chunks of rows (chunks.py).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -177,6 +178,16 @@ def _run(
         if task.action == "copy":
             release(task)
 
+    def stream(task: TensorTask, reader: Executor, out: Executor) -> TensorStats:
+        io = _chunk_io(task, transport, writer, reader, out, checksums is not None)
+        tensor_params = params.for_tensor(task.name)
+        stats, crc = merge_task_in_chunks(
+            task, base_ckpt, tuned_ckpt, tensor_params, budget, io, ChunkedMergeCpp
+        )
+        if checksums is not None:
+            checksums[task.name] = crc
+        return stats
+
     results: list[TensorStats] = []
     bar = tqdm(
         total=plan.nbytes,
@@ -194,17 +205,11 @@ def _run(
             base, tuned = next_read.result()
             following = order[position + 1] if position + 1 < len(order) else None
             if not whole(task):
+                # Its chunks reuse the output buffers: the previous store must be done.
                 if in_flight is not None:
                     in_flight.result()
                     in_flight = None
-                io = _chunk_io(task, transport, writer, reader, out, checksums is not None)
-                stats, crc = merge_task_in_chunks(
-                    task, base_ckpt, tuned_ckpt, params.for_tensor(task.name), budget, io,
-                    ChunkedMergeCpp,
-                )  # fmt: skip
-                if checksums is not None:
-                    checksums[task.name] = crc
-                results.append(stats)
+                results.append(stream(task, reader, out))
                 next_read = reader.submit(load, following) if following else None
                 bar.update(task.tuned.nbytes)
                 continue
