@@ -2,7 +2,6 @@
 #include "chunked.h"
 
 #include <algorithm>
-#include <array>
 
 #include "della.h"
 #include "kernel_common.h"
@@ -53,53 +52,21 @@ void accumulate(FirstPassResult& total, const FirstPassResult& part) {
   for (size_t j = 0; j < part.change.size(); ++j) total.change[j] += part.change[j];
 }
 
-// The bracket pass over one chunk: per bracket, the entries with order key above hi are
-// counted and those in [lo, hi] have their keys collected (the first pass's bracket rule).
-template <class C>
+// The bracket pass over one chunk: the first pass's bracket loop (entries with order key above
+// each bracket counted, those inside it collected), keeping only the candidates' keys.
 void count_brackets(const Pair& chunk, ChunkedState& s) {
-  const WindowPlan& w = s.window;
-  struct Part {
-    int64_t above[2] = {0, 0};
-    std::vector<uint64_t> keys[2];
-  };
-  std::vector<Part> parts(size_t(s.threads));
-  parallel_held(chunk, s.threads, [&](int tid, int64_t lo, int64_t hi) {
-    Part& part = parts[size_t(tid)];
-    const HashStream tie(s.req.tensor_seed, kStreamTie);
-    float d[kTile];
-    for_each_tile(lo, hi, chunk.cols, [&](const Tile& t) {
-      load_delta<C>(chunk, t, d);
-      for (int c = 0; c < w.brackets; ++c) {
-        const Bracket& b = w.bracket[c];
-        const uint32_t hi_abs = uint32_t(b.hi >> 32), lo_abs = uint32_t(b.lo >> 32);
-        const bool collect = !s.found[c].overflow;
-        for (int64_t k = 0; k < t.len; ++k) {
-          const uint32_t a = bits_of(d[k]) & kAbsMask;
-          // Most entries are decided by |Δ| alone; only ties with a bound need the hash.
-          if (a < lo_abs) continue;
-          if (a > hi_abs) {
-            ++part.above[c];
-            continue;
-          }
-          const uint64_t key = order_key(a, tie.at(t.start + k));
-          if (key > b.hi)
-            ++part.above[c];
-          else if (key >= b.lo && collect)
-            part.keys[c].push_back(key);
-        }
-      }
-    });
-  });
-  for (Part& part : parts) {
-    for (int c = 0; c < w.brackets; ++c) {
-      BracketKeys& f = s.found[c];
-      f.above += part.above[c];
-      if (f.overflow) continue;
-      f.keys.insert(f.keys.end(), part.keys[c].begin(), part.keys[c].end());
-      if (f.keys.size() > w.collect_cap) {  // a missed bracket: the radix select takes over
-        f.overflow = true;
-        std::vector<uint64_t>().swap(f.keys);
-      }
+  FirstPassPlan plan;
+  add_window_work(s.window, s.req, plan);
+  FirstPassResult part = run_first_pass(chunk, plan, s.threads);
+  for (int c = 0; c < s.window.brackets; ++c) {
+    BracketKeys& f = s.found[c];
+    f.above += part.bracket[c].above;
+    if (f.overflow) continue;
+    for (const Candidate& cand : part.bracket[c].found) f.keys.push_back(cand.key);
+    // Past the cap the bracket missed: the radix select takes over.
+    if (part.bracket[c].overflow || f.keys.size() > s.window.collect_cap) {
+      f.overflow = true;
+      std::vector<uint64_t>().swap(f.keys);
     }
   }
 }
@@ -270,7 +237,7 @@ void ChunkedMerge::feed(const void* base, const void* tuned, void* out, int64_t 
       if (della) della_chunk(s, rows);
       break;
     case ChunkPass::bracket:
-      dispatch_dtype(chunk.dtype, [&](auto codec) { count_brackets<decltype(codec)>(chunk, s); });
+      count_brackets(chunk, s);
       break;
     case ChunkPass::histogram: {
       FirstPassPlan plan;

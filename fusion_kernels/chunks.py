@@ -27,10 +27,10 @@ from .params import MergeParams
 from .planner import TensorTask
 from .reader import Checkpoint, TensorInfo
 
-#: Default ``--memory-budget``: six buffers of Llama-3-8B's largest matrix (4096 x 14336 bf16,
-#: 112 MiB) and room to spare, so such a model merges every matrix whole; the embeddings and
+#: Default ``--memory-budget``: exactly six buffers of Llama-3-8B's largest matrix (4096 x 14336
+#: bf16, 112 MiB), so such a model merges every matrix whole; its embeddings and
 #: anything larger stream in chunks.
-DEFAULT_MEMORY_BUDGET = 704 * 2**20
+DEFAULT_MEMORY_BUDGET = 672 * 2**20
 #: Buffers the driver holds at once, each the size of one tensor (or chunk).
 BUFFERS_IN_FLIGHT = 6
 

@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_size,
         metavar="SIZE",
         help="most bytes of tensor data held at once; larger tensors stream through the cpp "
-        "backend in chunks (default 704MiB)",
+        "backend in chunks (default 672MiB)",
     )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument(
