@@ -22,7 +22,7 @@ $(VENV)/.core: $(VENV)/.torch $(PKG_SOURCES)
 	touch $@
 
 $(VENV)/.test: $(VENV)/.core
-	$(PIP) install -e ".[test,triton,plots,lint]" "$(TORCH_PIN)"
+	$(PIP) install -e ".[test,triton,plots,lint,eval]" "$(TORCH_PIN)"
 	touch $@
 
 demo: $(VENV)/.core

@@ -6,13 +6,12 @@ Public API:
     MergeParams, params_for(method, **overrides), PRESETS                     parameters
 """
 
-__version__ = "0.1.0"
-
 from .errors import FusionError
 from .neurons import NeuronRule, NeuronRules
 from .ops import TensorStats, available_backends, merge_tensor
 from .params import PRESETS, MergeParams, params_for
 from .pipeline import merge_checkpoints, plan_merge
+from .version import __version__
 
 __all__ = [
     "PRESETS",

@@ -23,6 +23,7 @@ import torch
 
 from .errors import FusionError, NonFiniteDeltaError, ParameterError
 from .ops import KernelStats, TensorStats
+from .ops.contract import matrix_shape, plan_tensor
 from .params import MergeParams
 from .planner import TensorTask
 from .reader import Checkpoint, TensorInfo
@@ -69,11 +70,6 @@ def _scratch(task: TensorTask, params: MergeParams) -> int:
 
 def _numel(task: TensorTask) -> int:
     return math.prod(task.tuned.shape)
-
-
-def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
-    """A shape as 2-D (rows, cols): leading dimensions flattened; a scalar is 1 x 1."""
-    return (math.prod(shape[:-1]), shape[-1]) if shape else (1, 1)
 
 
 class RowSource:
@@ -203,8 +199,8 @@ def merge_task_in_chunks(
     (None unless ``io["want_crc"]``).
 
     ``io`` holds ``output``, ``write``, ``position``, ``reader``, ``writer`` and ``want_crc``
-    (see :class:`ChunkedTask`); ``make_op(shape, base_dtype, tuned_dtype, name, axis, params)``
-    builds the chunked op.
+    (see :class:`ChunkedTask`); ``make_op(plan, params, base_dtype, tuned_dtype, name)`` builds
+    the chunked op from the tensor's :func:`~fusion_kernels.ops.contract.plan_tensor`.
     """
     start = time.perf_counter()
     tuned = RowSource(tuned_ckpt, task.tuned)
@@ -218,7 +214,9 @@ def merge_task_in_chunks(
     shape = task.tuned.shape
     if task.merge_rows is not None:
         shape = (task.merge_rows, *shape[1:])
-    op = make_op(shape, task.base.torch_dtype, task.tuned.torch_dtype, task.name, task.axis, params)
+    # The plan the whole-tensor merge would build: the chunks change how it is read, not what.
+    plan = plan_tensor(params, shape, task.axis, task.name)
+    op = make_op(plan, params, task.base.torch_dtype, task.tuned.torch_dtype, task.name)
     action = "merge"
     try:
         chunked.merge(op, rows)

@@ -12,22 +12,20 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import logging
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
 from tqdm import tqdm
 
-from .errors import FusionError, NonFiniteDeltaError
+from .errors import NonFiniteDeltaError
 from .neurons import NeuronRules, parse_rule
 from .ops import change_scores
 from .ops.contract import count
 from .pipeline import plan_merge
-from .process import run_and_exit
+from .process import run_cli
 
 TOP_PERCENTS = (1, 5, 10, 30)
 DENSITIES = (0.05, 0.1, 0.2, 0.3, 0.5)
@@ -108,12 +106,16 @@ def locate_checkpoints(
     *,
     rules: NeuronRules | None = None,
     name_map: list[str] | None = None,
+    layer_map: str | None = None,
+    allow_unpaired: bool = False,
     backend: str | None = None,
     device: str = "cpu",
     progress: bool = True,
 ) -> dict[str, Any]:
     """Change statistics of every mergeable tensor; streams one tensor pair at a time."""
-    base_ckpt, tuned_ckpt, plan = plan_merge(base, tuned, rules, None, name_map)
+    base_ckpt, tuned_ckpt, plan = plan_merge(
+        base, tuned, rules, None, name_map, layer_map, allow_unpaired
+    )
     tasks = [t for t in plan.tasks.values() if t.action == "merge"]
     entries, backends = [], set()
     # On the CPU the scores pass reads the shards in place; elsewhere tensors are copied over.
@@ -151,12 +153,14 @@ def locate_checkpoints(
 
 def locate_from_args(args: argparse.Namespace, rules: NeuronRules) -> dict[str, Any]:
     """:func:`locate_checkpoints` with the options locate and merge share (base, tuned, map,
-    backend, device, quiet)."""
+    layer map, allow-unpaired, backend, device, quiet)."""
     return locate_checkpoints(
         args.base,
         args.tuned,
         rules=rules,
         name_map=args.map,
+        layer_map=args.layer_map,
+        allow_unpaired=args.allow_unpaired,
         backend=args.backend,
         device=args.device,
         progress=not args.quiet,
@@ -219,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tuned", type=Path, required=True, help="fine-tuned checkpoint")
     parser.add_argument("--out", type=Path, required=True, help="directory for the report")
     parser.add_argument("--map", action="append", default=[], metavar="TUNED_PREFIX=BASE_PREFIX")
+    parser.add_argument("--layer-map", metavar="0,new,1-2|identity", help="as for merge")
+    parser.add_argument("--allow-unpaired", action="store_true", help="as for merge")
     parser.add_argument("--neuron-rule", action="append", default=[], metavar="REGEX=row|col|none")
     parser.add_argument(
         "--plot-tensors",
@@ -231,16 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status (2 on bad input)."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+def command(argv: list[str] | None = None) -> int:
+    """The locate command; raises :class:`FusionError` on bad input (see :func:`run_cli`).
+
+    Everything is computed before the first file is written, so an interrupt during the
+    (long) scoring leaves nothing behind.
+    """
     args = build_parser().parse_args(argv)
-    try:
-        result = locate_from_args(args, NeuronRules([parse_rule(r) for r in args.neuron_rule]))
-        plots = write_outputs(result, args.out, args.plot_tensors)
-    except FusionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    result = locate_from_args(args, NeuronRules([parse_rule(r) for r in args.neuron_rule]))
+    plots = write_outputs(result, args.out, args.plot_tensors)
     print(
         f"located change in {len(result['tensors'])} tensors; {len(plots)} plots; "
         f"open {args.out / 'index.html'}"
@@ -248,9 +253,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Entry point from Python; returns the exit status (0, 2 bad input, 130 interrupted)."""
+    return run_cli(command, argv, exit=False)
+
+
 def cli() -> NoReturn:
-    """Console-script entry point: :func:`main`, then a fast exit."""
-    run_and_exit(main)
+    """Console-script entry point: :func:`command` under :func:`run_cli`, then a fast exit."""
+    run_cli(command)
 
 
 if __name__ == "__main__":

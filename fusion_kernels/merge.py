@@ -7,9 +7,7 @@ Exit status: 0 done, 2 bad input (one line on stderr naming the file/tensor and 
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import NoReturn
@@ -29,7 +27,7 @@ from .params import (
 )
 from .pipeline import merge_checkpoints, plan_merge
 from .planner import parse_size
-from .process import interrupt_on_sigterm, run_and_exit
+from .process import run_cli
 
 DEFAULT_METHOD = "neuron_fusion"
 DEMO_DIR = "fusion_demo"
@@ -41,8 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Merge a fine-tuned model back with its base (Neuron-Fusion and friends).",
     )
     io = parser.add_argument_group("checkpoints")
-    io.add_argument("--base", type=Path, help="base model directory or .safetensors file")
-    io.add_argument("--tuned", type=Path, help="fine-tuned model directory or .safetensors file")
+    io.add_argument(
+        "--base", help="base model: a directory or weights file, or a Hub id ORG/NAME[@REV]"
+    )
+    io.add_argument(
+        "--tuned",
+        help="fine-tuned model: a directory, weights file or Hub id, or MODEL+LORA_ADAPTER",
+    )
     io.add_argument("--out", type=Path, help="output directory (appears only when complete)")
     io.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     io.add_argument(
@@ -59,6 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="rename tuned tensors to base names (repeatable); default: detected",
     )
     io.add_argument(
+        "--layer-map",
+        metavar="0,new,1-2|identity",
+        help="base layer of each tuned language-model layer, in order ('new': no base "
+        "counterpart, copied); default: from tuned's config (Mllama), else the identity",
+    )
+    io.add_argument(
+        "--allow-unpaired",
+        action="store_true",
+        help="merge even when base and tuned do not pair one to one: skip base-only tensors, "
+        "copy unpaired tuned ones (recorded in the report); default: refuse",
+    )
+    io.add_argument(
         "--config",
         type=Path,
         metavar="CONFIG.yml",
@@ -66,6 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
         "(task_arithmetic, ties, breadcrumbs, dare_linear, della_linear, neuron_fusion, ...)",
     )
     io.add_argument("--dry-run", action="store_true", help="print the plan and stop")
+    io.add_argument(
+        "--no-model-card",
+        dest="model_card",
+        action="store_false",
+        help="do not write OUT/README.md (the merged model's card)",
+    )
+    io.add_argument(
+        "--text-model-out",
+        type=Path,
+        metavar="DIR",
+        help="also write the merged language model alone, as the base names it, to DIR",
+    )
     io.add_argument(
         "--demo",
         nargs="?",
@@ -185,8 +212,8 @@ _METHOD_FLAGS = (
 
 def _from_config(args: argparse.Namespace) -> tuple[TensorParams, NeuronRules]:
     """Models, parameters and neuron rules from a mergekit YAML file (``--config``)."""
-    from .config import load_merge_config
-    from .reader import Checkpoint
+    from .mergekit.config import load_merge_config
+    from .sources import open_checkpoint
 
     given = [f"--{n.replace('_', '-')}" for n in _METHOD_FLAGS if getattr(args, n) is not None]
     given += ["--method"] * (args.method is not None)
@@ -196,16 +223,16 @@ def _from_config(args: argparse.Namespace) -> tuple[TensorParams, NeuronRules]:
             f"--config sets the models and the method; drop {', '.join(given) or '--demo'}"
         )
     cfg = load_merge_config(args.config)
-    tuned = Checkpoint(cfg.tuned)
+    tuned = open_checkpoint(cfg.tuned)
     try:
         cfg.check_dtypes(tuned.info(name).torch_dtype for name in tuned.names())
     finally:
         tuned.close()
-    args.base, args.tuned = cfg.base, cfg.tuned
+    args.base, args.tuned = str(cfg.base), str(cfg.tuned)
     extra = {"seed": args.seed, "select": args.select, "allow_nonfinite": args.allow_nonfinite}
     default = cfg.params.default.replace(**{k: v for k, v in extra.items() if v is not None})
     rules = [*(parse_rule(r) for r in args.neuron_rule), *cfg.rules.rules]
-    return TensorParams(default, cfg.params.overrides), NeuronRules(rules, use_defaults=False)
+    return cfg.params.with_default(default), NeuronRules(rules, use_defaults=False)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -222,12 +249,30 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         raise FusionError(f"missing {', '.join(missing)} (or use --demo)")
     if args.dry_run:
-        _, _, plan = plan_merge(args.base, args.tuned, rules, args.max_shard_size, args.map)
+        _, _, plan = plan_merge(
+            args.base,
+            args.tuned,
+            rules,
+            args.max_shard_size,
+            args.map,
+            args.layer_map,
+            args.allow_unpaired,
+        )
+        params.check(name for name, task in plan.tasks.items() if task.action == "merge")
         print(plan.describe())
         print(f"params: {params.default.as_dict()}")
-        for override in params.overrides:
-            print(f"  for /{override.pattern}/: {override.changes}")
+        for entry in params.describe():
+            if "pattern" in entry:
+                pattern = entry.pop("pattern")
+                print(f"  for /{pattern}/: {entry}")
+            else:
+                print(
+                    f"  for names containing {entry['filter']!r}: {entry['parameter']} = "
+                    f"{entry['value']!r} (mergekit filter)"
+                )
         return 0
+    if args.text_model_out is not None:
+        _check_text_out(args)
     report = merge_checkpoints(
         args.base,
         args.tuned,
@@ -238,16 +283,54 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         max_shard_size=args.max_shard_size,
         name_map=args.map,
+        layer_map=args.layer_map,
+        allow_unpaired=args.allow_unpaired,
         overwrite=args.overwrite,
         progress=not args.quiet,
         verify=args.verify,
         staging_bytes=args.staging_size,
         memory_budget=args.memory_budget,
+        model_card=args.model_card,
     )
     print(summary(report, args.out))
+    if args.text_model_out is not None:
+        from .textexport import export_text_model
+
+        export_text_model(
+            args.base,
+            args.out,
+            args.text_model_out,
+            name_map=args.map,
+            layer_map=args.layer_map,
+            allow_unpaired=args.allow_unpaired,
+            overwrite=args.overwrite,
+        )
+        print(f"text model: {args.text_model_out}")
     if args.plots:
         _write_plots(args, rules, report, args.out)
     return 0
+
+
+def _check_text_out(args: argparse.Namespace) -> None:
+    """Refuse a --text-model-out that exists or overlaps an input or --out, before any work."""
+    from .errors import OutputExistsError, ParameterError
+    from .pipeline import check_output_path
+    from .sources import open_checkpoint
+
+    if args.text_model_out.exists() and not args.overwrite:
+        raise OutputExistsError(
+            f"{args.text_model_out}: --text-model-out already exists; pass --overwrite or "
+            "choose another directory"
+        )
+    text, out = args.text_model_out.resolve(), Path(args.out).resolve()
+    if text == out or out in text.parents or text in out.parents:
+        raise ParameterError(f"--text-model-out {text} overlaps --out {out}; keep them apart")
+    roots = []
+    for reference in (args.base, args.tuned):
+        ckpt = open_checkpoint(reference)
+        roots += ckpt.roots
+        ckpt.close()
+    check_output_path(args.text_model_out, roots)
 
 
 def _write_plots(args, rules, report, out: Path) -> None:
@@ -307,27 +390,22 @@ def _run_demo(root: Path, args, params, rules) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    interrupt_on_sigterm()
+def command(argv: list[str] | None = None) -> int:
+    """The merge command; raises :class:`FusionError` on bad input (see :func:`run_cli`)."""
     # Past a file-size limit, let the write fail with EFBIG (a clear error) instead of dying.
     if hasattr(signal, "SIGXFSZ"):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except FusionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: no output written", file=sys.stderr)
-        return 130
+    return run(build_parser().parse_args(argv))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point from Python; returns the exit status (0, 2 bad input, 130 interrupted)."""
+    return run_cli(command, argv, exit=False)
 
 
 def cli() -> NoReturn:
-    """Console-script entry point: :func:`main`, then a fast exit."""
-    run_and_exit(main)
+    """Console-script entry point: :func:`command` under :func:`run_cli`, then a fast exit."""
+    run_cli(command)
 
 
 if __name__ == "__main__":

@@ -29,12 +29,13 @@ class NameMap:
 
     def base_name(self, tuned_name: str, base_names) -> str | None:
         """The base tensor for ``tuned_name`` (the first rule landing on a base name), or None."""
+        return next((c for c in self.candidates(tuned_name) if c in base_names), None)
+
+    def candidates(self, tuned_name: str):
+        """``tuned_name`` rewritten by each rule that applies, in order, the identity last."""
         for tuned_prefix, base_prefix in (*self.rules, ("", "")):
             if tuned_name.startswith(tuned_prefix):
-                candidate = base_prefix + tuned_name[len(tuned_prefix) :]
-                if candidate in base_names:
-                    return candidate
-        return None
+                yield base_prefix + tuned_name[len(tuned_prefix) :]
 
     @property
     def is_identity(self) -> bool:
@@ -122,6 +123,12 @@ def _identity_fits(base: Checkpoint, tuned: Checkpoint) -> bool:
     shared = base.tensors.keys() & tuned.tensors.keys()
     layer_names = [n for n in base.tensors if _LAYER.match(n)]
     return len(shared) >= max(1, len(layer_names)) or len(shared) == len(base.tensors)
+
+
+def layer_prefix(ckpt: Checkpoint) -> str:
+    """The prefix of the checkpoint's (most numerous) ``layers.N.`` tensors: ``model.`` for a
+    Llama-style LLM; empty when it has none."""
+    return _layer_signature(ckpt)[0]
 
 
 def _layer_signature(ckpt: Checkpoint) -> tuple[str, set]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -146,46 +147,129 @@ def parse_override(text: str) -> ParamOverride:
     pattern, sep, assignments = text.rpartition(":")
     if not sep or not pattern or not assignments:
         raise ParameterError(f"--set {text!r} must look like REGEX:key=value[,key=value]")
-    fields = {f.name: f.type for f in dataclasses.fields(MergeParams)}
     changes: dict[str, Any] = {}
     for item in assignments.split(","):
         key, eq, value = item.partition("=")
         key = key.strip().replace("-", "_")
-        if not eq or key not in fields:
+        if not eq or key not in FIELD_TYPES:
             raise ParameterError(f"--set {text!r}: unknown parameter {key!r}")
-        changes[key] = _convert(key, value.strip(), text)
+        try:
+            changes[key] = convert_field(key, value.strip())
+        except ParameterError as exc:
+            raise ParameterError(f"--set {text!r}: {exc}") from None
     return ParamOverride(pattern, changes)
 
 
-def _convert(key: str, value: str, text: str) -> Any:
-    kind = type(getattr(MergeParams(), key))
+# ---------------------------------------------------------------------------------------------
+# Text (or a YAML scalar) → a field's value: the one converter of --set, --grid and --config
+
+#: The type each :class:`MergeParams` field converts to. ``rescale`` converts to a string: its
+#: default ``None`` ("the SPEC default") is not something a user spells.
+FIELD_TYPES: dict[str, type] = {
+    **{f.name: type(f.default) for f in dataclasses.fields(MergeParams)},
+    "rescale": str,
+}
+_TRUE, _FALSE = ("1", "true", "yes"), ("0", "false", "no")
+_KIND_NAMES = {bool: "a boolean (true/false)", int: "an integer", float: "a float", str: "a string"}
+
+
+def convert_field(name: str, value: Any, kind: type | None = None) -> Any:
+    """``value`` as the :class:`MergeParams` field ``name`` (or as ``kind`` for a parameter that
+    is not a field, like mergekit's ``lambda``).
+
+    ``value`` is command-line text or a YAML scalar; conversion is lax the way mergekit's
+    (pydantic) parameters are: ``"3e-1"`` is a float, ``4.0`` an integer, ``"yes"`` and ``1``
+    booleans. Raises :class:`ParameterError` (``NAME cannot be VALUE ...``) for anything else.
+    """
+    kind = kind or FIELD_TYPES[name]
     try:
-        if kind is bool:
-            return value.lower() in ("1", "true", "yes")
-        if key == "rescale" or kind is str:
+        return _as(kind, value)
+    except (TypeError, ValueError, OverflowError):
+        raise ParameterError(
+            f"{name} cannot be {value!r}: it must be {_KIND_NAMES.get(kind, kind.__name__)}"
+        ) from None
+
+
+def _as(kind: type, value: Any) -> Any:
+    if isinstance(value, bool) and kind is not bool:
+        raise TypeError("a boolean is not a number or a string")
+    if kind is bool:
+        if isinstance(value, bool) or value in (0, 1):
+            return bool(value)
+        text = str(value).strip().lower()
+        if isinstance(value, str) and text in _TRUE + _FALSE:
+            return text in _TRUE
+        raise ValueError(value)
+    if kind is int:
+        if isinstance(value, int):
             return value
-        return kind(value)
-    except ValueError:
-        raise ParameterError(f"--set {text!r}: {key} cannot be {value!r}") from None
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            return int(value)
+        number = float(value)
+        if not number.is_integer():
+            raise ValueError(value)
+        return int(number)
+    if kind is float:
+        return float(value)
+    if kind is str and isinstance(value, str):
+        return value
+    raise TypeError(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters per tensor
+
+#: A function of a tensor's name giving the fields that differ from the default there.
+Changes = Callable[[str], dict[str, Any]]
 
 
 class TensorParams:
-    """Parameters per tensor: ``default`` unless an override matches (the first match wins).
+    """Parameters per tensor: ``default`` with the changes that apply to the tensor's name.
 
-    Every combination is validated up front, so a bad override fails before any work.
+    The changes come from ``overrides`` (``--set``: the first whose pattern matches wins; every
+    one is validated up front, so a bad override fails before any work) or from a function of the
+    name (``changes``, e.g. mergekit's filter chains; :meth:`check` validates the tensors of a
+    plan before any work).
     """
 
-    def __init__(self, default: MergeParams, overrides: tuple[ParamOverride, ...] | list = ()):
+    def __init__(
+        self,
+        default: MergeParams,
+        overrides: tuple[ParamOverride, ...] | list = (),
+        changes: Changes | None = None,
+    ):
         self.default = default.validated()
         self.overrides = tuple(overrides)
-        self._resolved = [default.replace(**o.changes) for o in self.overrides]
-
-    def for_tensor(self, name: str) -> MergeParams:
-        for override, params in zip(self.overrides, self._resolved, strict=True):
-            if re.search(override.pattern, name):
-                return params
-        return self.default
+        self._changes = changes
+        for override in self.overrides:
+            default.replace(**override.changes)
+        self._resolved: dict[tuple, MergeParams] = {}
 
     def changes_for(self, name: str) -> dict[str, Any]:
         """The overridden fields for ``name`` (empty when the default applies), for reports."""
+        if self._changes is not None:
+            return self._changes(name)
         return next((o.changes for o in self.overrides if re.search(o.pattern, name)), {})
+
+    def for_tensor(self, name: str) -> MergeParams:
+        """The validated parameters of tensor ``name``."""
+        changes = self.changes_for(name)
+        key = tuple(sorted(changes.items()))
+        if key not in self._resolved:
+            self._resolved[key] = self.default.replace(**changes) if changes else self.default
+        return self._resolved[key]
+
+    def check(self, names: Iterable[str]) -> None:
+        """Resolve every name now, so bad parameters fail before any work."""
+        for name in names:
+            self.for_tensor(name)
+
+    def with_default(self, default: MergeParams) -> TensorParams:
+        """The same per-tensor changes on another default."""
+        return TensorParams(default, self.overrides, self._changes)
+
+    def describe(self) -> list[dict[str, Any]]:
+        """What differs from the default where, for reports and ``--dry-run``."""
+        if self._changes is not None:
+            return list(getattr(self._changes, "description", []))
+        return [{"pattern": o.pattern, **o.changes} for o in self.overrides]

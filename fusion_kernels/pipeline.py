@@ -19,17 +19,20 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from . import __version__
 from .chunks import DEFAULT_MEMORY_BUDGET, Budget, merge_task_in_chunks
 from .errors import BackendUnavailableError, FusionError, ParameterError
-from .namemap import detect, user_map
+from .layermap import layer_map_for
+from .modelcard import CARD_NAME, model_card
+from .namemap import detect, layer_prefix, user_map
 from .neurons import NeuronRules
 from .ops import TensorStats, merge_tensor, select_backend
 from .ops.cpp import ChunkedMergeCpp
 from .params import MergeParams, TensorParams
 from .planner import MergePlan, TensorTask, build_plan
 from .reader import Checkpoint
+from .sources import open_checkpoint
 from .transfer import HostTransport, make_transport
+from .version import __version__
 from .writer import CheckpointWriter
 
 log = logging.getLogger("fusion_kernels")
@@ -41,16 +44,26 @@ def plan_merge(
     rules: NeuronRules | None = None,
     max_shard_size: int | None = None,
     name_map: list[str] | None = None,
+    layer_map: str | None = None,
+    allow_unpaired: bool = False,
 ) -> tuple[Checkpoint, Checkpoint, MergePlan]:
     """Open both checkpoints and plan the merge; nothing is written.
 
+    ``base`` and ``tuned``: local paths, Hub ids or ``MODEL+ADAPTER`` (see :mod:`.sources`).
+
     ``name_map``: ``TUNED_PREFIX=BASE_PREFIX`` rewrites; default: detected from names and shapes.
+    ``layer_map``: base layer per tuned layer (``0,new,1-2``); default: from tuned's config.
+    ``allow_unpaired``: skip base tensors and copy tuned language-model tensors that do not pair
+    (default: refuse).
     """
-    base_ckpt, tuned_ckpt = Checkpoint(base), Checkpoint(tuned)
+    base_ckpt, tuned_ckpt = open_checkpoint(base), open_checkpoint(tuned)
     mapping = (
         user_map(base_ckpt, tuned_ckpt, name_map) if name_map else detect(base_ckpt, tuned_ckpt)
     )
-    plan = build_plan(base_ckpt, tuned_ckpt, rules, max_shard_size, mapping)
+    layers = layer_map_for(tuned_ckpt, layer_map, layer_prefix(base_ckpt))
+    plan = build_plan(
+        base_ckpt, tuned_ckpt, rules, max_shard_size, mapping, layers, not allow_unpaired
+    )
     return base_ckpt, tuned_ckpt, plan
 
 
@@ -82,11 +95,14 @@ def merge_checkpoints(
     device: str = "cpu",
     max_shard_size: int | None = None,
     name_map: list[str] | None = None,
+    layer_map: str | None = None,
+    allow_unpaired: bool = False,
     overwrite: bool = False,
     progress: bool = True,
     verify: bool = False,
     staging_bytes: int | None = None,
     memory_budget: int | None = None,
+    model_card: bool = True,
 ) -> dict[str, Any]:
     """Merge the checkpoint ``tuned`` back with ``base`` into ``out``; returns the report.
 
@@ -100,6 +116,10 @@ def merge_checkpoints(
         device: where tensors are merged (``cpu``, ``cuda``, ``cuda:1``).
         max_shard_size: regroup output shards to at most this many bytes (default: tuned's).
         name_map: ``TUNED_PREFIX=BASE_PREFIX`` rewrites (default: detected, e.g. for LLaVA).
+        layer_map: base layer per tuned layer, e.g. ``0,new,1-2`` (default: from tuned's config,
+            e.g. Mllama's cross-attention layers are new; else the identity).
+        allow_unpaired: merge even when base and tuned do not pair one to one (recorded in the
+            report); default: refuse before writing anything.
         overwrite: replace an existing ``out``.
         progress: show a progress bar on stderr.
         verify: re-read the written files and check every tensor against what was computed.
@@ -111,14 +131,20 @@ def merge_checkpoints(
             through the cpp backend in chunks (see :mod:`fusion_kernels.chunks`). The torch
             and triton backends merge whole tensors (triton's host memory stays within the
             staging buffers; the tensors themselves are on the GPU).
+        model_card: write ``README.md``, the merged model's card (see :mod:`.modelcard`).
     """
     out_dir = Path(out)
     params = params if isinstance(params, TensorParams) else TensorParams(params)
     rules = rules or NeuronRules()
-    base_ckpt, tuned_ckpt, plan = plan_merge(base, tuned, rules, max_shard_size, name_map)
-    check_output_path(out_dir, [base_ckpt.path, tuned_ckpt.path])
+    base_ckpt, tuned_ckpt, plan = plan_merge(
+        base, tuned, rules, max_shard_size, name_map, layer_map, allow_unpaired
+    )
+    check_output_path(out_dir, [*base_ckpt.roots, *tuned_ckpt.roots])
+    params.check(name for name, task in plan.tasks.items() if task.action == "merge")
     for name in plan.skipped:
         log.warning("tensor %r is only in base (%s); it is not in the output", name, base_ckpt.path)
+    for name in plan.structure.unpaired_tuned:
+        log.warning("tensor %r has no base counterpart; it is copied from tuned", name)
     torch_device = torch.device(device)
     started = time.perf_counter()
     with CheckpointWriter(out_dir, plan, overwrite=overwrite) as writer:
@@ -133,7 +159,13 @@ def merge_checkpoints(
         report = _report(plan, params, rules, base_ckpt, tuned_ckpt, stats, device, started)
         report["memory_budget"] = budget.nbytes
         report["verified"] = verify
-        writer.commit(tuned_ckpt.directory if tuned_ckpt.path.is_dir() else None, report, checksums)
+        card = _card(report, out_dir, tuned_ckpt) if model_card else None
+        writer.commit(
+            tuned_ckpt.directory if tuned_ckpt.path.is_dir() else None,
+            report,
+            checksums,
+            extra_files={CARD_NAME: card} if card else None,
+        )
     return report
 
 
@@ -145,6 +177,15 @@ def _chunks_enabled(backend: str | None, device: torch.device, transport) -> boo
         return select_backend(backend, "cpu").name == "cpp"
     except BackendUnavailableError:
         return False  # the merge itself says why
+
+
+def _card(report: dict[str, Any], out_dir: Path, tuned_ckpt) -> str:
+    """The model card; a tuned (or adapter) README.md is kept inside it, not copied over it."""
+    model_dir = tuned_ckpt.directory if tuned_ckpt.path.is_dir() else None
+    folders = [getattr(tuned_ckpt, "adapter_dir", None), model_dir]
+    cards = [f / CARD_NAME for f in folders if f is not None and (f / CARD_NAME).is_file()]
+    tuned_card = cards[0].read_text(encoding="utf-8", errors="replace") if cards else None
+    return model_card(report, str(out_dir), tuned_card)
 
 
 def _run(
@@ -293,13 +334,17 @@ def _report(plan, params, rules, base_ckpt, tuned_ckpt, stats, device, started) 
         "fusion_kernels_version": __version__,
         "base": str(base_ckpt.path),
         "tuned": str(tuned_ckpt.path),
+        "base_model": getattr(base_ckpt, "reference", str(base_ckpt.path)),
+        "tuned_model": getattr(tuned_ckpt, "reference", str(tuned_ckpt.path)),
         "params": params.default.as_dict(),
-        "param_overrides": [{"pattern": o.pattern, **o.changes} for o in params.overrides],
+        "param_overrides": params.describe(),
         "neuron_rules": [{"pattern": r.pattern, "axis": r.axis} for r in rules.rules],
         "name_map": {
             "detected": plan.name_map.detected,
             "rules": [{"tuned": t, "base": b} for t, b in plan.name_map.rules],
         },
+        "layer_map": plan.layer_map.as_dict(),
+        "pairing": plan.structure.as_dict(),
         "device": device,
         "backends": sorted({s.backend for s in merged}),
         "totals": {

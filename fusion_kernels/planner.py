@@ -1,10 +1,13 @@
 """Planner: decide, before any output is written, what happens to every tensor and where it goes.
 
-Each tuned tensor is paired with its base tensor (same name, or the name under the checkpoints'
-:class:`~fusion_kernels.namemap.NameMap`): ``merge`` (float in both, same shape and dtype; with its
-neuron axis), or ``copy`` (no base counterpart, or not a float dtype). An embedding or lm_head whose
-vocabulary grew in tuned merges its leading rows and copies the rest. Base-only tensors are skipped
-with a warning. Output shards keep tuned's grouping, or are regrouped by ``max_shard_size``.
+Each tuned tensor is paired with its base tensor (:mod:`~fusion_kernels.pairing`: same name, or
+the name under the checkpoints' :class:`~fusion_kernels.namemap.NameMap` and
+:class:`~fusion_kernels.layermap.LayerMap`): ``merge`` (float in both, same shape and dtype; with
+its neuron axis), or ``copy`` (outside the language model, a new layer, or not a float dtype). An
+embedding or lm_head whose vocabulary grew in tuned merges its leading rows and copies the rest.
+Pairing is one to one or the plan fails; with ``strict=False``, base-only tensors are skipped with
+a warning and unpaired tuned ones copied. Output shards keep tuned's grouping, or are regrouped by
+``max_shard_size``.
 """
 
 from __future__ import annotations
@@ -12,10 +15,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from .binreader import output_shard_name
 from .dtypes import MERGEABLE
 from .errors import ParameterError, PlanError
-from .namemap import NameMap
+from .layermap import LayerMap, layer_map_for
+from .namemap import NameMap, layer_prefix
 from .neurons import NeuronRules
+from .pairing import Structure, pair_all
 from .reader import Checkpoint, TensorInfo
 
 
@@ -51,6 +57,8 @@ class MergePlan:
     shards: list[ShardPlan]
     skipped: list[str] = field(default_factory=list)
     name_map: NameMap = field(default_factory=NameMap)
+    layer_map: LayerMap = field(default_factory=LayerMap)
+    structure: Structure = field(default_factory=Structure)
 
     @property
     def merge_count(self) -> int:
@@ -62,7 +70,16 @@ class MergePlan:
 
     def describe(self) -> str:
         """The plan as text, one line per tensor, for ``--dry-run``."""
-        lines = [f"name map (tuned -> base): {'; '.join(self.name_map.describe())}"]
+        lines = [
+            f"name map (tuned -> base): {'; '.join(self.name_map.describe())}",
+            f"layer map (tuned layer -> base layer): {self.layer_map.describe()}",
+        ]
+        if not self.structure.strict:
+            lines.append(
+                f"--allow-unpaired: {len(self.structure.unpaired_tuned)} tuned language-model "
+                f"tensors without a base counterpart are copied, {len(self.skipped)} base tensors "
+                "skipped"
+            )
         for shard in self.shards:
             lines.append(f"{shard.filename}:")
             for name in shard.names:
@@ -70,6 +87,8 @@ class MergePlan:
                 what = (
                     f"merge axis={task.axis}" if task.action == "merge" else f"copy ({task.reason})"
                 )
+                if task.base is not None and task.base.name != name:
+                    what += f" with {task.base.name}"
                 lines.append(f"  {name}  {list(task.tuned.shape)} {task.tuned.dtype}  {what}")
         lines.extend(f"skip (only in base): {name}" for name in self.skipped)
         lines.append(
@@ -86,34 +105,46 @@ def build_plan(
     rules: NeuronRules | None = None,
     max_shard_size: int | None = None,
     name_map: NameMap | None = None,
+    layer_map: LayerMap | None = None,
+    strict: bool = True,
 ) -> MergePlan:
-    """Pair tuned with base tensors and lay out the output shards. Raises PlanError on mismatch."""
+    """Pair tuned with base tensors and lay out the output shards. Raises PlanError on mismatch.
+
+    ``layer_map``: default, what tuned's config implies (else the identity); ``strict``: refuse a
+    pairing that is not one to one."""
     rules = rules or NeuronRules()
     name_map = name_map or NameMap()
+    layer_map = layer_map or layer_map_for(tuned, None, layer_prefix(base))
+    pairs, structure = pair_all(base, tuned, name_map, layer_map, strict)
     names = tuned.names()
     tasks = {}
     for name in names:
-        base_name = name_map.base_name(name, base.tensors)
-        tasks[name] = _task(name, tuned.info(name), base_name and base.info(base_name), rules)
-    paired = {t.base.name for t in tasks.values() if t.base is not None}
-    skipped = [name for name in base.names() if name not in paired]
+        found = pairs[name]
+        other = found.base and base.info(found.base)
+        tasks[name] = _task(name, tuned.info(name), other, rules, found.reason)
+    skipped = structure.unpaired_base
     if max_shard_size is None:
         shards = [
-            ShardPlan(file.name, [n for n in names if tuned.info(n).file == file])
+            ShardPlan(
+                output_shard_name(file.name), [n for n in names if tuned.info(n).file == file]
+            )
             for file in tuned.files
         ]
     else:
         shards = _regroup(names, tuned, max_shard_size)
-    return MergePlan(tasks, [s for s in shards if s.names], skipped, name_map)
+    shards = [s for s in shards if s.names]
+    return MergePlan(tasks, shards, skipped, name_map, layer_map, structure)
 
 
 # Tensors whose first dimension is the vocabulary, which a multimodal fine-tune may grow.
 _VOCAB = re.compile(r"(embed_tokens|lm_head|embed_out|wte|word_embeddings)\.weight$")
 
 
-def _task(name: str, info: TensorInfo, other: TensorInfo | None, rules: NeuronRules) -> TensorTask:
+def _task(
+    name: str, info: TensorInfo, other: TensorInfo | None, rules: NeuronRules, why: str
+) -> TensorTask:
     if other is None:
-        return TensorTask(name, "copy", info, reason="no base counterpart")
+        return TensorTask(name, "copy", info, reason=why)
     merge_rows = None
     if other.shape != info.shape:
         grown = (

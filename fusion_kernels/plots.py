@@ -17,7 +17,8 @@ MAX_SCORE_PLOTS = 12
 DEFAULT_MODULES = ("self_attn.q_proj", "mlp.up_proj")
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend; a :class:`FusionError` saying how to install it."""
     try:
         import matplotlib
 
@@ -124,7 +125,7 @@ def write_page(
     result: dict[str, Any], out: Path, pattern: str | None = None, merge_report: dict | None = None
 ) -> list[Path]:
     """Draw every plot into ``out`` and write ``out/index.html``; returns the PNG paths."""
-    plt = _pyplot()
+    plt = pyplot()
     entries = [e for e in result["tensors"] if not e.get("nonfinite")]
     figures: list[tuple[Path, str]] = []
     for entry in chosen_tensors(entries, pattern):

@@ -1,40 +1,85 @@
-"""Process-level behaviour of the command-line entry points: termination and exit."""
+"""Process-level behaviour of every command-line entry point: logging, termination and exit.
+
+Each command (merge, locate, sweep, the mergekit launcher) is a function ``command(argv) -> int``
+that may raise; :func:`run_cli` turns it into a process with the project's exit contract:
+
+- 0 (or the command's own status) when it returns;
+- 2 and one line ``error: ...`` on stderr for a :class:`FusionError` (bad input; never a
+  traceback);
+- 130 and one line on stderr for Ctrl-C or SIGTERM, which both unwind as ``KeyboardInterrupt`` so
+  ``finally`` blocks and context managers clean up (the writer removes its temporary directory,
+  so nothing half-written is left).
+"""
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import signal
 import sys
 from collections.abc import Callable
-from typing import NoReturn
+
+from .errors import FusionError
+
+#: Exit status of an interrupted command (128 + SIGINT, what shells report for Ctrl-C).
+INTERRUPTED = 130
+#: Exit status of a command given bad input.
+BAD_INPUT = 2
+
+Command = Callable[[list[str] | None], int]
 
 
 def interrupt_on_sigterm() -> None:
     """Make SIGTERM unwind like Ctrl-C (KeyboardInterrupt), so ``finally`` blocks and context
-    managers clean up (the writer removes its temporary directory)."""
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    managers clean up. A no-op outside the main thread, where no handler can be installed."""
+    with contextlib.suppress(ValueError):
+        signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def run_and_exit(main: Callable[[], int]) -> NoReturn:
-    """Run ``main`` and end the process with its status, skipping interpreter finalization.
+def run_cli(
+    command: Command,
+    argv: list[str] | None = None,
+    *,
+    interrupted: str = "interrupted: no output written",
+    exit: bool = True,
+) -> int:
+    """Run ``command(argv)`` under the exit contract above.
 
-    Tearing down the interpreter after torch is imported takes about half a second (every module
-    object is collected), longer than a small merge's whole write. Everything the command owns is
-    closed and synced by the time ``main`` returns, so this runs the atexit callbacks, flushes
-    logging and the standard streams, and exits without the teardown.
+    With ``exit=True`` (console scripts and ``python -m``) the process ends with the status,
+    skipping interpreter finalization: tearing down the interpreter after torch is imported takes
+    about half a second (every module object is collected), longer than a small merge's whole
+    write. Everything the command owns is closed and synced by the time it returns, so this runs
+    the atexit callbacks, flushes logging and the standard streams, and exits without the
+    teardown. With ``exit=False`` (a command's ``main`` called from Python) it returns the status.
     """
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    interrupt_on_sigterm()
     try:
-        status = main()
+        status = command(argv)
+    except FusionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        status = BAD_INPUT
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        status = INTERRUPTED
     except SystemExit as exc:
+        if not exit:
+            raise
         status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if not isinstance(exc.code, int | None):
             print(exc.code, file=sys.stderr)
+    if exit:
+        _exit_now(status)
+    return status
+
+
+def _exit_now(status: int):
     atexit._run_exitfuncs()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):

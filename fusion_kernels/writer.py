@@ -203,9 +203,11 @@ class CheckpointWriter:
         copy_from: Path | None,
         report: dict[str, Any],
         checksums: dict[str, int] | None = None,
+        extra_files: dict[str, str] | None = None,
     ) -> Path:
         """Close shards, write the index, copied files and report, then rename into place.
 
+        ``extra_files`` (file name → text) are written after the copies, replacing any of them.
         With ``checksums`` (name → crc32 of the bytes computed), the written files are re-opened
         and every tensor's name, dtype, shape and checksum checked first.
         """
@@ -224,6 +226,9 @@ class CheckpointWriter:
             if copy_from is not None:
                 for path in non_weight_files(copy_from):
                     shutil.copy2(path, self.tmp_dir / path.name)
+            for filename, text in (extra_files or {}).items():
+                (self.tmp_dir / filename).unlink(missing_ok=True)
+                (self.tmp_dir / filename).write_text(text, encoding="utf-8")
             self._write_json(REPORT_NAME, report)
             self._rename_into_place()
         return self.out_dir

@@ -1,9 +1,15 @@
-"""Shared test helpers: generated tensor pairs, poisoned outputs, the method matrix, and verbose
-comparisons that say how many elements differ, where and by how much."""
+"""Shared test helpers: generated tensor pairs, poisoned outputs, the method matrix, verbose
+comparisons that say how many elements differ, where and by how much, and the one conformance
+check of a backend against the torch reference (:func:`assert_matches_reference`)."""
 
 from __future__ import annotations
 
+import math
 import os
+
+# Nothing in the suite may reach the Hub: lm-eval, datasets and transformers read local files only.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest
 import torch
@@ -58,6 +64,40 @@ def make_pair(
     return base, tuned
 
 
+# (base dtype, tuned dtype) of locate's change scores: the three float dtypes, and a pair that
+# differs.
+DTYPE_PAIRS = {
+    "f32": (torch.float32, torch.float32),
+    "f16": (torch.float16, torch.float16),
+    "bf16": (torch.bfloat16, torch.bfloat16),
+    "f16-bf16": (torch.float16, torch.bfloat16),
+}
+#: Change scores are float64 sums of the same float32 |Δ| in another order: with non-negative
+#: summands each sum's relative rounding error is at most (depth of its summation tree) × 2^-53,
+#: about 1e-14 at test sizes. 1e-12 leaves room for that and nothing else: an entry read twice or
+#: missed moves a sum by ~1/n of it, far more.
+SCORES_RTOL = 1e-12
+
+
+def make_dtype_pair(shape, dtypes, seed: int = 0, device="cpu"):
+    """:func:`make_pair` in float32, then base and tuned in ``dtypes`` (one of DTYPE_PAIRS)."""
+    base, tuned = make_pair(shape, torch.float32, seed=seed)
+    return base.to(device, dtypes[0]), tuned.to(device, dtypes[1])
+
+
+def assert_scores_close(got, want, what: str = "") -> None:
+    """``(Σ|Δ|, C(j) or None)`` of a backend against the reference's, within SCORES_RTOL."""
+    (total, scores), (want_total, want_scores) = got, want
+    assert math.isclose(total, want_total, rel_tol=SCORES_RTOL, abs_tol=0), (
+        f"{what}: {total} != {want_total}"
+    )
+    if want_scores is None:
+        assert scores is None, what
+        return
+    assert scores.dtype == torch.float64, what
+    torch.testing.assert_close(scores.cpu(), want_scores.cpu(), rtol=SCORES_RTOL, atol=0, msg=what)
+
+
 def poisoned_like(t: torch.Tensor) -> torch.Tensor:
     """An output buffer full of NaN, so an element a kernel forgets to write fails the test."""
     return torch.full_like(t, float("nan"))
@@ -103,6 +143,52 @@ def assert_within_ulp(actual: torch.Tensor, expected: torch.Tensor, ulps: int = 
             f"{what}: {(dist > ulps).sum().item()} elements more than {ulps} ulp apart "
             f"(max {dist.max().item()}); first at {where}"
         )
+
+
+def double_summed_scale(params, axis: str) -> bool:
+    """Whether a scale of this merge is a ratio of sums taken in double: the l1 rescale, and
+    restore=rescale's C(j)/C'(j) on a neuron axis."""
+    l1 = params.suppress in ("random", "della") and params.rescale_mode == "l1"
+    return l1 or (params.restore == "rescale" and axis != "none")
+
+
+def assert_matches_reference(
+    backend: str, base, tuned, name: str, axis: str, params, what: str = "", **options
+):
+    """Run ``backend``'s kernel (from the registry, on the tensors' device) into a NaN-poisoned
+    output and check it against the torch reference; returns the backend's stats.
+
+    Kept counts, restored neurons and fallbacks must be equal, and the values bit for bit, except
+    where a scale is a ratio of double sums (see :func:`double_summed_scale`): their last bit may
+    depend on the summation order, so SPEC.md allows the scale within 1 float32 ulp and the
+    values within 1 ulp of the output dtype there. ``options`` go to the kernel as they are
+    (the cpp backend's threads, sample_size, collect_cap).
+    """
+    from fusion_kernels.ops import select_backend
+    from fusion_kernels.ops.reference import merge_reference
+
+    expected, actual = poisoned_like(base), poisoned_like(base)
+    want = merge_reference(base, tuned, expected, name, axis, params)
+    kernel = select_backend(backend, base.device.type).kernel()
+    got = kernel(base, tuned, actual, name, axis, params, **options)
+    what = f"{backend} {what} axis={axis} {tuple(base.shape)} {base.dtype}"
+    assert_same_merge(actual, got, expected, want, params, axis, what)
+    return got
+
+
+def assert_same_merge(out, stats, ref_out, ref_stats, params, axis: str, what: str = "") -> None:
+    """The comparison rule of :func:`assert_matches_reference`, for outputs already computed."""
+    assert (stats.kept, stats.restored, stats.fallbacks) == (
+        ref_stats.kept,
+        ref_stats.restored,
+        ref_stats.fallbacks,
+    ), f"{what}: stats {stats} != reference {ref_stats}"
+    if not double_summed_scale(params, axis):
+        assert stats.l1_scale == ref_stats.l1_scale, what
+        assert_tensors_equal(out, ref_out, what)
+    else:
+        assert math.isclose(stats.l1_scale, ref_stats.l1_scale, rel_tol=2**-23, abs_tol=0), what
+        assert_within_ulp(out, ref_out, 1, what)
 
 
 @pytest.fixture

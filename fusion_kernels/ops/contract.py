@@ -1,5 +1,6 @@
 """Host-side numbers of SPEC.md that every backend shares: counts, selection windows, thresholds,
-scales and the per-tensor result. Backends call these so the count rules exist exactly once.
+scales, the per-tensor plan (:func:`plan_tensor`) and the per-tensor result. Backends read the
+plan instead of deriving these numbers, so each rule exists exactly once.
 """
 
 from __future__ import annotations
@@ -7,11 +8,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..hashing import TWO_POW_M32
+import numpy as np
+
+from ..hashing import TWO_POW_M32, tensor_seed
 from ..params import MergeParams
 
 #: Below this, an l1 sum counts as zero and the l1 scale stays 1 (SPEC "rescale").
 L1_EPS = 1e-7
+#: SPEC "Selection modes": approx keeps within 0.1 % of n of the exact count.
+APPROX_TOLERANCE = 1e-3
 
 
 @dataclass
@@ -82,15 +87,89 @@ def l1_scale(total_abs: float, kept_abs: float) -> float:
     return total_abs / kept_abs
 
 
+@dataclass(frozen=True)
+class TensorPlan:
+    """Everything SPEC fixes about one tensor's merge before its entries are read.
+
+    Every fast backend reads these numbers from here; the kernels then work on the tensor as a
+    row-major ``[rows, cols]`` matrix.
+    """
+
+    rows: int  # leading dimensions flattened; a scalar is 1 x 1
+    cols: int  # the last dimension
+    axis: str  # the neuron axis: row, col or none
+    rescale: str  # the rescale mode in force for random/della; none for the other methods
+    window_start: int  # magnitude/breadcrumbs keep SPEC positions [t, t + k); 0 otherwise
+    window_len: int  # k; 0 for the other methods
+    drop_threshold: int  # random keeps i iff h_DROP(i) < T; 0 for the other methods
+    random_scale: float  # random with rescale=inverse: 1/K as float32; 1 otherwise
+    restored_neurons: int  # m: neurons restored (0 when restore or axis is none)
+    tensor_seed: int  # seed of the entry hashes
+    approx_slack: int  # select=approx: the largest |kept - k| allowed; 0 when exact
+    weight: float  # α, rounded to float32 as the merge applies it
+
+    @property
+    def n(self) -> int:
+        return self.rows * self.cols
+
+    @property
+    def window_cuts(self) -> tuple[int, int]:
+        """SPEC positions t and t + k of the window's cuts (both 0 for non-window methods)."""
+        return self.window_start, self.window_start + self.window_len
+
+    @property
+    def active_cuts(self) -> int:
+        """How many cuts need a selection: those strictly inside the order."""
+        return sum(0 < cut < self.n for cut in self.window_cuts)
+
+
+def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """The tensor as 2-D ``(rows, cols)``: leading dimensions flattened; a scalar is 1 x 1."""
+    shape = tuple(shape)
+    return (math.prod(shape[:-1]), shape[-1]) if shape else (1, 1)
+
+
+def plan_tensor(params: MergeParams, shape: tuple[int, ...], axis: str, name: str) -> TensorPlan:
+    """The :class:`TensorPlan` of merging tensor ``name`` of ``shape`` along ``axis``."""
+    rows, cols = matrix_shape(shape)
+    n = rows * cols
+    method = params.suppress
+    windowed = method in ("magnitude", "breadcrumbs")
+    start, k = magnitude_window(params, n) if windowed else (0, 0)
+    random_scale = 1.0
+    if method == "random" and params.rescale_mode == "inverse":
+        random_scale = float(np.float32(inverse_scale_random(params.density)))
+    restoring = params.restore != "none" and axis != "none"
+    neurons = {"row": rows, "col": cols}.get(axis, 0)
+    return TensorPlan(
+        rows=rows,
+        cols=cols,
+        axis=axis,
+        rescale=params.rescale_mode if method in ("random", "della") else "none",
+        window_start=start,
+        window_len=k,
+        drop_threshold=random_keep_threshold(params.density) if method == "random" else 0,
+        random_scale=random_scale,
+        restored_neurons=neuron_count(params.top_neurons, neurons) if restoring else 0,
+        tensor_seed=tensor_seed(params.seed, name),
+        approx_slack=count(APPROX_TOLERANCE, n) if params.select == "approx" else 0,
+        weight=float(np.float32(params.weight)),
+    )
+
+
 __all__ = [
+    "APPROX_TOLERANCE",
     "L1_EPS",
     "TWO_POW_M32",
     "KernelStats",
+    "TensorPlan",
     "count",
     "della_probability",
     "inverse_scale_random",
     "l1_scale",
     "magnitude_window",
+    "matrix_shape",
     "neuron_count",
+    "plan_tensor",
     "random_keep_threshold",
 ]

@@ -1,9 +1,9 @@
 """The ``cpp`` backend: the fused C++ CPU kernel (csrc/), registered when its extension loads.
 
-The host side lives here: the counts and thresholds of :mod:`.contract`, the tensor seed, and
-numpy views of the CPU tensors (fp16/bf16 as their int16 bits). The extension does the rest in
-a few passes over base and tuned with the GIL released (see ``csrc/merge_kernel.h``); locate's
-change scores are its first pass alone (``csrc/scores.h``).
+The host side lives here: the tensor's plan (:func:`.contract.plan_tensor`) as the extension's
+arguments, and numpy views of the CPU tensors (fp16/bf16 as their int16 bits). The extension does
+the rest in a few passes over base and tuned with the GIL released (see ``csrc/merge_kernel.h``);
+locate's change scores are its first pass alone (``csrc/scores.h``).
 """
 
 from __future__ import annotations
@@ -18,21 +18,9 @@ import torch
 
 from ..dtypes import MERGE_DTYPE_NAMES
 from ..errors import NonFiniteDeltaError
-from ..hashing import tensor_seed
 from ..params import MergeParams
-from . import Backend, KernelFn, register_backend
-from .contract import (
-    L1_EPS,
-    KernelStats,
-    count,
-    inverse_scale_random,
-    magnitude_window,
-    neuron_count,
-    random_keep_threshold,
-)
-
-#: SPEC "Selection modes": approx keeps within 0.1 % of n of the exact count.
-APPROX_TOLERANCE = 1e-3
+from .contract import L1_EPS, KernelStats, TensorPlan, matrix_shape, plan_tensor
+from .registry import Backend, KernelFn, register_backend
 
 
 def load() -> KernelFn:
@@ -78,7 +66,8 @@ def merge_cpp(
     base_c = base.detach().contiguous()
     tuned_c = tuned.detach().contiguous()
     target = out if out.is_contiguous() else torch.empty_like(base_c)
-    args = _kernel_args(base_c, name, axis, params) | options
+    plan = plan_tensor(params, base_c.shape, axis, name)
+    args = kernel_args(plan, params, MERGE_DTYPE_NAMES[base_c.dtype]) | options
     result = ext.merge(_bits(base_c), _bits(tuned_c), _bits(target), **args)
     if result["nonfinite"]:
         raise NonFiniteDeltaError(name, int(result["nonfinite"]))
@@ -101,27 +90,28 @@ class ChunkedMergeCpp:
     the tensor's leading dimensions flattened (a 1-D tensor is one row).
 
     Args:
-        shape: the tensor's shape (the block merged, for a grown vocabulary).
+        plan: the tensor's :func:`~.contract.plan_tensor` (of the block merged, for a grown
+            vocabulary): the same plan :func:`merge_cpp` builds for the whole tensor.
+        params: the tensor's parameters, as for :func:`merge_cpp`; ``options`` too.
         base_dtype, tuned_dtype: the inputs' dtypes; when they differ the chunks run as float32
             and the result is rounded to base's dtype, as :func:`merge_cpp` does.
-        name, axis, params: as for :func:`merge_cpp`; ``options`` too.
+        name: the tensor's name, for errors.
     """
 
     def __init__(
         self,
-        shape: tuple[int, ...],
+        plan: TensorPlan,
+        params: MergeParams,
         base_dtype: torch.dtype,
         tuned_dtype: torch.dtype,
         name: str,
-        axis: str,
-        params: MergeParams,
         **options: int,
     ):
         ext = importlib.import_module("fusion_kernels._cpp")
         self.name = name
         self.kernel_dtype = base_dtype if tuned_dtype == base_dtype else torch.float32
-        self.rows, self.cols = (math.prod(shape[:-1]), shape[-1]) if shape else (1, 1)
-        args = _shape_args(tuple(shape), self.kernel_dtype, name, axis, params) | options
+        self.rows, self.cols = plan.rows, plan.cols
+        args = kernel_args(plan, params, MERGE_DTYPE_NAMES[self.kernel_dtype]) | options
         self._op = ext.ChunkedMerge(**args)
 
     def passes(self):
@@ -180,7 +170,7 @@ def scores_cpp(
     if tuned.dtype != base.dtype:
         base, tuned = base.float(), tuned.float()
     base_c, tuned_c = base.detach().contiguous(), tuned.detach().contiguous()
-    rows, cols = _matrix_shape(base_c)
+    rows, cols = matrix_shape(base_c.shape)
     result = ext.scores(
         _bits(base_c), _bits(tuned_c), dtype=MERGE_DTYPE_NAMES[base_c.dtype], rows=rows, cols=cols,
         axis=axis, threads=threads,
@@ -190,12 +180,6 @@ def scores_cpp(
     return float(result["total"]), None if axis == "none" else torch.from_numpy(result["scores"])
 
 
-def _matrix_shape(t: torch.Tensor) -> tuple[int, int]:
-    """The tensor as 2-D (rows, cols): leading dimensions flattened; a scalar is 1 x 1."""
-    shape = tuple(t.shape)
-    return (math.prod(shape[:-1]), shape[-1]) if shape else (1, 1)
-
-
 def _bits(t: torch.Tensor) -> np.ndarray:
     """A numpy view of a contiguous CPU tensor; 16-bit floats as their int16 bits."""
     if t.dtype in (torch.float16, torch.bfloat16):
@@ -203,40 +187,27 @@ def _bits(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy()
 
 
-def _kernel_args(base: torch.Tensor, name: str, axis: str, params: MergeParams) -> dict:
-    """The kernel's keyword arguments: SPEC's counts and thresholds from contract.py."""
-    return _shape_args(tuple(base.shape), base.dtype, name, axis, params)
-
-
-def _shape_args(
-    shape: tuple[int, ...], dtype: torch.dtype, name: str, axis: str, params: MergeParams
-) -> dict:
-    """:func:`_kernel_args` from a tensor's shape and dtype alone."""
-    n = math.prod(shape)
-    rows, cols = (math.prod(shape[:-1]), shape[-1]) if shape else (1, 1)
-    method = params.suppress
-    window = magnitude_window(params, n) if method in ("magnitude", "breadcrumbs") else (0, 0)
-    neurons = {"row": rows, "col": cols}.get(axis, 0)
-    restoring = params.restore != "none" and axis != "none"
+def kernel_args(plan: TensorPlan, params: MergeParams, dtype: str) -> dict:
+    """The extension's keyword arguments: the plan, and the parameters the kernel reads itself."""
     return dict(
-        dtype=MERGE_DTYPE_NAMES[dtype],
-        rows=rows,
-        cols=cols,
-        axis=axis,
-        suppress=method,
-        rescale=params.rescale_mode,
+        dtype=dtype,
+        rows=plan.rows,
+        cols=plan.cols,
+        axis=plan.axis,
+        suppress=params.suppress,
+        rescale=plan.rescale,
         restore=params.restore,
-        window_start=window[0],
-        window_len=window[1],
-        drop_threshold=random_keep_threshold(params.density) if method == "random" else 0,
-        random_inverse=inverse_scale_random(params.density),
+        window_start=plan.window_start,
+        window_len=plan.window_len,
+        drop_threshold=plan.drop_threshold,
+        random_inverse=plan.random_scale,
         density=float(params.density),
         epsilon=float(params.epsilon),
-        weight=float(params.weight),
-        restored_neurons=neuron_count(params.top_neurons, neurons) if restoring else 0,
-        tensor_seed=tensor_seed(params.seed, name),
+        weight=plan.weight,
+        restored_neurons=plan.restored_neurons,
+        tensor_seed=plan.tensor_seed,
         approx=params.select == "approx",
-        approx_tolerance=count(APPROX_TOLERANCE, n),
+        approx_tolerance=plan.approx_slack,
         l1_eps=L1_EPS,
     )
 

@@ -1,0 +1,191 @@
+"""Reader of PyTorch ``.bin`` checkpoints behind the same interface as the safetensors reader.
+
+A checkpoint is ``pytorch_model.bin``, or shards named by ``pytorch_model.bin.index.json``, or a
+single ``.bin`` file. Each file is opened with ``torch.load(weights_only=True, mmap=True)``: the
+restricted unpickler builds tensors, containers and plain values only, so a pickle that would call
+anything else is refused before any of it runs, and tensor data stays in the memory-mapped file
+until a tensor is read. What is loaded must be a flat mapping of tensor names to tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .dtypes import SAFETENSORS_DTYPES, safetensors_name
+from .errors import CheckpointError
+from .reader import TensorInfo
+
+BIN_NAME = "pytorch_model.bin"
+BIN_INDEX_NAME = "pytorch_model.bin.index.json"
+
+
+def is_bin_checkpoint(path: Path) -> bool:
+    """True when ``path`` is a ``.bin`` file or a directory holding a ``.bin`` checkpoint."""
+    if path.is_file():
+        return path.suffix == ".bin"
+    return (path / BIN_INDEX_NAME).is_file() or (path / BIN_NAME).is_file()
+
+
+def output_shard_name(filename: str) -> str:
+    """The safetensors file a merge writes for an input shard: ``pytorch_model-00001-of-00002.bin``
+    → ``model-00001-of-00002.safetensors``; a ``.safetensors`` name stays as it is."""
+    if not filename.endswith(".bin"):
+        return filename
+    stem = filename.removesuffix(".bin")
+    return (
+        "model" + stem.removeprefix("pytorch_model") if stem.startswith("pytorch_model") else stem
+    ) + ".safetensors"
+
+
+def load_state(file: Path) -> dict[str, torch.Tensor]:
+    """A ``.bin`` file's tensors, memory-mapped; refuses anything but names mapped to tensors."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap" not in str(exc):
+            raise CheckpointError(f"{file}: cannot load ({_first_line(exc)})") from None
+        # Files written by torch.save's legacy (pre-zip) format cannot be mapped.
+        state = _load_unmapped(file)
+    except Exception as exc:  # the restricted unpickler raises many types: all mean refused
+        raise CheckpointError(_refusal(file, exc)) from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise CheckpointError(
+            f"{file}: holds {type(state).__name__} with non-tensor entries, not a plain state "
+            "dict of tensor names to tensors; save the model's state_dict() (or safetensors)"
+        )
+    return state
+
+
+def _load_unmapped(file: Path) -> object:
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(_refusal(file, exc)) from None
+
+
+def _refusal(file: Path, exc: Exception) -> str:
+    return (
+        f"{file}: refused without running it: not a plain tensor pickle ({_first_line(exc)}); "
+        "convert it to safetensors with a tool you trust"
+    )
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:200]
+
+
+class BinCheckpoint:
+    """A ``.bin`` checkpoint with the :class:`~fusion_kernels.reader.Checkpoint` interface.
+
+    ``TensorInfo.begin``/``end`` are positions in the order tensors were saved (the bytes live
+    inside the zip archive); reads go through the mapped tensors, never through offsets.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise CheckpointError(f"{self.path}: no such file or directory")
+        self.directory = self.path if self.path.is_dir() else self.path.parent
+        self.files = self._shard_files()
+        self.metadata: dict[str, str] = {}
+        self.tensors: dict[str, TensorInfo] = {}
+        self._state: dict[str, torch.Tensor] = {}
+        for file in self.files:
+            self._add(file, load_state(file))
+        self._check_index()
+
+    def _shard_files(self) -> list[Path]:
+        if self.path.is_file():
+            return [self.path]
+        index = self.path / BIN_INDEX_NAME
+        if not index.is_file():
+            if not (self.path / BIN_NAME).is_file():
+                raise CheckpointError(f"{self.path}: no {BIN_NAME} or {BIN_INDEX_NAME} here")
+            return [self.path / BIN_NAME]
+        try:
+            self.index = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError):
+            self.index = None
+        if not isinstance(self.index, dict) or not all(
+            isinstance(v, str) for v in self.index.values()
+        ):
+            raise CheckpointError(
+                f"{index}: not a valid index file (needs a weight_map of tensor names to files)"
+            )
+        files = sorted(set(self.index.values()))
+        for name in files:
+            if Path(name).name != name or name in ("", ".", ".."):
+                raise CheckpointError(f"{index}: shard {name!r} is not a file name here")
+            if not (self.path / name).is_file():
+                raise CheckpointError(f"{index}: names shard {name!r}, which does not exist")
+        return [self.path / name for name in files]
+
+    def _add(self, file: Path, state: dict[str, torch.Tensor]) -> None:
+        position = 0
+        for name, tensor in state.items():
+            if name in self.tensors:
+                raise CheckpointError(
+                    f"{file}: tensor {name!r} also appears in {self.tensors[name].file}"
+                )
+            if tensor.dtype not in {d for d, _ in SAFETENSORS_DTYPES.values()}:
+                raise CheckpointError(f"{file}: tensor {name!r}: unsupported dtype {tensor.dtype}")
+            nbytes = tensor.numel() * tensor.element_size()
+            dtype, shape = safetensors_name(tensor.dtype), tuple(tensor.shape)
+            self.tensors[name] = TensorInfo(name, file, dtype, shape, position, position + nbytes)
+            self._state[name] = tensor
+            position += nbytes
+
+    def _check_index(self) -> None:
+        for name, file in (getattr(self, "index", None) or {}).items():
+            info = self.tensors.get(name)
+            if info is None or info.file.name != file:
+                raise CheckpointError(
+                    f"{self.path / BIN_INDEX_NAME}: tensor {name!r} is not in its shard {file!r}"
+                )
+
+    def names(self) -> list[str]:
+        """Tensor names in file order, then in the order they were saved."""
+        order = {f: i for i, f in enumerate(self.files)}
+        return sorted(
+            self.tensors, key=lambda n: (order[self.tensors[n].file], self.tensors[n].begin)
+        )
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def info(self, name: str) -> TensorInfo:
+        return self.tensors[name]
+
+    def view(self, name: str) -> torch.Tensor:
+        """The tensor in the mapped file (contiguous; a strided one is copied)."""
+        tensor = self._state[name]
+        return tensor if tensor.is_contiguous() else tensor.contiguous()
+
+    def release(self, name: str) -> None:
+        """Nothing to do: the mapped pages are clean file pages the kernel reclaims."""
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor copied into its own memory."""
+        return self._state[name].clone(memory_format=torch.contiguous_format)
+
+    def read_into(self, name: str, offset: int, out) -> None:
+        """Copy bytes ``[offset, offset + len(out))`` of a tensor into a uint8 numpy array."""
+        info = self.tensors[name]
+        if offset < 0 or offset + len(out) > info.nbytes:
+            raise ValueError(f"range [{offset}, {offset + len(out)}) outside tensor {name!r}")
+        flat = self.view(name).reshape(-1).view(torch.uint8)
+        out[:] = flat[offset : offset + len(out)].numpy()
+
+    def close(self) -> None:
+        """Nothing held open but the mappings, which go with the tensors."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())

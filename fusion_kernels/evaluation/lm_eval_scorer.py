@@ -1,0 +1,252 @@
+"""The built-in language-ability scorer: ``--eval lm-eval:TASK[,TASK...]`` scores a merged model
+with lm-evaluation-harness (``lm_eval.simple_evaluate``, model ``hf``) and returns each task's main
+metric, ``{"TASK/METRIC": value}``, plus ``LA``, their mean, as the paper averages its language
+benchmarks (only when every main metric is higher-is-better: a mean of accuracies and
+perplexities means nothing).
+
+The harness's options come from repeatable ``--eval-arg KEY=VALUE`` (see :data:`EVAL_ARGS`).
+lm-eval is optional (``pip install 'fusion_kernels[eval]'``) and imported on first use.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from ..errors import FusionError, ParameterError
+from ..params import convert_field
+
+PREFIX = "lm-eval:"
+LA_NAME = "LA"
+#: The subdirectory of a merged model that holds its text-only language model, when written.
+TEXT_EXPORT_NAME = "text_model"
+
+#: ``--eval-arg`` keys: what each sets in the harness.
+EVAL_ARGS = {
+    "limit": "examples per task: a count, or a fraction below 1 (default: all)",
+    "batch_size": "an integer, or auto / auto:N (default 1)",
+    "max_batch_size": "ceiling for batch_size=auto",
+    "device": "torch device the harness runs the model on, e.g. cpu, cuda:0 (default: its own)",
+    "include_path": "a directory or YAML file of task configs (repeatable): local tasks",
+    "include_defaults": "false: index only include_path's tasks, not the harness's own (faster)",
+    "num_fewshot": "few-shot examples per prompt (default: each task's own)",
+    "apply_chat_template": "true: wrap prompts in the model's chat template",
+    "model_args": "more arguments of the hf model, e.g. dtype=bfloat16,trust_remote_code=True",
+}
+
+
+@dataclass(frozen=True)
+class LmEvalOptions:
+    """The harness options ``--eval-arg`` sets (defaults: the harness's, batch size 1)."""
+
+    limit: int | float | None = None
+    batch_size: int | str = 1
+    max_batch_size: int | None = None
+    device: str | None = None
+    include_path: tuple[str, ...] = ()
+    include_defaults: bool = True
+    num_fewshot: int | None = None
+    apply_chat_template: bool = False
+    model_args: str = ""
+    #: Where they came from, for messages.
+    given: tuple[str, ...] = field(default=(), compare=False)
+
+
+def is_lm_eval(spec: str) -> bool:
+    """Whether an ``--eval`` spec names the built-in scorer."""
+    return spec.startswith(PREFIX)
+
+
+def parse_tasks(spec: str) -> tuple[str, ...]:
+    """The task names of ``lm-eval:TASK[,TASK...]``, in order, each once."""
+    tasks = tuple(t.strip() for t in spec.removeprefix(PREFIX).split(","))
+    if not all(tasks):
+        raise ParameterError(f"--eval {spec!r} must look like lm-eval:TASK[,TASK...]")
+    if len(set(tasks)) != len(tasks):
+        raise ParameterError(f"--eval {spec!r} names a task twice")
+    return tasks
+
+
+def parse_eval_args(items: list[str] | tuple[str, ...]) -> LmEvalOptions:
+    """``KEY=VALUE`` items (see :data:`EVAL_ARGS`) as options; bad ones raise
+    :class:`ParameterError` naming the item and what it may be."""
+    options = LmEvalOptions(given=tuple(items))
+    for item in items:
+        key, eq, value = item.partition("=")
+        key, value = key.strip().replace("-", "_"), value.strip()
+        if not eq or not value:
+            raise ParameterError(f"--eval-arg {item!r} must look like KEY=VALUE")
+        if key not in EVAL_ARGS:
+            raise ParameterError(
+                f"--eval-arg {item!r}: unknown key {key!r}; use one of {', '.join(EVAL_ARGS)}"
+            )
+        try:
+            converted = _convert(key, value)
+        except ValueError as exc:
+            raise ParameterError(f"--eval-arg {item!r}: {exc}") from None
+        if key == "include_path":
+            converted = (*options.include_path, converted)
+        options = replace(options, **{key: converted})
+    return options
+
+
+def _convert(key: str, value: str) -> Any:
+    """One option's value. Numbers and booleans are read as ``--set`` and ``--grid`` read theirs,
+    by :func:`fusion_kernels.params.convert_field` (its :class:`ParameterError` is a ValueError)."""
+    if key == "limit":
+        number = convert_field(key, value, float)
+        if not 0 < number < math.inf:
+            raise ValueError("limit must be > 0")
+        return int(number) if number >= 1 and number == int(number) else number
+    if key == "batch_size":
+        if value == "auto" or value.startswith("auto:"):
+            return value
+        return _positive_int(value, key)
+    if key in ("max_batch_size", "num_fewshot"):
+        return _positive_int(value, key, zero=key == "num_fewshot")
+    if key in ("include_defaults", "apply_chat_template"):
+        return convert_field(key, value, bool)
+    if key == "include_path":
+        path = Path(value).expanduser().resolve()
+        if not path.exists():
+            raise ValueError(f"{path} does not exist")
+        return str(path)
+    if key == "model_args" and "pretrained=" in value:
+        raise ValueError("pretrained is the merged model; leave it out")
+    return value
+
+
+def _positive_int(value: str, key: str, zero: bool = False) -> int:
+    number = convert_field(key, value, int)
+    if number < (0 if zero else 1):
+        raise ValueError(f"{key} must be {'>= 0' if zero else '> 0'}")
+    return number
+
+
+def _import_lm_eval():
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError as exc:
+        raise FusionError(
+            f"--eval lm-eval:... needs lm-evaluation-harness ({exc}): "
+            "pip install 'fusion_kernels[eval]'"
+        ) from None
+    return lm_eval, TaskManager
+
+
+@lru_cache(maxsize=4)
+def task_manager(include_path: tuple[str, ...], include_defaults: bool):
+    """The harness's task index: built once per process (indexing its own tasks takes seconds)."""
+    _, manager_cls = _import_lm_eval()
+    return manager_cls(include_path=list(include_path) or None, include_defaults=include_defaults)
+
+
+class LmEvalScorer:
+    """``model_dir -> {"TASK/METRIC": value, ..., "LA": mean}`` with lm-evaluation-harness."""
+
+    def __init__(self, spec: str, options: LmEvalOptions | None = None):
+        self.spec = spec
+        self.tasks = parse_tasks(spec)
+        self.options = options or LmEvalOptions()
+
+    def check(self) -> None:
+        """Fail before any merge when lm-eval is missing or a task is unknown to it."""
+        manager = task_manager(self.options.include_path, self.options.include_defaults)
+        known = set(manager.all_tasks)
+        unknown = [t for t in self.tasks if t not in known]
+        if unknown:
+            where = ", ".join(self.options.include_path) or "the harness's own tasks"
+            raise ParameterError(
+                f"--eval {self.spec}: lm-eval knows no task {', '.join(map(repr, unknown))} "
+                f"(searched {where}); check the name or add --eval-arg include_path=DIR"
+            )
+
+    def harness_arguments(self, model_dir: str | Path) -> dict[str, Any]:
+        """The keyword arguments of ``lm_eval.simple_evaluate`` for ``model_dir``."""
+        from lm_eval.utils import simple_parse_args_string
+
+        opts = self.options
+        model_args = {**simple_parse_args_string(opts.model_args)}
+        model_args["pretrained"] = str(language_model_dir(model_dir))
+        return {
+            "model": "hf",
+            "model_args": model_args,
+            "tasks": list(self.tasks),
+            "num_fewshot": opts.num_fewshot,
+            "batch_size": opts.batch_size,
+            "max_batch_size": opts.max_batch_size,
+            "device": opts.device,
+            "limit": opts.limit,
+            "apply_chat_template": opts.apply_chat_template,
+            "task_manager": task_manager(opts.include_path, opts.include_defaults),
+            # Samples and bootstrapped stderrs are not returned: skip their cost.
+            "log_samples": False,
+            "bootstrap_iters": 0,
+        }
+
+    def __call__(self, model_dir: str) -> dict[str, float]:
+        lm_eval, _ = _import_lm_eval()
+        output = lm_eval.simple_evaluate(**self.harness_arguments(model_dir))
+        if output is None:  # a non-zero rank of a distributed run
+            raise FusionError(f"--eval {self.spec}: the harness returned no results")
+        return main_metrics(output, self.tasks)
+
+
+def main_metrics(output: dict[str, Any], tasks: tuple[str, ...]) -> dict[str, float]:
+    """Each task's main metric from a ``simple_evaluate`` output (its config's first metric, under
+    its first filter; a group's first aggregated metric), then ``LA``."""
+    scores: dict[str, float] = {}
+    higher = []
+    for task in tasks:
+        row = output["results"].get(task)
+        if row is None:
+            raise FusionError(f"lm-eval returned no result for task {task!r}")
+        metric, key = _main_key(output, task, row)
+        value = row[key]
+        if not isinstance(value, int | float) or math.isnan(value):
+            raise FusionError(f"lm-eval task {task!r}: {key} is {value!r}, not a number")
+        scores[f"{task}/{metric}"] = float(value)
+        higher.append(output.get("higher_is_better", {}).get(task, {}).get(metric, True))
+    if all(higher):
+        scores[LA_NAME] = math.fsum(scores.values()) / len(scores)
+    return scores
+
+
+def _main_key(output: dict[str, Any], task: str, row: dict[str, Any]) -> tuple[str, str]:
+    keys = [k for k in row if "," in k and "_stderr," not in k]
+    metric_list = output.get("configs", {}).get(task, {}).get("metric_list") or []
+    for entry in metric_list[:1]:
+        name = entry.get("metric") if isinstance(entry, dict) else None
+        found = [k for k in keys if k.split(",", 1)[0] == name]
+        if found:
+            return str(name), found[0]
+    if not keys:
+        raise FusionError(f"lm-eval task {task!r} returned no metric: {sorted(row)}")
+    return keys[0].split(",", 1)[0], keys[0]
+
+
+def language_model_dir(model_dir: str | Path) -> Path:
+    """The directory the harness loads: the model itself when it is a language model. A merged
+    multimodal model is scored through its text-only export (issue #17), which lm-eval's ``hf``
+    model can load; until the sweep writes one, that is an error saying so."""
+    path = Path(model_dir)
+    config_path = path / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError):
+        raise FusionError(f"{config_path}: lm-eval needs a readable config.json") from None
+    if "text_config" not in config and "vision_config" not in config:
+        return path
+    text_dir = path / TEXT_EXPORT_NAME
+    if (text_dir / "config.json").exists():
+        return text_dir
+    raise FusionError(
+        f"{path} is a multimodal model ({', '.join(config.get('architectures') or ['?'])}); "
+        f"lm-eval scores its language model from a text-only export in {TEXT_EXPORT_NAME}/ "
+        "beside its weights, which this merge did not write"
+    )

@@ -1,0 +1,2 @@
+"""Research code beside the engine, not part of it: :mod:`.miniature` trains, forgets and merges
+the paper's experiment in miniature (it needs transformers, a test dependency)."""

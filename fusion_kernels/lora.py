@@ -1,0 +1,245 @@
+"""A model with a PEFT LoRA adapter merged in, read a tensor at a time (``--tuned MODEL+ADAPTER``).
+
+:class:`LoraCheckpoint` has the :class:`~fusion_kernels.reader.Checkpoint` interface; a tensor
+the adapter touches is computed when it is read, as PEFT's ``merge_and_unload`` computes it:
+
+- a LoRA pair (``lora_A``/``lora_B``, or ``lora_embedding_A``/``_B``) adds
+  ``transpose(f32(B) @ f32(A)) · scale`` to the weight, accumulated in float32 and rounded once
+  to the model's dtype. ``scale`` is ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA), ``alpha``
+  from ``alpha_pattern`` when a key matches the module; the transpose applies with
+  ``fan_in_fan_out`` and always for embeddings. The adapter weights are taken in float32, as
+  PEFT loads them by default (``autocast_adapter_dtype``).
+- a whole tensor in the adapter (``modules_to_save``, or an embedding saved as ``base_layer``)
+  replaces the model's, cast to the model's dtype.
+
+The merged model is never held or written whole: each tensor exists only while it is merged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from .dtypes import MERGEABLE
+from .errors import CheckpointError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+_PREFIX = "base_model.model."
+_PAIR = re.compile(r"^(.*)\.(lora_A|lora_B)\.weight$|^(.*)\.(lora_embedding_A|lora_embedding_B)$")
+# Config entries PEFT merges differently from W + scale * B @ A; refused rather than ignored.
+_UNSUPPORTED = {
+    "use_dora": "DoRA",
+    "lora_bias": "LoRA biases",
+    "trainable_token_indices": "trainable tokens",
+    "target_parameters": "LoRA on parameters",
+    "layer_replication": "layer replication",
+}
+
+
+def is_adapter(path: Path) -> bool:
+    return path.is_dir() and (path / ADAPTER_CONFIG).is_file()
+
+
+@dataclass(frozen=True)
+class _Pair:
+    """One LoRA update of a model tensor: the adapter tensors, scale and transpose."""
+
+    a: str
+    b: str
+    scale: float
+    transpose: bool
+
+
+class LoraCheckpoint:
+    """``model`` (any checkpoint) as if the adapter in ``adapter_dir`` were merged into it.
+
+    Structure is checked here, before any weight is read: every adapter tensor must update or
+    replace a model tensor of a float dtype and the right shape.
+    """
+
+    def __init__(self, model, adapter_dir: str | os.PathLike):
+        self.model = model
+        self.adapter_dir = Path(adapter_dir)
+        self.config = _read_config(self.adapter_dir)
+        self.weights = _open_weights(self.adapter_dir)
+        self.path, self.directory = model.path, model.directory
+        self.files, self.metadata = model.files, model.metadata
+        self.tensors = dict(model.tensors)
+        self.pairs: dict[str, _Pair] = {}
+        self.replaced: dict[str, str] = {}
+        self._plan()
+        self._cached: tuple[str, torch.Tensor] | None = None
+
+    def _plan(self) -> None:
+        halves: dict[str, dict[str, str]] = {}
+        for key in self.weights.names():
+            if not key.startswith(_PREFIX):
+                raise CheckpointError(
+                    f"{self.weights.path}: adapter tensor {key!r} does not start with "
+                    f"{_PREFIX!r}; not a PEFT adapter"
+                )
+            match = _PAIR.match(key[len(_PREFIX) :])
+            if match is None:
+                self._replace(key)
+                continue
+            module = match.group(1) or match.group(3)
+            part = (match.group(2) or match.group(4))[-1]  # "A" or "B"
+            halves.setdefault((module, match.group(3) is not None), {})[part] = key
+        for (module, embedding), parts in halves.items():
+            self._pair(module, parts, embedding)
+
+    def _replace(self, key: str) -> None:
+        target = key[len(_PREFIX) :].replace(".base_layer.", ".").replace(".modules_to_save.", ".")
+        info = self._target(target, key)
+        shape = self.weights.info(key).shape
+        nbytes = math.prod(shape) * info.torch_dtype.itemsize
+        self.tensors[target] = replace(info, shape=shape, end=info.begin + nbytes)
+        self.replaced[target] = key
+
+    def _pair(self, module: str, parts: dict[str, str], embedding: bool) -> None:
+        if "A" not in parts or "B" not in parts:
+            raise CheckpointError(
+                f"{self.weights.path}: module {module!r} has only one of lora_A and lora_B"
+            )
+        target = module + ".weight"
+        self._target(target, parts["A"])
+        info = self.tensors[target]  # replaced by the adapter when it saved the whole tensor too
+        a, b = self.weights.info(parts["A"]), self.weights.info(parts["B"])
+        transpose = embedding or bool(self.config.get("fan_in_fan_out"))
+        rank = a.shape[0]
+        product = (b.shape[0], a.shape[1]) if len(a.shape) == len(b.shape) == 2 else None
+        expected = product[::-1] if product and transpose else product
+        if b.shape[-1:] != (rank,) or expected != tuple(info.shape):
+            raise CheckpointError(
+                f"{self.weights.path}: LoRA {module!r} (A {list(a.shape)}, B {list(b.shape)}) "
+                f"does not fit {target!r} {list(info.shape)} in {self.model.path}"
+            )
+        for half in (a, b):
+            if half.dtype not in MERGEABLE:
+                raise CheckpointError(f"{self.weights.path}: {half.name!r} is {half.dtype}")
+        alpha = self._alpha(module)
+        scale = alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
+        self.pairs[target] = _Pair(a.name, b.name, scale, transpose)
+
+    def _target(self, target: str, key: str):
+        info = self.model.tensors.get(target)
+        if info is None:
+            raise CheckpointError(
+                f"{self.weights.path}: adapter tensor {key!r} updates {target!r}, which "
+                f"{self.model.path} does not have; pair the adapter with the model it was "
+                "trained on"
+            )
+        if info.dtype not in MERGEABLE:
+            raise CheckpointError(f"{info.file}: {target!r} is {info.dtype}, not a float weight")
+        return info
+
+    def _alpha(self, module: str) -> float:
+        # PEFT's rule: a pattern key matches a module name that ends with it after a dot.
+        for key, alpha in (self.config.get("alpha_pattern") or {}).items():
+            if re.match(rf"(.*\.)?({key})$", module):
+                return alpha
+        return self.config.get("lora_alpha", 8)
+
+    # The Checkpoint interface -----------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        return self.model.names()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def info(self, name: str):
+        return self.tensors[name]
+
+    def view(self, name: str) -> torch.Tensor:
+        if name in self.pairs or name in self.replaced:
+            return self._merged(name)
+        return self.model.view(name)
+
+    def read(self, name: str) -> torch.Tensor:
+        if name in self.pairs or name in self.replaced:
+            return self._merged(name)
+        return self.model.read(name)
+
+    def release(self, name: str) -> None:
+        if name not in self.pairs and name not in self.replaced:
+            self.model.release(name)
+
+    def read_into(self, name: str, offset: int, out) -> None:
+        """Bytes of a tensor (staged transfers read one in chunks: the last merged is kept)."""
+        if name not in self.pairs and name not in self.replaced:
+            self.model.read_into(name, offset, out)
+            return
+        if self._cached is None or self._cached[0] != name:
+            self._cached = (name, self._merged(name).reshape(-1).view(torch.uint8))
+        out[:] = self._cached[1][offset : offset + len(out)].numpy()
+        if offset + len(out) >= self._cached[1].numel():
+            self._cached = None
+
+    def close(self) -> None:
+        self.model.close()
+        self.weights.close()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    # Merging ----------------------------------------------------------------------------------
+
+    def _merged(self, name: str) -> torch.Tensor:
+        """The tensor with the adapter merged in, in the model's dtype, in its own memory."""
+        info = self.tensors[name]
+        if name in self.replaced:
+            weight = self.weights.read(self.replaced[name]).to(info.torch_dtype)
+        else:
+            weight = self.model.view(name)
+        pair = self.pairs.get(name)
+        if pair is None:
+            return weight
+        a = self.weights.read(pair.a).float()
+        b = self.weights.read(pair.b).float()
+        # PEFT's order of operations: (B @ A), transposed, times the scale (one rounding each).
+        product = (b @ a).mul_(pair.scale)
+        delta = product.T if pair.transpose else product
+        # PEFT adds delta to the weight in float32 and rounds once to the weight's dtype; the
+        # sum is the same with the operands swapped, so it accumulates into delta, the weight is
+        # read where it lies (no copy), and one cast writes the result.
+        delta.add_(weight)
+        if name not in self.replaced:
+            self.model.release(name)
+        merged = torch.empty(info.shape, dtype=info.torch_dtype)
+        merged.copy_(delta)
+        return merged
+
+
+def _read_config(adapter_dir: Path) -> dict:
+    path = adapter_dir / ADAPTER_CONFIG
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot read the adapter config ({exc})") from None
+    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
+        kind = config.get("peft_type") if isinstance(config, dict) else config
+        raise CheckpointError(f"{path}: a {kind} adapter; only LoRA adapters merge as tuned")
+    for key, what in _UNSUPPORTED.items():
+        if config.get(key):
+            raise CheckpointError(f"{path}: {what} ({key}) is not supported; merge it with PEFT")
+    return config
+
+
+def _open_weights(adapter_dir: Path):
+    from .binreader import BinCheckpoint
+    from .reader import Checkpoint
+
+    for filename in ADAPTER_WEIGHTS:
+        path = adapter_dir / filename
+        if path.is_file():
+            return Checkpoint(path) if path.suffix == ".safetensors" else BinCheckpoint(path)
+    raise CheckpointError(f"{adapter_dir}: no {' or '.join(ADAPTER_WEIGHTS)} beside its config")

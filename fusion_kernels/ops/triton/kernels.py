@@ -1,0 +1,457 @@
+"""Triton kernels of the ``triton`` backend, launched from :mod:`.launcher` (loaded on first use):
+the streaming passes, the small reductions and the helpers every kernel shares. The selection
+kernels (window cuts, della ranks) are in :mod:`.select`.
+
+Every kernel sees the tensor as a row-major ``[R, C]`` matrix (C = last dimension) and recomputes
+Δ, the order key and the hashes from ``base``/``tuned`` instead of storing them: re-reading two
+16-bit inputs costs less memory traffic than writing and reading 64-bit keys.
+
+Numerics follow SPEC.md bit for bit on any device: bf16 arrives as int16 bits and is widened and
+rounded (to nearest even) with integer arithmetic, hashes are uint32, the della probabilities and
+the sums are float64, and every launch passes ``enable_fp_fusion=False`` so no multiply and add are
+contracted into an FMA the reference does not do.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ...hashing import STREAM_DROP, STREAM_TIE
+
+# Encodings of a tensor argument (fp32 and fp16 load natively; bf16 travels as its int16 bits).
+KIND_F32: tl.constexpr = tl.constexpr(0)
+KIND_F16: tl.constexpr = tl.constexpr(1)
+KIND_BF16: tl.constexpr = tl.constexpr(2)
+
+# Suppress methods as the kernels know them; magnitude and breadcrumbs are both a window
+# [t, t + k) of the SPEC order, given by two cuts.
+M_NONE: tl.constexpr = tl.constexpr(0)
+M_WINDOW: tl.constexpr = tl.constexpr(1)
+M_RANDOM: tl.constexpr = tl.constexpr(2)
+M_DELLA: tl.constexpr = tl.constexpr(3)
+R_NONE: tl.constexpr = tl.constexpr(0)
+R_INVERSE: tl.constexpr = tl.constexpr(1)
+R_L1: tl.constexpr = tl.constexpr(2)
+
+# The host's names for these codes.
+KINDS = {
+    torch.float32: KIND_F32.value,
+    torch.float16: KIND_F16.value,
+    torch.bfloat16: KIND_BF16.value,
+}
+METHODS = {
+    "none": M_NONE.value,
+    "magnitude": M_WINDOW.value,
+    "breadcrumbs": M_WINDOW.value,
+    "random": M_RANDOM.value,
+    "della": M_DELLA.value,
+}
+RESCALES = {"none": R_NONE.value, "inverse": R_INVERSE.value, "l1": R_L1.value}
+
+# Per-neuron write modes: α·Sub, the whole delta (replace, or a rescale fallback), Sub·C/C'.
+N_SCALED: tl.constexpr = tl.constexpr(0)
+N_REPLACE: tl.constexpr = tl.constexpr(1)
+N_RESCALE: tl.constexpr = tl.constexpr(2)
+
+# One cut of the order, as int64 fields of a [2, STATE_FIELDS] state (cut 0 = position t,
+# cut 1 = t + k). Once DONE, entry i lies before the cut iff (key >> SHIFT) > PREFIX, or it equals
+# PREFIX and i < LIMIT. Until then PREFIX holds the key bits resolved so far, RANK the position of
+# the cut inside the group of entries sharing them, COUNT that group's size.
+F_PREFIX: tl.constexpr = tl.constexpr(0)
+F_SHIFT: tl.constexpr = tl.constexpr(1)
+F_RANK: tl.constexpr = tl.constexpr(2)
+F_COUNT: tl.constexpr = tl.constexpr(3)
+F_DONE: tl.constexpr = tl.constexpr(4)
+F_COMPACT: tl.constexpr = tl.constexpr(5)
+F_CANDIDATES: tl.constexpr = tl.constexpr(6)
+F_LIMIT: tl.constexpr = tl.constexpr(7)
+STATE_FIELDS: tl.constexpr = tl.constexpr(8)
+
+
+def cut_state(position: int, n: int) -> list[int]:
+    """Host-side fields of a cut at SPEC position ``position`` of ``n`` entries.
+
+    Positions 0 and n need no selection: with SHIFT = 63 no key bits are compared, so LIMIT alone
+    decides (no index, or every index, lies before the cut).
+    """
+    fields = [0] * STATE_FIELDS.value
+    fields[F_SHIFT.value] = 63
+    fields[F_LIMIT.value] = position
+    if 0 < position < n:
+        fields[F_RANK.value], fields[F_COUNT.value] = position, n
+    else:
+        fields[F_DONE.value] = 1
+    return fields
+
+
+# Float64 parameters, passed in a tensor: a Python float argument would arrive as float32.
+P_DELLA_LOW: tl.constexpr = tl.constexpr(0)  # K − ε
+P_DELLA_SPAN: tl.constexpr = tl.constexpr(1)  # 2ε
+P_ROW_GAPS: tl.constexpr = tl.constexpr(2)  # L − 1 (1 when L = 1)
+P_DENSITY: tl.constexpr = tl.constexpr(3)  # K
+P_L1_EPS: tl.constexpr = tl.constexpr(4)
+
+
+def float_params(density: float, epsilon: float, row_len: int, l1_eps: float) -> list[float]:
+    """The P_* fields, computed in Python's float64 exactly as contract.della_probability does."""
+    return [density - epsilon, 2.0 * epsilon, float(max(row_len - 1, 1)), density, l1_eps]
+
+
+# Counters read back once at the end.
+S_KEPT: tl.constexpr = tl.constexpr(0)
+S_NONFINITE: tl.constexpr = tl.constexpr(1)
+S_FALLBACKS: tl.constexpr = tl.constexpr(2)
+
+_TIE: tl.constexpr = tl.constexpr(STREAM_TIE)
+_DROP: tl.constexpr = tl.constexpr(STREAM_DROP)
+_TWO_POW_M32: tl.constexpr = tl.constexpr(2.0**-32)
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+@triton.jit
+def _mix32(x):
+    # SPEC's finaliser on uint32: products wrap mod 2^32, shifts are logical.
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _entry_hash(idx, seed, stream: tl.constexpr):
+    """``h_stream(i)`` (uint32) for int64 flat indices; ``seed`` is the tensor seed."""
+    per_block = _mix32(tl.cast(seed, tl.uint32) ^ stream ^ _mix32((idx >> 32).to(tl.uint32)))
+    return _mix32(idx.to(tl.uint32) ^ per_block)
+
+
+@triton.jit
+def _load_f32(ptr, offs, mask, KIND: tl.constexpr):
+    if KIND == KIND_BF16:
+        bits = tl.load(ptr + offs, mask=mask, other=0).to(tl.int32) & 0xFFFF
+        value = (bits << 16).to(tl.float32, bitcast=True)
+    else:
+        value = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return value
+
+
+@triton.jit
+def _store_f32(ptr, offs, value, mask, KIND: tl.constexpr):
+    if KIND == KIND_BF16:
+        # Round to nearest even on the bits (overflow correctly carries into +-inf).
+        bits = value.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        tl.store(ptr + offs, bits.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
+    elif KIND == KIND_F16:
+        tl.store(ptr + offs, value.to(tl.float16), mask=mask)
+    else:
+        tl.store(ptr + offs, value, mask=mask)
+
+
+@triton.jit
+def _delta(base_ptr, tuned_ptr, offs, mask, BASE_KIND: tl.constexpr, TUNED_KIND: tl.constexpr):
+    base = _load_f32(base_ptr, offs, mask, BASE_KIND)
+    return base, _load_f32(tuned_ptr, offs, mask, TUNED_KIND) - base
+
+
+@triton.jit
+def _order_key(delta, idx, seed):
+    """int64 key of the SPEC order: float32 bits of |Δ| (31 bits) above the TIE hash."""
+    magnitude = tl.abs(delta).to(tl.int32, bitcast=True).to(tl.int64)
+    return (magnitude << 32) | _entry_hash(idx, seed, _TIE).to(tl.int64)
+
+
+@triton.jit
+def _before_cut(key, idx, cut_ptr):
+    """Whether entries lie before a resolved cut (their SPEC position is smaller)."""
+    top = key >> tl.load(cut_ptr + F_SHIFT)
+    prefix = tl.load(cut_ptr + F_PREFIX)
+    return (top > prefix) | ((top == prefix) & (idx < tl.load(cut_ptr + F_LIMIT)))
+
+
+@triton.jit
+def _della_probability(rank, row_len, fparams_ptr):
+    """p(r) in float64, evaluated as (K − ε) + ((2ε)·r)/(L − 1); K when L = 1."""
+    spread = (tl.load(fparams_ptr + P_DELLA_SPAN) * rank.to(tl.float64)) / tl.load(
+        fparams_ptr + P_ROW_GAPS
+    )
+    prob = tl.load(fparams_ptr + P_DELLA_LOW) + spread
+    return tl.where(row_len == 1, tl.load(fparams_ptr + P_DENSITY), prob)
+
+
+@triton.jit
+def _della_keep(rank, idx, row_len, seed, fparams_ptr):
+    prob = _della_probability(rank, row_len, fparams_ptr)
+    uniform = _entry_hash(idx, seed, _DROP).to(tl.float64) * _TWO_POW_M32
+    return uniform < prob, prob
+
+
+@triton.jit
+def _suppress(
+    delta,
+    idx,
+    mask,
+    row_len,
+    seed,
+    state_ptr,
+    threshold,
+    scale_ptr,
+    rank_ptr,
+    fparams_ptr,
+    METHOD: tl.constexpr,
+    RESCALE: tl.constexpr,
+):
+    """``(keep, Sub(Δ))`` of a tile: the mask S and the float32 kept-and-scaled delta."""
+    if METHOD == M_NONE:
+        keep = mask
+        sub = delta
+    elif METHOD == M_WINDOW:
+        key = _order_key(delta, idx, seed)
+        keep = _before_cut(key, idx, state_ptr + STATE_FIELDS) & ~_before_cut(key, idx, state_ptr)
+        sub = tl.where(keep, delta, 0.0)
+    elif METHOD == M_RANDOM:
+        keep = _entry_hash(idx, seed, _DROP).to(tl.int64) < threshold
+        sub = tl.where(keep, delta * tl.load(scale_ptr), 0.0)
+    else:
+        rank = tl.load(rank_ptr + idx, mask=mask, other=0)
+        keep, prob = _della_keep(rank, idx, row_len, seed, fparams_ptr)
+        scale = (1.0 / prob).to(tl.float32) if RESCALE == R_INVERSE else tl.load(scale_ptr)
+        sub = tl.where(keep, delta * scale, 0.0)
+    return keep & mask, sub
+
+
+# ----------------------------------------------------------------------------- full passes
+
+
+@triton.jit
+def _sums_kernel(
+    base_ptr,
+    tuned_ptr,
+    R,
+    C,
+    seed,
+    neuron_part_ptr,  # [splits, N] float64: per-neuron partial sums of |Δ| (or |Sub|)
+    total_part_ptr,  # [programs] float64: Σ|Δ|
+    kept_part_ptr,  # [programs] float64: Σ|Δ| over random's kept entries
+    hist_ptr,  # [NB0] int64: level-0 histogram of the order keys
+    state_ptr,
+    threshold,
+    scale_ptr,
+    rank_ptr,
+    fparams_ptr,
+    BASE_KIND: tl.constexpr,
+    TUNED_KIND: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    NEURON: tl.constexpr,  # 0: no neuron sums, 1: rows, 2: columns
+    SUB: tl.constexpr,  # neuron sums of |Sub(Δ)| (C') instead of |Δ| (C)
+    HIST: tl.constexpr,
+    TOTALS: tl.constexpr,  # 0: none, 1: Σ|Δ|, 2: Σ|Δ| and random's kept Σ|Δ|
+    METHOD: tl.constexpr,
+    RESCALE: tl.constexpr,
+    NB0: tl.constexpr,
+    SHIFT0: tl.constexpr,
+):
+    """One read of base/tuned for the reductions the later passes need.
+
+    Program (b, s) owns neuron block b (rows, or columns for NEURON=2) and walks every splits-th
+    tile across it, so each partial sum is written by exactly one program: no float atomics, and
+    the fixed-order reduction afterwards makes every run bit-identical.
+    """
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
+    splits = tl.num_programs(1)
+    # int64 lanes keep every row*C product below in int64 (the loop counter may be int32).
+    lanes_r = tl.arange(0, BLOCK_R).to(tl.int64)
+    lanes_c = tl.arange(0, BLOCK_C).to(tl.int64)
+    if NEURON == 2:
+        n_steps = tl.cdiv(R, BLOCK_R)
+        neuron_acc = tl.zeros([BLOCK_C], tl.float64)
+    else:
+        n_steps = tl.cdiv(C, BLOCK_C)
+        neuron_acc = tl.zeros([BLOCK_R], tl.float64)
+    total = tl.zeros([BLOCK_R], tl.float64)
+    kept = tl.zeros([BLOCK_R], tl.float64)
+    hist = tl.zeros([NB0], tl.int32)
+    for step in range(pid_s, n_steps, splits):
+        if NEURON == 2:
+            rows = step * BLOCK_R + lanes_r  # [BLOCK_R]
+            cols = pid_n * BLOCK_C + lanes_c  # [BLOCK_C]
+        else:
+            rows = pid_n * BLOCK_R + lanes_r
+            cols = step * BLOCK_C + lanes_c
+        mask = (rows < R)[:, None] & (cols < C)[None, :]  # [BLOCK_R, BLOCK_C]
+        idx = rows[:, None] * C + cols[None, :]
+        _, delta = _delta(base_ptr, tuned_ptr, idx, mask, BASE_KIND, TUNED_KIND)
+        magnitude = tl.abs(delta)
+        if NEURON != 0:
+            if SUB:
+                _, sub = _suppress(
+                    delta, idx, mask, C, seed, state_ptr, threshold, scale_ptr, rank_ptr,
+                    fparams_ptr, METHOD, RESCALE,
+                )  # fmt: skip
+                summand = tl.abs(sub).to(tl.float64)
+            else:
+                summand = magnitude.to(tl.float64)
+            if NEURON == 1:
+                neuron_acc += tl.sum(summand, axis=1)
+            else:
+                neuron_acc += tl.sum(summand, axis=0)
+        if TOTALS >= 1:
+            total += tl.sum(magnitude.to(tl.float64), axis=1)
+        if TOTALS == 2:
+            keep, _ = _suppress(
+                delta, idx, mask, C, seed, state_ptr, threshold, scale_ptr, rank_ptr,
+                fparams_ptr, METHOD, RESCALE,
+            )  # fmt: skip
+            kept += tl.sum(tl.where(keep, magnitude, 0.0).to(tl.float64), axis=1)
+        if HIST:
+            digit = (_order_key(delta, idx, seed) >> SHIFT0).to(tl.int32)
+            flat = tl.reshape(digit, [BLOCK_R * BLOCK_C])
+            hist += tl.histogram(flat, NB0, mask=tl.reshape(mask, [BLOCK_R * BLOCK_C]))
+    if NEURON == 1:
+        neurons = pid_n * BLOCK_R + lanes_r
+        tl.store(neuron_part_ptr + pid_s * R + neurons, neuron_acc, mask=neurons < R)
+    elif NEURON == 2:
+        neurons = pid_n * BLOCK_C + lanes_c
+        tl.store(neuron_part_ptr + pid_s * C + neurons, neuron_acc, mask=neurons < C)
+    program = pid_n * splits + pid_s
+    if TOTALS >= 1:
+        tl.store(total_part_ptr + program, tl.sum(total, axis=0))
+    if TOTALS == 2:
+        tl.store(kept_part_ptr + program, tl.sum(kept, axis=0))
+    if HIST:
+        tl.atomic_add(hist_ptr + tl.arange(0, NB0), hist.to(tl.int64), mask=hist > 0)
+
+
+@triton.jit
+def _write_kernel(
+    base_ptr,
+    tuned_ptr,
+    out_ptr,
+    R,
+    C,
+    seed,
+    state_ptr,
+    threshold,
+    scale_ptr,
+    rank_ptr,
+    fparams_ptr,
+    mode_ptr,  # [N] int8 per-neuron write mode
+    factor_ptr,  # [N] float32 f32(C/C') of rescaled neurons
+    alpha,
+    stats_ptr,
+    BASE_KIND: tl.constexpr,
+    TUNED_KIND: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    METHOD: tl.constexpr,
+    RESCALE: tl.constexpr,
+    NEURON: tl.constexpr,
+):
+    """The last pass: ``out = cast(f32(base) + Δ')``, counting kept and non-finite entries."""
+    # A flat grid: CUDA caps the second grid dimension at 65535 blocks.
+    col_blocks = tl.cdiv(C, BLOCK_C)
+    pid = tl.program_id(0).to(tl.int64)
+    rows = (pid // col_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]
+    cols = (pid % col_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
+    mask = (rows < R)[:, None] & (cols < C)[None, :]  # [BLOCK_R, BLOCK_C]
+    idx = rows[:, None] * C + cols[None, :]
+    base, delta = _delta(base_ptr, tuned_ptr, idx, mask, BASE_KIND, TUNED_KIND)
+    keep, sub = _suppress(
+        delta, idx, mask, C, seed, state_ptr, threshold, scale_ptr, rank_ptr, fparams_ptr,
+        METHOD, RESCALE,
+    )  # fmt: skip
+    new_delta = sub * alpha
+    if NEURON != 0:
+        if NEURON == 1:
+            mode = tl.load(mode_ptr + rows, mask=rows < R, other=0)[:, None]
+            factor = tl.load(factor_ptr + rows, mask=rows < R, other=1.0)[:, None]
+        else:
+            mode = tl.load(mode_ptr + cols, mask=cols < C, other=0)[None, :]
+            factor = tl.load(factor_ptr + cols, mask=cols < C, other=1.0)[None, :]
+        new_delta = tl.where(mode == N_RESCALE, sub * factor, new_delta)
+        new_delta = tl.where(mode == N_REPLACE, delta, new_delta)
+    _store_f32(out_ptr, idx, base + new_delta, mask, BASE_KIND)
+    exponent = delta.to(tl.int32, bitcast=True) & 0x7F800000
+    nonfinite = tl.sum(tl.sum(((exponent == 0x7F800000) & mask).to(tl.int64), axis=1), axis=0)
+    tl.atomic_add(stats_ptr + S_KEPT, tl.sum(tl.sum(keep.to(tl.int64), axis=1), axis=0))
+    tl.atomic_add(stats_ptr + S_NONFINITE, nonfinite, mask=nonfinite > 0)
+
+
+# ----------------------------------------------------------------------------- small reductions
+
+
+@triton.jit
+def _reduce_partials_kernel(part_ptr, out_ptr, splits, N, BLOCK: tl.constexpr):
+    """``out[j] = Σ_s part[s, j]`` in a fixed order (deterministic float64 neuron sums)."""
+    cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], tl.float64)
+    for s in range(splits):
+        acc += tl.load(part_ptr + s * N + cols, mask=cols < N, other=0.0)
+    tl.store(out_ptr + cols, acc, mask=cols < N)
+
+
+@triton.jit
+def _sum_all(ptr, count, BLOCK: tl.constexpr):
+    acc = tl.zeros([BLOCK], tl.float64)
+    for start in range(0, count, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        acc += tl.load(ptr + offs, mask=offs < count, other=0.0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _l1_scale_kernel(
+    total_ptr, n_total, kept_ptr, n_kept, fparams_ptr, scale_ptr, BLOCK: tl.constexpr
+):
+    """f32(Σ|Δ| / Σ_S|Δ|), left at 1 when either sum is below L1_EPS (contract.l1_scale)."""
+    total = _sum_all(total_ptr, n_total, BLOCK)
+    kept = _sum_all(kept_ptr, n_kept, BLOCK)
+    eps = tl.load(fparams_ptr + P_L1_EPS)
+    small = (total < eps) | (kept < eps)
+    ratio = total / tl.where(small, 1.0, kept)
+    tl.store(scale_ptr, tl.where(small, 1.0, ratio).to(tl.float32))
+
+
+@triton.jit
+def _neurons_kernel(
+    change_ptr,  # [N] float64 C(j)
+    kept_change_ptr,  # [N] float64 C'(j) (read when RESCALE)
+    N,
+    m,
+    mode_ptr,
+    factor_ptr,
+    stats_ptr,
+    RESCALE: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """R = the m neurons of largest C (ties by lower j), by counting each neuron's rank."""
+    js = tl.program_id(0).to(tl.int64) * BLOCK_J + tl.arange(0, BLOCK_J)  # [BLOCK_J]
+    valid = js < N
+    mine = tl.load(change_ptr + js, mask=valid, other=0.0)
+    rank = tl.zeros([BLOCK_J], tl.int64)
+    for start in range(0, N, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)  # [BLOCK_K]
+        theirs = tl.load(change_ptr + ks, mask=ks < N, other=0.0)
+        ahead = (theirs[None, :] > mine[:, None]) | (
+            (theirs[None, :] == mine[:, None]) & (ks[None, :] < js[:, None])
+        )
+        rank += tl.sum((ahead & (ks < N)[None, :]).to(tl.int64), axis=1)
+    restored = valid & (rank < m)
+    if RESCALE:
+        kept_change = tl.load(kept_change_ptr + js, mask=valid, other=0.0)
+        fallback = restored & (kept_change == 0.0)
+        factor = (mine / tl.where(kept_change == 0.0, 1.0, kept_change)).to(tl.float32)
+        mode = tl.where(restored, tl.where(fallback, N_REPLACE, N_RESCALE), N_SCALED)
+        tl.store(factor_ptr + js, factor, mask=valid)
+        n_fallback = tl.sum(fallback.to(tl.int64), axis=0)
+        tl.atomic_add(stats_ptr + S_FALLBACKS, n_fallback, mask=n_fallback > 0)
+    else:
+        mode = tl.where(restored, N_REPLACE, N_SCALED)
+    tl.store(mode_ptr + js, mode.to(tl.int8), mask=valid)

@@ -1,0 +1,88 @@
+"""What ``--base`` and ``--tuned`` may name, opened as one checkpoint interface.
+
+A reference is a local path (a directory or a single weights file; safetensors or ``.bin``), a
+Hugging Face Hub id (``org/name`` or ``org/name@revision``, see :mod:`fusion_kernels.hub`), or
+``MODEL+ADAPTER``: MODEL (either of the above) with a PEFT LoRA adapter merged in as it is read
+(see :mod:`fusion_kernels.lora`). A path that exists always wins over the other readings.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .binreader import BinCheckpoint, is_bin_checkpoint
+from .errors import CheckpointError
+from .hub import is_hub_id, resolve
+from .lora import LoraCheckpoint, is_adapter
+from .reader import INDEX_NAME, Checkpoint
+
+
+def open_checkpoint(reference: str | os.PathLike):
+    """Open a reference for reading. The result has the :class:`Checkpoint` interface plus
+    ``reference`` (the text given) and ``roots`` (every local path it reads, which an output
+    may not overlap)."""
+    text = os.fspath(reference)
+    split = split_adapter(text)
+    if split is not None:
+        model = open_checkpoint(split[0])
+        adapter_dir, adapter_roots = local_path(split[1])
+        if not is_adapter(adapter_dir):
+            raise CheckpointError(
+                f"{adapter_dir}: no adapter_config.json; after '+' give a PEFT LoRA adapter"
+            )
+        ckpt = LoraCheckpoint(model, adapter_dir)
+        ckpt.roots = [*model.roots, *adapter_roots]
+    else:
+        path, roots = local_path(text)
+        ckpt = _open_local(path)
+        ckpt.roots = roots
+    ckpt.reference = text
+    return ckpt
+
+
+def split_adapter(text: str) -> tuple[str, str] | None:
+    """``MODEL+ADAPTER`` → ``(MODEL, ADAPTER)``; None for a plain reference. The first ``+``
+    whose both sides name something (a path that exists, or a Hub id) splits."""
+    if "+" not in text or Path(text).exists():
+        return None
+    position = text.find("+")
+    while position >= 0:
+        model, adapter = text[:position], text[position + 1 :]
+        if _names_something(model) and _names_something(adapter):
+            return model, adapter
+        position = text.find("+", position + 1)
+    raise CheckpointError(
+        f"{text}: MODEL+ADAPTER, but no '+' splits it into a model and an adapter that exist "
+        "(local paths or Hub ids)"
+    )
+
+
+def _names_something(text: str) -> bool:
+    return bool(text) and (Path(text).exists() or is_hub_id(text))
+
+
+def local_path(text: str) -> tuple[Path, list[Path]]:
+    """The local path of a reference and the paths it reads (a Hub id: its cache folder too)."""
+    path = Path(text)
+    if path.exists() or not is_hub_id(text):
+        return path, [path]
+    snapshot = resolve(text)
+    return snapshot.directory, [snapshot.directory, snapshot.repo_folder]
+
+
+def _open_local(path: Path):
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if path.is_dir():
+        model_files = [path / INDEX_NAME, path / "model.safetensors"]
+        if is_adapter(path) and not any(f.is_file() for f in model_files):
+            raise CheckpointError(
+                f"{path}: a LoRA adapter, not a model; give it as --tuned MODEL+{path}"
+            )
+        has_safetensors = model_files[0].is_file() or any(path.glob("*.safetensors"))
+        if not has_safetensors and is_bin_checkpoint(path):
+            return BinCheckpoint(path)
+    elif is_bin_checkpoint(path):
+        return BinCheckpoint(path)
+    return Checkpoint(path)

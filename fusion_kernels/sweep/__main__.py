@@ -1,0 +1,5 @@
+"""``python -m fusion_kernels.sweep``: see :mod:`.cli`."""
+
+from .cli import cli
+
+cli()

@@ -1,0 +1,138 @@
+"""``python -m fusion_kernels.sweep --base B --tuned T --out O --grid GRID --eval SCORER``.
+
+Exit status: 0 done, 2 bad input (one line on stderr), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import NoReturn
+
+from ..process import run_cli
+from .results import KEEP_MODES
+from .run import run_sweep
+
+INTERRUPTED = "interrupted: the points done so far are in results.csv"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fusion_kernels.sweep",
+        description="Merge at every point of a grid, evaluate each merged model, keep the best.",
+    )
+    parser.add_argument("--base", type=Path, required=True, help="base model directory")
+    parser.add_argument("--tuned", type=Path, required=True, help="fine-tuned model directory")
+    parser.add_argument("--out", type=Path, required=True, help="sweep directory (resumable)")
+    parser.add_argument(
+        "--grid",
+        required=True,
+        help="'name=v1,v2;name=...', names: method and merge parameters "
+        "(e.g. 'method=ties,neu-p-ties;density=0.1,0.2;top_neurons=0.1,0.3')",
+    )
+    parser.add_argument(
+        "--eval",
+        required=True,
+        action="append",
+        metavar="MODULE:FUNCTION|lm-eval:TASK[,TASK]",
+        help="model directory -> {metric: number} "
+        "(e.g. fusion_kernels.experiments.miniature:evaluate), or lm-eval:TASKS, the built-in "
+        "lm-evaluation-harness scorer; repeat to combine scorers",
+    )
+    parser.add_argument(
+        "--eval-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an lm-eval option (repeatable): limit, batch_size, max_batch_size, device, "
+        "include_path, include_defaults, num_fewshot, apply_chat_template, model_args",
+    )
+    parser.add_argument(
+        "--objective",
+        metavar="METRIC,METRIC|MODULE:FUNCTION",
+        help="OA, what picks the best: the mean of the named metrics, or your function of them "
+        "(default: the mean of LA and VA when both are returned)",
+    )
+    parser.add_argument(
+        "--tradeoff",
+        metavar="X,Y",
+        help="metrics of the trade-off scatter (default: LA,VA)",
+    )
+    parser.add_argument(
+        "--score-inputs",
+        action="store_true",
+        help="also score base and tuned, drawn as reference points (once per --out)",
+    )
+    parser.add_argument(
+        "--keep",
+        choices=KEEP_MODES,
+        default="best",
+        help="merged models left in OUT/models: the best point's (default), all, none",
+    )
+    parser.add_argument(
+        "--metric", help="metric that picks the best (default: OA if there is one, else the first)"
+    )
+    direction = parser.add_mutually_exclusive_group()
+    direction.add_argument(
+        "--maximize",
+        dest="maximize",
+        action="store_true",
+        default=True,
+        help="the best point has the largest --metric (default)",
+    )
+    direction.add_argument(
+        "--minimize",
+        dest="maximize",
+        action="store_false",
+        help="the best point has the smallest --metric",
+    )
+    parser.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="local: one point at a time in this process (default); ray: Ray Tune trials",
+    )
+    parser.add_argument(
+        "--ray-address", help="Ray cluster to join (default: start a local instance)"
+    )
+    parser.add_argument("--cpus-per-trial", type=float, default=1, help="ray: CPUs per point")
+    parser.add_argument("--gpus-per-trial", type=float, default=0, help="ray: GPUs per point")
+    parser.add_argument("--backend", help="merge backend (auto, torch, cpp, triton)")
+    parser.add_argument("--device", help="merge device (default cpu; cuda with GPUs per trial)")
+    return parser
+
+
+def command(argv: list[str] | None = None) -> int:
+    """The sweep command; raises :class:`FusionError` on bad input (see :func:`run_cli`)."""
+    args = build_parser().parse_args(argv)
+    run_sweep(
+        args.base,
+        args.tuned,
+        args.out,
+        args.grid,
+        args.eval,
+        eval_args=args.eval_arg,
+        objective=args.objective,
+        tradeoff=args.tradeoff,
+        score_inputs=args.score_inputs,
+        keep=args.keep,
+        metric=args.metric,
+        maximize=args.maximize,
+        executor=args.executor,
+        ray_address=args.ray_address,
+        cpus_per_trial=args.cpus_per_trial,
+        gpus_per_trial=args.gpus_per_trial,
+        backend=args.backend,
+        device=args.device,
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point from Python; returns the exit status (0, 2 bad input, 130 interrupted)."""
+    return run_cli(command, argv, interrupted=INTERRUPTED, exit=False)
+
+
+def cli() -> NoReturn:
+    """Console-script entry point: :func:`command` under :func:`run_cli`, then a fast exit."""
+    run_cli(command, interrupted=INTERRUPTED)

@@ -1,0 +1,99 @@
+"""One sweep point: merge it, evaluate the merged model with the ``--eval`` scorers, make its row
+(their metrics and the objective, ``OA``)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import FusionError
+from ..evaluation.hooks import load_evaluator
+from ..evaluation.objective import parse_objective
+from ..pipeline import merge_checkpoints
+from .grid import GridPoint
+from .results import RESERVED
+
+
+def load_eval(spec: str, eval_args: tuple[str, ...] | list[str] = ()) -> Callable[[str], dict]:
+    """The evaluator named by ``--eval``: ``MODULE:FUNCTION`` (a dotted name inside the module
+    works too), ``lm-eval:TASK[,TASK...]``, or several joined (see
+    :mod:`fusion_kernels.evaluation.hooks`)."""
+    return load_evaluator(spec, tuple(eval_args))
+
+
+def eval_spec_of(function: Callable) -> str:
+    """``MODULE:FUNCTION`` naming ``function``: what identifies the sweep and what the workers of
+    the ray executor import."""
+    module = getattr(function, "__module__", None) or "?"
+    return f"{module}:{getattr(function, '__qualname__', repr(function))}"
+
+
+@dataclass
+class SweepJob:
+    """What every point shares: inputs, the eval function, where models go, how to merge."""
+
+    base: str
+    tuned: str
+    models_dir: str
+    eval_spec: str
+    backend: str | None = None
+    device: str = "cpu"
+    #: ``--eval-arg KEY=VALUE`` items for the lm-eval scorer, and ``--objective``.
+    eval_args: tuple[str, ...] = ()
+    objective: str | None = None
+
+
+def merge_point(job: SweepJob, point: GridPoint) -> Path:
+    """Merge one point into its model directory (replacing an old one); returns the directory."""
+    model_dir = Path(job.models_dir) / point.slug
+    merge_checkpoints(
+        job.base,
+        job.tuned,
+        model_dir,
+        point.params(),
+        backend=job.backend,
+        device=job.device,
+        overwrite=True,
+        progress=False,
+    )
+    return model_dir
+
+
+def run_point(job: SweepJob, point: GridPoint, evaluate: Callable | None = None) -> dict[str, Any]:
+    """Merge and evaluate one point; returns its results row (the model is left on disk)."""
+    evaluate = evaluate or load_eval(job.eval_spec, job.eval_args)
+    start = time.perf_counter()
+    model_dir = merge_point(job, point)
+    merged = time.perf_counter()
+    try:
+        metrics = evaluate(str(model_dir))
+    except Exception as exc:
+        raise FusionError(
+            f"--eval {job.eval_spec} failed on {point.key}: {type(exc).__name__}: {exc}"
+        ) from exc
+    if not isinstance(metrics, dict) or not metrics:
+        raise FusionError(
+            f"--eval {job.eval_spec} returned {type(metrics).__name__}; expected a non-empty "
+            "dict of metric name -> number"
+        )
+    row: dict[str, Any] = {"point": point.key, **dict(point.values)}
+    for name, value in metrics.items():
+        if str(name) in RESERVED:
+            raise FusionError(
+                f"--eval {job.eval_spec}: metric {name!r} has the name of a results column; "
+                "rename it"
+            )
+        try:
+            row[str(name)] = float(value)
+        except (TypeError, ValueError):
+            raise FusionError(
+                f"--eval {job.eval_spec}: metric {name!r} is {value!r}, not a number"
+            ) from None
+    row.update(parse_objective(job.objective)({str(k): row[str(k)] for k in metrics}))
+    row["merge_seconds"] = round(merged - start, 4)
+    row["eval_seconds"] = round(time.perf_counter() - merged, 4)
+    row["model"] = str(model_dir)
+    return row

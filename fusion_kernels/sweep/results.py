@@ -1,0 +1,119 @@
+"""The results table of a sweep (``results.csv``) and which merged models stay on disk
+(``--keep``)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..errors import ParameterError
+from ..evaluation.objective import OBJECTIVE_NAME
+from ..params import FIELD_TYPES
+from .grid import GridPoint
+
+RESULTS_NAME = "results.csv"
+KEEP_MODES = ("best", "all", "none")
+#: Bookkeeping columns, last in every row.
+TAIL_COLUMNS = ("merge_seconds", "eval_seconds", "model")
+#: Columns that are not metrics: the point, its parameters and the bookkeeping.
+RESERVED = frozenset({"point", "method", *FIELD_TYPES, *TAIL_COLUMNS})
+
+
+class Results:
+    """``results.csv``: rows by point key, columns in first-seen order; every change rewrites the
+    file atomically, so an interrupted sweep leaves a valid table to resume from."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.columns: list[str] = []
+        if path.exists():
+            with path.open(newline="") as handle:
+                reader = csv.DictReader(handle)
+                self.columns = [c for c in reader.fieldnames or [] if c not in TAIL_COLUMNS]
+                for row in reader:
+                    self.rows[row["point"]] = row
+
+    def metrics(self) -> list[str]:
+        """Metric columns, in the order the eval function first returned them."""
+        return [c for c in self.columns if c not in RESERVED]
+
+    def put(self, row: dict[str, Any]) -> None:
+        self.columns += [c for c in row if c not in self.columns and c not in TAIL_COLUMNS]
+        self.rows[row["point"]] = row
+        self.write()
+
+    def write(self) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with tmp.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, [*self.columns, *TAIL_COLUMNS], restval="")
+            writer.writeheader()
+            writer.writerows(self.rows.values())
+        os.replace(tmp, self.path)
+
+
+class Keeper:
+    """Records rows and applies ``--keep`` as they arrive: ``best`` holds only the best model so
+    far on disk, ``none`` deletes each model once evaluated."""
+
+    def __init__(self, results: Results, mode: str, metric: str | None, maximize: bool):
+        self.results, self.mode, self.maximize = results, mode, maximize
+        self._metric = metric
+
+    @property
+    def metric(self) -> str | None:
+        """``--metric``, or else the objective (``OA``), or else the first metric returned."""
+        metrics = self.results.metrics()
+        if self._metric is None and OBJECTIVE_NAME in metrics:
+            return OBJECTIVE_NAME
+        return self._metric or next(iter(metrics), None)
+
+    def score(self, row: dict[str, Any]) -> float:
+        try:
+            value = float(row.get(self.metric or "", "nan"))
+        except ValueError:
+            value = math.nan
+        if math.isnan(value):
+            return -math.inf
+        return value if self.maximize else -value
+
+    def best(self) -> dict[str, Any] | None:
+        rows = list(self.results.rows.values())
+        return max(rows, key=self.score) if rows and self.metric else None
+
+    def add(self, row: dict[str, Any]) -> None:
+        previous = self.best()
+        self.results.put(row)
+        if self.metric not in row:
+            returned = [c for c in row if c not in RESERVED and c not in TAIL_COLUMNS]
+            raise ParameterError(f"--metric {self.metric}: the eval function returned {returned}")
+        if self.mode == "none":
+            self._drop(row)
+        elif self.mode == "best" and previous is not None:
+            self._drop(previous if self.score(row) > self.score(previous) else row)
+
+    def finish(self, points: list[GridPoint], merge: Callable[[GridPoint], Path]) -> None:
+        """Leave on disk exactly what ``--keep`` asks for, whatever earlier runs kept: ``best``
+        merges the best point again (with ``merge``) if an earlier ``--keep none`` run dropped
+        it."""
+        if self.mode == "all":
+            return
+        best = self.best() if self.mode == "best" else None
+        for row in self.results.rows.values():
+            if row is not best:
+                self._drop(row)
+        point = next((p for p in points if best and p.key == best["point"]), None)
+        if best and point and not (best.get("model") and Path(best["model"]).exists()):
+            best["model"] = str(merge(point))
+            self.results.write()
+
+    def _drop(self, row: dict[str, Any]) -> None:
+        if row.get("model"):
+            shutil.rmtree(row["model"], ignore_errors=True)
+            row["model"] = ""
+            self.results.write()

@@ -1,0 +1,184 @@
+"""``--tuned MODEL+ADAPTER``: a PEFT LoRA adapter merged in while streaming gives exactly the merge
+of the checkpoint PEFT's ``merge_and_unload`` materializes (rsLoRA, fan_in_fan_out, alpha_pattern,
+embeddings and modules_to_save included); bad adapters are one-line errors."""
+
+import json
+
+import pytest
+import torch
+from checkpoints import tree_digest
+from safetensors.torch import load_file, save_file
+
+from fusion_kernels.errors import CheckpointError
+from fusion_kernels.lora import LoraCheckpoint
+from fusion_kernels.merge import main
+from fusion_kernels.sources import open_checkpoint
+
+transformers = pytest.importorskip("transformers", reason="installed by the test extra")
+peft = pytest.importorskip("peft", reason="installed by the test extra")
+
+
+def llama(dtype):
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    return transformers.LlamaForCausalLM(config).to(dtype)
+
+
+def gpt2(dtype):
+    config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64)
+    return transformers.GPT2LMHeadModel(config).to(dtype)
+
+
+VARIANTS = {
+    "llama-bf16": (
+        llama,
+        torch.bfloat16,
+        dict(
+            target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
+            modules_to_save=["lm_head"],
+        ),
+    ),
+    "llama-f32-rslora-embed": (
+        llama,
+        torch.float32,
+        dict(
+            target_modules=["q_proj", "o_proj", "embed_tokens"],
+            use_rslora=True,
+            alpha_pattern={"o_proj": 32},
+            rank_pattern={"o_proj": 2},
+        ),
+    ),
+    "gpt2-fan-in-fan-out": (
+        gpt2,
+        torch.float16,
+        dict(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True),
+    ),
+}
+
+
+def build(root, variant):
+    """base/ (the model), adapter/ (a trained-looking LoRA), full/ (PEFT's merge_and_unload)."""
+    make, dtype, options = VARIANTS[variant]
+    torch.manual_seed(0)
+    make(dtype).save_pretrained(root / "base")
+    model = type(make(dtype)).from_pretrained(root / "base", dtype=dtype)
+    config = peft.LoraConfig(r=4, lora_alpha=12, init_lora_weights=False, **options)
+    tuned = peft.get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in tuned.named_parameters():
+            if "lora_" in name:
+                param.mul_(0.5)
+            elif "modules_to_save" in name:
+                param.add_(0.01 * torch.randn_like(param))
+    tuned.save_pretrained(root / "adapter")
+    fresh = type(make(dtype)).from_pretrained(root / "base", dtype=dtype)
+    merged = peft.PeftModel.from_pretrained(fresh, root / "adapter").merge_and_unload()
+    merged.save_pretrained(root / "full")
+    return root / "base", root / "adapter", root / "full"
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_lora_view_equals_merge_and_unload(tmp_path, variant):
+    base, adapter, full = build(tmp_path, variant)
+    view = open_checkpoint(f"{base}+{adapter}")
+    materialized = load_file(full / "model.safetensors")
+    assert isinstance(view, LoraCheckpoint) and view.pairs
+    assert set(view.tensors) == set(materialized)
+    for name, expected in materialized.items():
+        got = view.read(name)
+        assert got.dtype == expected.dtype and torch.equal(got, expected), name
+        assert torch.equal(view.view(name), expected), name
+
+
+@pytest.mark.parametrize("variant", ["llama-bf16", "gpt2-fan-in-fan-out"])
+def test_merge_with_adapter_equals_merge_of_materialized(tmp_path, variant):
+    base, adapter, full = build(tmp_path, variant)
+    before = tree_digest(tmp_path)
+    common = ["--base", str(base), "--method", "neu-p-ties", "--quiet"]
+    assert main([*common, "--tuned", str(full), "--out", str(tmp_path / "a")]) == 0
+    assert main([*common, "--tuned", f"{base}+{adapter}", "--out", str(tmp_path / "b")]) == 0
+    a, b = tmp_path / "a" / "model.safetensors", tmp_path / "b" / "model.safetensors"
+    assert a.read_bytes() == b.read_bytes()
+    report = json.loads((tmp_path / "b" / "fusion_report.json").read_text())
+    assert report["tuned_model"] == f"{base}+{adapter}"
+    # GPT-2's c_attn/c_fc are not neuron-rule names; Llama's projections are.
+    assert (report["totals"]["restored_neurons"] > 0) == variant.startswith("llama")
+    after = tree_digest(tmp_path)
+    assert {k: v for k, v in after.items() if k in before} == before
+
+
+def test_staged_reads_of_a_lora_tensor_match_whole_reads(tmp_path):
+    base, adapter, _ = build(tmp_path, "llama-bf16")
+    view = open_checkpoint(f"{base}+{adapter}")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    whole = view.read(name).reshape(-1).view(torch.uint8).numpy()
+    import numpy as np
+
+    parts = []
+    for offset in range(0, whole.size, 1000):
+        out = np.empty(min(1000, whole.size - offset), np.uint8)
+        view.read_into(name, offset, out)
+        parts.append(out)
+    assert np.array_equal(np.concatenate(parts), whole)
+
+
+def test_adapter_for_another_model_is_a_clear_error(tmp_path, capsys):
+    base, adapter, _ = build(tmp_path, "llama-bf16")
+    weights = load_file(adapter / "adapter_model.safetensors")
+    for key in [k for k in weights if "layers.0.self_attn.q_proj.lora_" in k]:
+        weights[key.replace("layers.0", "layers.9")] = weights.pop(key)
+    save_file(weights, str(adapter / "adapter_model.safetensors"))
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["--base", str(base), "--tuned", f"{base}+{adapter}", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "layers.9" in err and "does not have" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "change,needle",
+    [({"use_dora": True}, "DoRA"), ({"peft_type": "IA3"}, "IA3"), ({"lora_bias": True}, "bias")],
+)
+def test_unsupported_adapter_configs_are_refused(tmp_path, change, needle):
+    base, adapter, _ = build(tmp_path, "llama-bf16")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(CheckpointError, match=needle):
+        open_checkpoint(f"{base}+{adapter}")
+
+
+def test_shape_mismatch_and_adapter_as_model_are_errors(tmp_path):
+    base, adapter, _ = build(tmp_path, "llama-bf16")
+    with pytest.raises(CheckpointError, match="MODEL\\+"):
+        open_checkpoint(adapter)
+    weights = load_file(adapter / "adapter_model.safetensors")
+    key = next(k for k in weights if "q_proj.lora_B" in k)
+    weights[key] = torch.zeros(5, 4, dtype=weights[key].dtype)
+    save_file(weights, str(adapter / "adapter_model.safetensors"))
+    with pytest.raises(CheckpointError, match="does not fit"):
+        open_checkpoint(f"{base}+{adapter}")
+    with pytest.raises(CheckpointError, match="no '\\+' splits"):
+        open_checkpoint(f"{base}+{tmp_path / 'missing'}")
+
+
+def test_config_file_takes_model_plus_adapter(tmp_path):
+    base, adapter, full = build(tmp_path, "llama-bf16")
+    config = tmp_path / "ties.yml"
+    config.write_text(
+        f"merge_method: ties\nbase_model: {base}\n"
+        f"models:\n  - model: {base}+{adapter}\n    parameters: {{weight: 1.0, density: 0.3}}\n"
+    )
+    assert main(["--config", str(config), "--out", str(tmp_path / "b"), "--quiet"]) == 0
+    args = ["--base", str(base), "--tuned", str(full), "--method", "ties", "--density", "0.3"]
+    assert main([*args, "--out", str(tmp_path / "a"), "--quiet"]) == 0
+    a, b = tmp_path / "a" / "model.safetensors", tmp_path / "b" / "model.safetensors"
+    assert a.read_bytes() == b.read_bytes()
