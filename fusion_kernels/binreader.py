@@ -10,6 +10,7 @@ until a tensor is read. What is loaded must be a flat mapping of tensor names to
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 
 from .dtypes import SAFETENSORS_DTYPES, safetensors_name
 from .errors import CheckpointError
-from .reader import TensorInfo
+from .reader import TensorInfo, advise, populate_range
 
 BIN_NAME = "pytorch_model.bin"
 BIN_INDEX_NAME = "pytorch_model.bin.index.json"
@@ -41,15 +42,17 @@ def output_shard_name(filename: str) -> str:
     ) + ".safetensors"
 
 
-def load_state(file: Path) -> dict[str, torch.Tensor]:
-    """A ``.bin`` file's tensors, memory-mapped; refuses anything but names mapped to tensors."""
+def load_state(file: Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """A ``.bin`` file's tensors, memory-mapped, and whether they are (a legacy-format file is
+    read into memory instead); refuses anything but names mapped to tensors."""
+    mapped = True
     try:
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError as exc:
         if "mmap" not in str(exc):
             raise CheckpointError(f"{file}: cannot load ({_first_line(exc)})") from None
         # Files written by torch.save's legacy (pre-zip) format cannot be mapped.
-        state = _load_unmapped(file)
+        state, mapped = _load_unmapped(file), False
     except Exception as exc:  # the restricted unpickler raises many types: all mean refused
         raise CheckpointError(_refusal(file, exc)) from None
     if not isinstance(state, dict) or not all(
@@ -59,7 +62,7 @@ def load_state(file: Path) -> dict[str, torch.Tensor]:
             f"{file}: holds {type(state).__name__} with non-tensor entries, not a plain state "
             "dict of tensor names to tensors; save the model's state_dict() (or safetensors)"
         )
-    return state
+    return state, mapped
 
 
 def _load_unmapped(file: Path) -> object:
@@ -97,8 +100,12 @@ class BinCheckpoint:
         self.metadata: dict[str, str] = {}
         self.tensors: dict[str, TensorInfo] = {}
         self._state: dict[str, torch.Tensor] = {}
+        self._mapped_files: set[Path] = set()
         for file in self.files:
-            self._add(file, load_state(file))
+            state, mapped = load_state(file)
+            if mapped:
+                self._mapped_files.add(file)
+            self._add(file, state)
         self._check_index()
 
     def _shard_files(self) -> list[Path]:
@@ -163,13 +170,36 @@ class BinCheckpoint:
     def info(self, name: str) -> TensorInfo:
         return self.tensors[name]
 
-    def view(self, name: str) -> torch.Tensor:
-        """The tensor in the mapped file (contiguous; a strided one is copied)."""
+    def view(self, name: str, populate: bool = True) -> torch.Tensor:
+        """The tensor in the mapped file (contiguous; a strided one is copied), its pages
+        mapped in now (``populate``; else as they are read, or by :meth:`populate`)."""
         tensor = self._state[name]
-        return tensor if tensor.is_contiguous() else tensor.contiguous()
+        if not tensor.is_contiguous():
+            return tensor.contiguous()
+        if populate:
+            self.populate(name)
+        return tensor
 
-    def release(self, name: str) -> None:
-        """Nothing to do: the mapped pages are clean file pages the kernel reclaims."""
+    def mappable(self, name: str) -> bool:
+        """Whether :meth:`view` is the mapped file's bytes, not a copy."""
+        return self.tensors[name].file in self._mapped_files and self._state[name].is_contiguous()
+
+    def populate(self, name: str, begin: int = 0, end: int | None = None) -> None:
+        """Map bytes ``[begin, end)`` of a mapped tensor's pages in now (the GIL is released)."""
+        if self.mappable(name):
+            end = self.tensors[name].nbytes if end is None else end
+            populate_range(self._state[name].data_ptr() + begin, end - begin)
+
+    def release(self, name: str, begin: int = 0, end: int | None = None) -> None:
+        """Drop a mapped tensor's pages (bytes ``[begin, end)``; default all) from this process.
+
+        The mapping is private and never written, so the pages are clean copies of the file: a
+        later read maps them in again. Tensors read into memory (legacy files, strided
+        tensors) are left alone: dropping their pages would zero them.
+        """
+        if self.mappable(name):
+            end = self.tensors[name].nbytes if end is None else end
+            advise(self._state[name].data_ptr() + begin, end - begin, mmap.MADV_DONTNEED)
 
     def read(self, name: str) -> torch.Tensor:
         """The tensor copied into its own memory."""

@@ -72,31 +72,52 @@ def _numel(task: TensorTask) -> int:
     return math.prod(task.tuned.shape)
 
 
-class RowSource:
-    """Rows of one tensor of a checkpoint, mapped in chunk by chunk and released after use."""
+def row_origin(ckpt, info: TensorInfo) -> tuple | None:
+    """``(checkpoint, TensorInfo)`` holding the rows of tensor ``info`` of ``ckpt``, or None
+    when it can only be read whole (see :meth:`~fusion_kernels.lora.LoraCheckpoint.row_origin`).
+    """
+    origin = getattr(ckpt, "row_origin", None)
+    return origin(info.name) if origin else (ckpt, info)
 
-    def __init__(self, ckpt: Checkpoint, info: TensorInfo):
-        self.ckpt, self.info = ckpt, info
+
+class RowSource:
+    """Rows of one tensor of a checkpoint, mapped in chunk by chunk and released after use.
+
+    The rows are read where :func:`row_origin` says (a LoRA view's untouched or replaced
+    tensors: the model's or the adapter's file) and cast to ``info``'s dtype, elementwise as
+    the whole tensor's cast is.
+    """
+
+    def __init__(self, ckpt, info: TensorInfo):
+        origin = row_origin(ckpt, info)
+        if origin is None:
+            raise ValueError(f"tensor {info.name!r} of {ckpt.path} cannot be read in rows")
+        self.ckpt, self.info = origin
+        self.dtype = info.torch_dtype
         self.rows, self.cols = matrix_shape(info.shape)
-        self.row_bytes = info.nbytes // max(self.rows, 1)
-        self.mapped = ckpt.mappable(info.name)
-        view = ckpt.view(info.name, populate=False) if self.mapped else None
+        self.row_bytes = info.nbytes // max(self.rows, 1)  # as delivered (and written)
+        self._source_row_bytes = self.info.nbytes // max(self.rows, 1)
+        self.mapped = self.ckpt.mappable(self.info.name)
+        view = self.ckpt.view(self.info.name, populate=False) if self.mapped else None
         self._view = None if view is None else view.reshape(self.rows, self.cols)
 
     def load(self, first: int, stop: int) -> torch.Tensor:
         """Rows ``[first, stop)``, their pages mapped in now (or copied out when the tensor's
         bytes are not aligned to its dtype)."""
-        begin, end = first * self.row_bytes, stop * self.row_bytes
+        begin, end = first * self._source_row_bytes, stop * self._source_row_bytes
         if self.mapped:
             self.ckpt.populate(self.info.name, begin, end)
-            return self._view[first:stop]
-        raw = torch.empty(end - begin, dtype=torch.uint8)
-        self.ckpt.read_into(self.info.name, begin, raw.numpy())
-        return raw.view(self.info.torch_dtype).view(stop - first, self.cols)
+            rows = self._view[first:stop]
+        else:
+            raw = torch.empty(end - begin, dtype=torch.uint8)
+            self.ckpt.read_into(self.info.name, begin, raw.numpy())
+            rows = raw.view(self.info.torch_dtype).view(stop - first, self.cols)
+        return rows if rows.dtype == self.dtype else rows.to(self.dtype)
 
     def release(self, first: int, stop: int) -> None:
         if self.mapped:
-            self.ckpt.release(self.info.name, first * self.row_bytes, stop * self.row_bytes)
+            step = self._source_row_bytes
+            self.ckpt.release(self.info.name, first * step, stop * step)
 
 
 class ChunkedTask:
@@ -170,7 +191,7 @@ class ChunkedTask:
     def merge(self, op, rows: int) -> None:
         """Run every pass of ``op`` (a :class:`~fusion_kernels.ops.cpp.ChunkedMergeCpp`) over
         rows ``[0, rows)``, writing the merged rows in the write pass."""
-        dtype = self.base.info.torch_dtype
+        dtype = self.base.dtype
         for name in op.passes():
             write = name == "write"
             in_flight: Future | None = None

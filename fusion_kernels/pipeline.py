@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .chunks import DEFAULT_MEMORY_BUDGET, Budget, merge_task_in_chunks
+from .chunks import DEFAULT_MEMORY_BUDGET, Budget, merge_task_in_chunks, row_origin
 from .errors import BackendUnavailableError, FusionError, ParameterError
 from .layermap import layer_map_for
 from .modelcard import CARD_NAME, model_card
@@ -196,8 +196,16 @@ def _run(
     chunks (read-ahead of the next task then waits until the chunked one is done)."""
     order = [plan.tasks[name] for shard in plan.shards for name in shard.names]
 
+    streamed = {
+        task.name
+        for task in order
+        if budget is not None
+        and not budget.whole(task, params.for_tensor(task.name))
+        and _rows_readable(task, base_ckpt, tuned_ckpt)
+    }
+
     def whole(task: TensorTask) -> bool:
-        return budget is None or budget.whole(task, params.for_tensor(task.name))
+        return task.name not in streamed
 
     def load(task: TensorTask) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if not whole(task):
@@ -273,6 +281,18 @@ def _run(
         if in_flight is not None:
             in_flight.result()
     return results
+
+
+def _rows_readable(task: TensorTask, base_ckpt, tuned_ckpt) -> bool:
+    """Whether the task's inputs can be read in rows; a tensor a LoRA adapter updates is
+    computed whole (:meth:`~fusion_kernels.lora.LoraCheckpoint.row_origin` says why), so its
+    merge is whole too, over the budget."""
+    readable = row_origin(tuned_ckpt, task.tuned) is not None
+    if task.action == "merge":
+        readable = readable and row_origin(base_ckpt, task.base) is not None
+    if not readable:
+        log.info("tensor %r is merged whole: a LoRA update is computed whole", task.name)
+    return readable
 
 
 def _chunk_io(task, transport, writer, reader, out, want_crc) -> dict:

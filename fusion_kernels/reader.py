@@ -372,6 +372,23 @@ def _libc() -> ctypes.CDLL | None:
 _LIBC = _libc()
 
 
+def advise(address: int, length: int, advice: int) -> bool:
+    """madvise(2) the whole pages covering ``[address, address + length)`` of a mapping this
+    process made, through ctypes (the GIL is released meanwhile); False where that failed or
+    there is no C library to call."""
+    if _LIBC is None or length <= 0:
+        return False
+    begin = address - address % mmap.PAGESIZE
+    return _LIBC.madvise(ctypes.c_void_p(begin), address + length - begin, advice) == 0
+
+
+def populate_range(address: int, length: int) -> None:
+    """Fault a mapped range's pages in now (read-ahead where the kernel lacks
+    MADV_POPULATE_READ), so the calling thread waits for the disk, not the merge."""
+    if _MADV_POPULATE_READ is None or not advise(address, length, _MADV_POPULATE_READ):
+        advise(address, length, mmap.MADV_WILLNEED)
+
+
 def _release(mapped: mmap.mmap, start: int, length: int) -> None:
     """Drop a read range's pages from this process (they stay in the page cache)."""
     if hasattr(mapped, "madvise"):
