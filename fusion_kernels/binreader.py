@@ -206,12 +206,14 @@ class BinCheckpoint:
         return self._state[name].clone(memory_format=torch.contiguous_format)
 
     def read_into(self, name: str, offset: int, out) -> None:
-        """Copy bytes ``[offset, offset + len(out))`` of a tensor into a uint8 numpy array."""
+        """Copy bytes ``[offset, offset + len(out))`` of a tensor into a uint8 numpy array (e.g.
+        a staging buffer), releasing the mapped pages read."""
         info = self.tensors[name]
         if offset < 0 or offset + len(out) > info.nbytes:
             raise ValueError(f"range [{offset}, {offset + len(out)}) outside tensor {name!r}")
-        flat = self.view(name).reshape(-1).view(torch.uint8)
+        flat = self.view(name, populate=False).reshape(-1).view(torch.uint8)
         out[:] = flat[offset : offset + len(out)].numpy()
+        self.release(name, offset, offset + len(out))
 
     def close(self) -> None:
         """Nothing held open but the mappings, which go with the tensors."""

@@ -230,8 +230,13 @@ def make_transport(device: torch.device, staging_bytes: int | None, budget: int 
     sixth of it (see :mod:`fusion_kernels.chunks`).
     """
     if device.type == "cuda" or staging_bytes is not None:
-        default = (
-            DEFAULT_STAGING_BYTES if budget is None else min(DEFAULT_STAGING_BYTES, budget // 4)
-        )
-        return StagedTransport(device, staging_bytes or max(default, PAGE))
+        return StagedTransport(device, staging_bytes or staging_size(budget))
     return HostTransport(device, 0 if budget is None else budget // 6)
+
+
+def staging_size(budget: int | None) -> int:
+    """Each staging buffer's default size: the four of them hold the budget's tensor data at
+    most (a page at least, :data:`DEFAULT_STAGING_BYTES` at most)."""
+    if budget is None:
+        return DEFAULT_STAGING_BYTES
+    return max(min(DEFAULT_STAGING_BYTES, budget // 4), PAGE)

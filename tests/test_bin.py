@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from checkpoints import tiny_pair, tree_digest
@@ -197,3 +198,9 @@ def test_released_bin_pages_read_back_the_file(tmp_path):
     assert torch.equal(view, want)
     ckpt.release(name)
     assert torch.equal(ckpt.view(name), want)
+    # Staged reads (a GPU merge) release what they copied out, too.
+    staged = np.empty(ckpt.info(name).nbytes, np.uint8)
+    for offset in range(0, staged.size, 1000):
+        ckpt.read_into(name, offset, staged[offset : offset + 1000])
+    assert np.array_equal(staged, want.reshape(-1).view(torch.uint8).numpy())
+    assert torch.equal(view, want)
