@@ -230,23 +230,28 @@ def _main_key(output: dict[str, Any], task: str, row: dict[str, Any]) -> tuple[s
     return keys[0].split(",", 1)[0], keys[0]
 
 
-def language_model_dir(model_dir: str | Path) -> Path:
-    """The directory the harness loads: the model itself when it is a language model. A merged
-    multimodal model is scored through its text-only export (issue #17), which lm-eval's ``hf``
-    model can load; until the sweep writes one, that is an error saying so."""
-    path = Path(model_dir)
-    config_path = path / "config.json"
+def is_multimodal(model_dir: str | Path) -> bool:
+    """Whether ``model_dir/config.json`` describes a multimodal model (a ``text_config`` or a
+    ``vision_config``): one lm-eval's ``hf`` model cannot load as a language model."""
+    config_path = Path(model_dir) / "config.json"
     try:
         config = json.loads(config_path.read_text())
     except (OSError, ValueError):
         raise FusionError(f"{config_path}: lm-eval needs a readable config.json") from None
-    if "text_config" not in config and "vision_config" not in config:
+    return isinstance(config, dict) and ("text_config" in config or "vision_config" in config)
+
+
+def language_model_dir(model_dir: str | Path) -> Path:
+    """The directory the harness loads: the model itself when it is a language model, else the
+    text-only export (``--text-model-out``) the sweep writes in :data:`TEXT_EXPORT_NAME`/."""
+    path = Path(model_dir)
+    if not is_multimodal(path):
         return path
     text_dir = path / TEXT_EXPORT_NAME
     if (text_dir / "config.json").exists():
         return text_dir
     raise FusionError(
-        f"{path} is a multimodal model ({', '.join(config.get('architectures') or ['?'])}); "
-        f"lm-eval scores its language model from a text-only export in {TEXT_EXPORT_NAME}/ "
-        "beside its weights, which this merge did not write"
+        f"{path} is a multimodal model; lm-eval scores its language model from a text-only "
+        f"export in {TEXT_EXPORT_NAME}/ beside its weights, which this model lacks (merge it with "
+        f"--text-model-out {path / TEXT_EXPORT_NAME})"
     )

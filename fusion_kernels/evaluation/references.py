@@ -14,6 +14,7 @@ from typing import Any
 
 from ..errors import FusionError
 from .hooks import Combined
+from .lm_eval_scorer import is_lm_eval
 from .objective import Objective
 
 REFERENCES_NAME = "references.json"
@@ -26,9 +27,12 @@ def score_inputs(
     objective: Objective,
     path: Path,
     log: Callable[[str], None] = print,
+    language_model: Callable[[str, str], str | os.PathLike | None] | None = None,
 ) -> list[dict[str, Any]]:
     """Score each ``{name: model directory}`` not yet in ``path``; returns every reference row
-    (``point`` = the name, its metrics, ``OA`` when the objective applies, ``failed``)."""
+    (``point`` = the name, its metrics, ``OA`` when the objective applies, ``failed``).
+    ``language_model(name, directory)``, when given, is where the lm-eval scorer reads a
+    multimodal input's language model (its text-only export; None: the input itself)."""
     saved: dict[str, dict[str, Any]] = json.loads(path.read_text()) if path.exists() else {}
     parts = evaluate.parts if isinstance(evaluate, Combined) else ((spec, evaluate),)
     for name, directory in inputs.items():
@@ -38,7 +42,10 @@ def score_inputs(
         row: dict[str, Any] = {"point": name, "model": directory, "failed": {}}
         for part_spec, part in parts:
             try:
-                row.update({str(k): float(v) for k, v in part(directory).items()})
+                target = directory
+                if language_model is not None and is_lm_eval(part_spec):
+                    target = str(language_model(name, directory) or directory)
+                row.update({str(k): float(v) for k, v in part(target).items()})
             except Exception as exc:
                 row["failed"][part_spec] = f"{type(exc).__name__}: {exc}"
                 log(f"{name}: {part_spec} did not score it ({type(exc).__name__}: {exc})")

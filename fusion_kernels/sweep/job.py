@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -10,9 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FusionError
-from ..evaluation.hooks import load_evaluator
+from ..evaluation.hooks import load_evaluator, split_specs
+from ..evaluation.lm_eval_scorer import TEXT_EXPORT_NAME, is_lm_eval, is_multimodal
 from ..evaluation.objective import parse_objective
 from ..pipeline import merge_checkpoints
+from ..sources import open_checkpoint
+from ..textexport import export_text_model
 from .grid import GridPoint
 from .results import RESERVED
 
@@ -59,7 +63,23 @@ def merge_point(job: SweepJob, point: GridPoint) -> Path:
         overwrite=True,
         progress=False,
     )
+    export_language_model(job, model_dir, model_dir / TEXT_EXPORT_NAME)
     return model_dir
+
+
+def export_language_model(job: SweepJob, model: str | os.PathLike, out: Path) -> Path | None:
+    """When lm-eval scores the sweep and ``model`` (a directory) is multimodal, write its language
+    model alone to ``out`` as the base names it (``--text-model-out``), the model the harness
+    loads; returns ``out``, or None when no export is needed."""
+    if not any(is_lm_eval(s) for s in split_specs(job.eval_spec)):
+        return None
+    checkpoint = open_checkpoint(model)  # a Hub id or MODEL+ADAPTER: the directory of its config
+    checkpoint.close()
+    if not is_multimodal(checkpoint.directory):
+        return None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    export_text_model(job.base, model, out, overwrite=True)
+    return out
 
 
 def run_point(job: SweepJob, point: GridPoint, evaluate: Callable | None = None) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from ..evaluation.report import write_report
 from ..evaluation.tradeoff import parse_tradeoff
 from ..pipeline import check_output_path, plan_merge
 from .grid import GridPoint, parse_grid
-from .job import SweepJob, eval_spec_of, load_eval, merge_point, run_point
+from .job import SweepJob, eval_spec_of, export_language_model, load_eval, merge_point, run_point
 from .plots import write_plots
 from .results import KEEP_MODES, RESULTS_NAME, Keeper, Results
 
@@ -136,7 +136,13 @@ def run_sweep(
     best = keeper.best()
     inputs = {"base": job.base, "tuned": job.tuned} if score_inputs else {}
     references = reference_points.score_inputs(
-        inputs, function, spec, target, out_dir / reference_points.REFERENCES_NAME, log
+        inputs,
+        function,
+        spec,
+        target,
+        out_dir / reference_points.REFERENCES_NAME,
+        log,
+        lambda name, model: export_language_model(job, model, out_dir / "references" / name),
     )
     report = write_report(
         out_dir,

@@ -102,3 +102,88 @@ def test_two_by_two_sweep_scored_by_lm_eval(tmp_path, capsys):
     capsys.readouterr()
     assert main(argv) == 0
     assert "4 points, 4 already in" in capsys.readouterr().out
+
+
+def llava_around(base: Path, directory: Path) -> Path:
+    """A tiny LLaVA whose language model is ``base`` tuned a little (a larger change in a few
+    MLP rows), saved with the base's tokenizer: the multimodal model a sweep recovers."""
+    import torch
+    import transformers
+
+    text = transformers.AutoConfig.from_pretrained(base)
+    vision = transformers.CLIPVisionConfig(
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=30,
+        patch_size=15,
+    )
+    config = transformers.LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=text.vocab_size - 1
+    )
+    torch.manual_seed(0)
+    tuned = transformers.LlavaForConditionalGeneration(config)
+    source = transformers.AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        for target, origin in (
+            (tuned.model.language_model, source.model),
+            (tuned.lm_head, source.lm_head),
+        ):
+            for name, weight in origin.named_parameters():
+                change = 0.01 * torch.randn_like(weight)
+                if name.endswith("up_proj.weight"):
+                    change[:3] += 0.5 * torch.randn_like(weight[:3])
+                target.get_parameter(name).copy_(weight + change)
+    tuned.save_pretrained(directory)
+    transformers.AutoTokenizer.from_pretrained(base).save_pretrained(directory)
+    return directory
+
+
+def tree_digest(directory: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()
+    }
+
+
+@pytest.mark.slow
+def test_a_multimodal_sweep_scores_the_language_model_of_each_point(tmp_path):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    base, _ = scoreable_pair(tmp_path / "pair")
+    tuned = llava_around(base, tmp_path / "llava")
+    tasks = write_tasks(tmp_path / "tasks")
+    before = tree_digest(tuned), tree_digest(base)
+    out = tmp_path / "sweep"
+    argv = [
+        *("--base", str(base), "--tuned", str(tuned), "--out", str(out)),
+        *("--grid", "method=neu-p-ties;density=0.3", "--keep", "all", "--score-inputs"),
+        *("--eval", f"lm-eval:{TASK}", "--eval-arg", f"include_path={tasks}"),
+        *("--eval-arg", "include_defaults=false", "--eval-arg", "device=cpu"),
+    ]
+    assert main(argv) == 0
+    _, rows = read_rows(out / "results.csv")
+    [row] = rows
+    text_model = Path(row["model"]) / "text_model"
+    assert json.loads((text_model / "config.json").read_text())["architectures"] == [
+        "LlamaForCausalLM"
+    ]
+
+    def harness(model: Path) -> float:
+        output = lm_eval.simple_evaluate(
+            model="hf",
+            model_args={"pretrained": str(model)},
+            tasks=[TASK],
+            task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+            device="cpu",
+            batch_size=1,
+        )
+        return output["results"][TASK]["acc,none"]
+
+    assert float(row["LA"]) == harness(text_model)
+    # The tuned reference is scored through its own text export, written in the sweep directory.
+    references = json.loads((out / "references.json").read_text())
+    assert references["tuned"]["failed"] == {} and references["base"]["failed"] == {}
+    assert references["tuned"]["LA"] == harness(out / "references" / "tuned")
+    assert (tree_digest(tuned), tree_digest(base)) == before

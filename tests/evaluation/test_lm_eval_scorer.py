@@ -121,7 +121,7 @@ def test_a_multimodal_model_needs_its_text_export(tmp_path):
     (tmp_path / "config.json").write_text(
         json.dumps({"architectures": ["LlavaForConditionalGeneration"], "text_config": {}})
     )
-    with pytest.raises(FusionError, match=r"LlavaForConditionalGeneration.*text-only export"):
+    with pytest.raises(FusionError, match=r"multimodal model; lm-eval .*text-only export"):
         language_model_dir(tmp_path)
     (tmp_path / "text_model").mkdir()
     (tmp_path / "text_model" / "config.json").write_text("{}")

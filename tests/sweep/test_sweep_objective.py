@@ -16,6 +16,7 @@ import torch
 from fusion_kernels.demo import PairSpec, generate_pair
 from fusion_kernels.errors import FusionError
 from fusion_kernels.evaluation.scores_card import SCORES_NAME
+from fusion_kernels.modelcard import TUNED_CARD_HEADING
 from fusion_kernels.reader import Checkpoint
 from fusion_kernels.sweep import main, run_sweep
 
@@ -83,13 +84,15 @@ def test_la_and_va_make_oa_and_the_tradeoff(pair, tmp_path):
     assert result["best"]["point"] == best["point"]
     assert result["tradeoff"] == out / "plots" / "tradeoff_LA_vs_VA.png"
     assert result["page"] == out / "index.html"
-    # --keep all: every model carries its own scores, and the card copied from tuned says so.
+    # --keep all: every model carries its own scores, and its model card (which keeps the tuned
+    # model's card under a heading) says so.
     for row in rows:
         record = json.loads((Path(row["model"]) / SCORES_NAME).read_text())
         assert record["metrics"] == {m: float(row[m]) for m in ("LA", "VA", "OA")}
         assert record["is_best"] == (row is best or row["point"] == best["point"])
         card = (Path(row["model"]) / "README.md").read_text()
-        assert card.startswith("# tuned model\n") and f"`{row['point']}`" in card
+        assert card.startswith("---\n") and f"{TUNED_CARD_HEADING}\n\n# tuned model\n" in card
+        assert card.count("## Sweep scores") == 1 and f"`{row['point']}`" in card
     assert (tuned / "README.md").read_text() == "# tuned model\n", "inputs are only read"
 
 
