@@ -34,6 +34,10 @@ from .reader import Checkpoint, TensorInfo
 DEFAULT_MEMORY_BUDGET = 672 * 2**20
 #: Buffers the driver holds at once, each the size of one tensor (or chunk).
 BUFFERS_IN_FLIGHT = 6
+#: What a chunked merge's selection may hold per cut of the SPEC order it selects: the keys
+#: inside the cut's bracket (the kernel's default ``collect_cap``, 2**22 keys of 8 bytes).
+#: The chunks make room for it; a whole tensor's brackets are a small share of its entries.
+BRACKET_KEY_BYTES = 8 * 2**22
 
 
 @dataclass(frozen=True)
@@ -55,12 +59,14 @@ class Budget:
             <= self.nbytes
         )
 
-    def chunk_rows(self, task: TensorTask, params: MergeParams) -> int:
-        """Rows per chunk: as many as the budget holds, at least one."""
+    def chunk_rows(self, task: TensorTask, params: MergeParams, cuts: int = 0) -> int:
+        """Rows per chunk: as many as the budget holds besides the bracket keys of ``cuts``
+        cuts (:attr:`~fusion_kernels.ops.contract.TensorPlan.active_cuts`), at least one."""
         rows, cols = matrix_shape(task.tuned.shape)
         width = task.tuned.nbytes // max(rows * cols, 1)
         per_row = cols * (BUFFERS_IN_FLIGHT * width + _scratch(task, params))
-        return max(1, self.nbytes // max(per_row, 1))
+        room = self.nbytes - cuts * BRACKET_KEY_BYTES
+        return max(1, room // max(per_row, 1))
 
 
 def _scratch(task: TensorTask, params: MergeParams) -> int:
@@ -226,8 +232,8 @@ def merge_task_in_chunks(
     start = time.perf_counter()
     tuned = RowSource(tuned_ckpt, task.tuned)
     base = RowSource(base_ckpt, task.base) if task.action == "merge" else None
-    chunked = ChunkedTask(task, (base, tuned), budget.chunk_rows(task, params), **io)
     if task.action == "copy":
+        chunked = ChunkedTask(task, (base, tuned), budget.chunk_rows(task, params), **io)
         chunked.copy_rows(0, tuned.rows)
         stats = TensorStats(kept=0, name=task.name, numel=task.tuned.numel, action="copy")
         return stats, chunked.crc
@@ -237,6 +243,8 @@ def merge_task_in_chunks(
         shape = (task.merge_rows, *shape[1:])
     # The plan the whole-tensor merge would build: the chunks change how it is read, not what.
     plan = plan_tensor(params, shape, task.axis, task.name)
+    step = budget.chunk_rows(task, params, plan.active_cuts)
+    chunked = ChunkedTask(task, (base, tuned), step, **io)
     op = make_op(plan, params, task.base.torch_dtype, task.tuned.torch_dtype, task.name)
     action = "merge"
     try:

@@ -15,7 +15,7 @@ import torch
 from checkpoints import tiny_pair, write_single
 
 from fusion_kernels import merge_checkpoints, params_for
-from fusion_kernels.chunks import BUFFERS_IN_FLIGHT, Budget
+from fusion_kernels.chunks import BRACKET_KEY_BYTES, BUFFERS_IN_FLIGHT, Budget
 from fusion_kernels.errors import NonFiniteDeltaError, ParameterError
 from fusion_kernels.params import PRESETS
 from fusion_kernels.planner import TensorTask
@@ -45,6 +45,11 @@ def test_budget_holds_six_buffers_whole_and_chunks_the_rest():
     assert not Budget(BUFFERS_IN_FLIGHT * 12_800).whole(task, della)
     assert Budget(BUFFERS_IN_FLIGHT * 128 * 10).chunk_rows(task, ties) == 10
     assert Budget(1).chunk_rows(task, ties) == 1, "a budget below one row still moves a row"
+    # A selection's bracket keys (per cut) come out of the chunks' share.
+    assert (
+        Budget(BUFFERS_IN_FLIGHT * 128 * 10 + 2 * BRACKET_KEY_BYTES).chunk_rows(task, ties, cuts=2)
+        == 10
+    )
     with pytest.raises(ParameterError, match="memory-budget"):
         Budget(0)
 
