@@ -18,13 +18,16 @@ print(json.dumps({"rc": done.returncode, "seconds": seconds, "peak_rss": peak_ki
 """
 
 
-def measure(command: list[str]) -> dict:
-    """``{"seconds", "peak_rss" (bytes)}`` of ``command``; raises if it fails."""
+def measure(command: list[str], env: dict[str, str] | None = None, cwd=None) -> dict:
+    """``{"seconds", "peak_rss" (bytes)}`` of ``command`` (in ``env`` and ``cwd``, default
+    ours); raises if it fails."""
     done = subprocess.run(
         [sys.executable, "-c", _WRAPPER, *map(str, command)],
         capture_output=True,
         text=True,
         check=True,
+        env=env,
+        cwd=cwd,
     )
     result = json.loads(done.stdout)
     if result["rc"] != 0:

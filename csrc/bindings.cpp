@@ -7,6 +7,7 @@
 
 #include <string>
 
+#include "chunked.h"
 #include "merge_kernel.h"
 #include "passes.h"
 #include "scores.h"
@@ -72,18 +73,17 @@ fk::Pair checked_pair(const py::array& base, const py::array& tuned, const std::
   return fk::Pair{base.data(), tuned.data(), dt, n, rows, cols};
 }
 
-py::dict merge(const py::array& base, const py::array& tuned, py::array out,
-               const std::string& dtype, int64_t rows, int64_t cols, const std::string& axis,
-               const std::string& suppress, const std::string& rescale, const std::string& restore,
-               int64_t window_start, int64_t window_len, uint64_t drop_threshold,
-               float random_inverse, double density, double epsilon, float weight,
-               int64_t restored_neurons, uint32_t tensor_seed, bool approx,
-               int64_t approx_tolerance, double l1_eps, int threads, int64_t sample_size,
-               uint64_t collect_cap) {
-  const fk::Pair pair = checked_pair(base, tuned, dtype, rows, cols);
-  const int64_t n = pair.n;
-  check_buffer(out, "out", n, pair.dtype, true);
-
+// The kernel's configuration from the keyword arguments merge() and ChunkedMerge share.
+fk::MergeConfig make_config(int64_t rows, int64_t cols, const std::string& axis,
+                            const std::string& suppress, const std::string& rescale,
+                            const std::string& restore, int64_t window_start, int64_t window_len,
+                            uint64_t drop_threshold, float random_inverse, double density,
+                            double epsilon, float weight, int64_t restored_neurons,
+                            uint32_t tensor_seed, bool approx, int64_t approx_tolerance,
+                            double l1_eps, int threads, int64_t sample_size,
+                            uint64_t collect_cap) {
+  FK_CHECK(rows >= 0 && cols >= 0, "rows and cols must be non-negative");
+  const int64_t n = rows * cols;
   fk::MergeConfig cfg;
   cfg.axis = parse_axis(axis);
   cfg.suppress = choose<fk::Suppress>(
@@ -121,13 +121,10 @@ py::dict merge(const py::array& base, const py::array& tuned, py::array out,
   cfg.threads = threads;
   cfg.sample_size = sample_size;
   cfg.collect_cap = collect_cap;
+  return cfg;
+}
 
-  void* dst = out.mutable_data();
-  fk::MergeResult r;
-  {
-    py::gil_scoped_release release;
-    r = fk::merge(pair, dst, cfg);
-  }
+py::dict result_dict(const fk::MergeResult& r) {
   py::dict result;
   result["nonfinite"] = r.nonfinite;
   result["kept"] = r.kept;
@@ -136,6 +133,82 @@ py::dict merge(const py::array& base, const py::array& tuned, py::array out,
   result["l1_scale"] = double(r.l1_scale);
   return result;
 }
+
+py::dict merge(const py::array& base, const py::array& tuned, py::array out,
+               const std::string& dtype, int64_t rows, int64_t cols, const std::string& axis,
+               const std::string& suppress, const std::string& rescale, const std::string& restore,
+               int64_t window_start, int64_t window_len, uint64_t drop_threshold,
+               float random_inverse, double density, double epsilon, float weight,
+               int64_t restored_neurons, uint32_t tensor_seed, bool approx,
+               int64_t approx_tolerance, double l1_eps, int threads, int64_t sample_size,
+               uint64_t collect_cap) {
+  const fk::Pair pair = checked_pair(base, tuned, dtype, rows, cols);
+  check_buffer(out, "out", pair.n, pair.dtype, true);
+  const fk::MergeConfig cfg =
+      make_config(rows, cols, axis, suppress, rescale, restore, window_start, window_len,
+                  drop_threshold, random_inverse, density, epsilon, weight, restored_neurons,
+                  tensor_seed, approx, approx_tolerance, l1_eps, threads, sample_size,
+                  collect_cap);
+  void* dst = out.mutable_data();
+  fk::MergeResult r;
+  {
+    py::gil_scoped_release release;
+    r = fk::merge(pair, dst, cfg);
+  }
+  return result_dict(r);
+}
+
+const char* const kPassNames[] = {"first", "bracket", "histogram", "radix",
+                                  "kept",  "write",   "done"};
+
+// fk::ChunkedMerge for Python: the tensor's shape and dtype and merge()'s keywords at
+// construction, then next() and feed() chunk by chunk (see chunked.h).
+class PyChunkedMerge {
+ public:
+  PyChunkedMerge(const std::string& dtype, int64_t rows, int64_t cols, const fk::MergeConfig& cfg)
+      : dtype_(parse_dtype(dtype)), rows_(rows), cols_(cols), merge_(dtype_, rows, cols, cfg) {}
+
+  std::string next() {
+    fk::ChunkPass pass;
+    {
+      py::gil_scoped_release release;
+      pass = merge_.next();
+    }
+    pass_ = pass;
+    return kPassNames[int(pass)];
+  }
+
+  // base, tuned (and out in the write pass): the entries of rows [row, row + chunk rows).
+  void feed(const py::array& base, const py::array& tuned, py::object out, int64_t row) {
+    FK_CHECK(pass_ != fk::ChunkPass::done, "feed() after the merge is done");
+    FK_CHECK(row >= 0 && cols_ > 0 && base.size() % cols_ == 0,
+             "a chunk must hold whole rows of the tensor");
+    const int64_t n = int64_t(base.size());
+    const int64_t lo = row * cols_;
+    FK_CHECK(row + n / cols_ <= rows_, "the chunk runs past the tensor's last row");
+    check_buffer(base, "base", n, dtype_, false);
+    check_buffer(tuned, "tuned", n, dtype_, false);
+    void* dst = nullptr;
+    if (pass_ == fk::ChunkPass::write) {
+      FK_CHECK(!out.is_none(), "the write pass needs out");
+      py::array target = out.cast<py::array>();
+      check_buffer(target, "out", n, dtype_, true);
+      dst = target.mutable_data();
+    }
+    const void* b = base.data();
+    const void* t = tuned.data();
+    py::gil_scoped_release release;
+    merge_.feed(b, t, dst, lo, lo + n);
+  }
+
+  py::dict result() const { return result_dict(merge_.result()); }
+
+ private:
+  fk::DType dtype_;
+  int64_t rows_, cols_;
+  fk::ChunkedMerge merge_;
+  fk::ChunkPass pass_ = fk::ChunkPass::done;
+};
 
 py::dict scores(const py::array& base, const py::array& tuned, const std::string& dtype,
                 int64_t rows, int64_t cols, const std::string& axis, int threads) {
@@ -168,6 +241,38 @@ PYBIND11_MODULE(_cpp, m) {
         py::arg("tensor_seed"), py::arg("approx"), py::arg("approx_tolerance"),
         py::arg("l1_eps"), py::arg("threads") = 0, py::arg("sample_size") = int64_t(-1),
         py::arg("collect_cap") = uint64_t(1) << 22);
+  py::class_<PyChunkedMerge>(m, "ChunkedMerge",
+                             "merge() for a tensor streamed in chunks of whole rows: call "
+                             "next() for the next pass, then feed() every chunk in order; "
+                             "next() returns 'done' at the end (see csrc/chunked.h).")
+      .def(py::init([](const std::string& dtype, int64_t rows, int64_t cols,
+                       const std::string& axis, const std::string& suppress,
+                       const std::string& rescale, const std::string& restore,
+                       int64_t window_start, int64_t window_len, uint64_t drop_threshold,
+                       float random_inverse, double density, double epsilon, float weight,
+                       int64_t restored_neurons, uint32_t tensor_seed, bool approx,
+                       int64_t approx_tolerance, double l1_eps, int threads,
+                       int64_t sample_size, uint64_t collect_cap) {
+             parse_dtype(dtype);
+             return new PyChunkedMerge(
+                 dtype, rows, cols,
+                 make_config(rows, cols, axis, suppress, rescale, restore, window_start,
+                             window_len, drop_threshold, random_inverse, density, epsilon,
+                             weight, restored_neurons, tensor_seed, approx, approx_tolerance,
+                             l1_eps, threads, sample_size, collect_cap));
+           }),
+           py::kw_only(), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("axis"),
+           py::arg("suppress"), py::arg("rescale"), py::arg("restore"),
+           py::arg("window_start"), py::arg("window_len"), py::arg("drop_threshold"),
+           py::arg("random_inverse"), py::arg("density"), py::arg("epsilon"), py::arg("weight"),
+           py::arg("restored_neurons"), py::arg("tensor_seed"), py::arg("approx"),
+           py::arg("approx_tolerance"), py::arg("l1_eps"), py::arg("threads") = 0,
+           py::arg("sample_size") = int64_t(-1), py::arg("collect_cap") = uint64_t(1) << 22)
+      .def("next", &PyChunkedMerge::next, "End the pass under way; the name of the next.")
+      .def("feed", &PyChunkedMerge::feed, py::arg("base"), py::arg("tuned"), py::arg("out"),
+           py::arg("row"), "Feed rows [row, row + len(base) / cols) to the current pass.")
+      .def("result", &PyChunkedMerge::result,
+           "nonfinite, kept, restored, fallbacks, l1_scale (once next() returned 'done').");
   m.def("scores", &scores,
         "The merge's first pass alone (locate): returns nonfinite, total (Σ|Δ|) and scores, "
         "C(j) as float64 per row (axis row), per column (col) or none (none).",

@@ -36,6 +36,12 @@ uint64_t splitmix64(uint64_t x) {
   return x ^ (x >> 31);
 }
 
+// Where the sample's runs of consecutive entries start: drawn by a fixed hash of the run number.
+inline int64_t run_start(int64_t j, int64_t n, int64_t run, uint32_t tensor_seed) {
+  const uint64_t draw = splitmix64(uint64_t(j) ^ (uint64_t(tensor_seed) << 32));
+  return int64_t(draw % uint64_t(n - run + 1));
+}
+
 // Order keys of about `count` entries: runs of kSampleRun consecutive entries at positions
 // drawn by a fixed hash of the run number.
 template <class C>
@@ -47,20 +53,16 @@ std::vector<uint64_t> sample_keys(const Pair& p, uint32_t tensor_seed, int64_t c
   const auto* base = static_cast<const typename C::T*>(p.base);
   const auto* tuned = static_cast<const typename C::T*>(p.tuned);
   const HashStream tie(tensor_seed, kStreamTie);
-  auto run_start = [&](int64_t j) {
-    const uint64_t draw = splitmix64(uint64_t(j) ^ (uint64_t(tensor_seed) << 32));
-    return int64_t(draw % uint64_t(p.n - run + 1));
-  };
   parallel_slices(runs, threads, [&](int, int64_t lo, int64_t hi) {
     uint32_t h[kSampleRun];
     for (int64_t j = lo; j < hi; ++j) {
       // Each run is two cache misses; prefetching a few runs ahead overlaps them.
       if (j + kPrefetchRuns < hi) {
-        const int64_t ahead = run_start(j + kPrefetchRuns);
+        const int64_t ahead = run_start(j + kPrefetchRuns, p.n, run, tensor_seed);
         __builtin_prefetch(base + ahead);
         __builtin_prefetch(tuned + ahead);
       }
-      const int64_t start = run_start(j);
+      const int64_t start = run_start(j, p.n, run, tensor_seed);
       for (int64_t r = 0; r < run; ++r) h[r] = tie.at(start + r);
       for (int64_t r = 0; r < run; ++r) {
         const float d = C::load(tuned[start + r]) - C::load(base[start + r]);
@@ -69,6 +71,24 @@ std::vector<uint64_t> sample_keys(const Pair& p, uint32_t tensor_seed, int64_t c
     }
   });
   return keys;
+}
+
+// The sample's keys that fall in a chunk, at the places sample_keys puts them.
+template <class C>
+void sample_chunk(const Pair& chunk, const SampleRuns& runs, uint32_t tensor_seed,
+                  std::vector<uint64_t>& keys) {
+  const auto* base = static_cast<const typename C::T*>(chunk.base);
+  const auto* tuned = static_cast<const typename C::T*>(chunk.tuned);
+  const HashStream tie(tensor_seed, kStreamTie);
+  for (size_t j = 0; j < runs.start.size(); ++j) {
+    const int64_t lo = std::max(runs.start[j], chunk.lo);
+    const int64_t hi = std::min(runs.start[j] + runs.run, chunk.end());
+    for (int64_t i = lo; i < hi; ++i) {
+      const float d = C::load(tuned[i - chunk.lo]) - C::load(base[i - chunk.lo]);
+      keys[j * size_t(runs.run) + size_t(i - runs.start[j])] =
+          order_key(bits_of(d) & kAbsMask, tie.at(i));
+    }
+  }
 }
 
 // Sampling costs O(S) and the candidates O(n / sqrt(S)); their sum is least near S ~ n^(2/3)
@@ -93,39 +113,67 @@ inline bool precedes(const Candidate& a, const Candidate& b) {
 
 }  // namespace
 
-WindowPlan plan_window(const Pair& p, const WindowRequest& req) {
+WindowPlan window_boundaries(int64_t n, const WindowRequest& req) {
   WindowPlan w;
   w.position[0] = req.start;
   w.position[1] = req.start + req.len;
-  int inner[2], count = 0;
   for (int b = 0; b < 2 && req.len > 0; ++b)
-    if (w.position[b] > 0 && w.position[b] < p.n) inner[count++] = b;
-  if (count == 0) return w;
-  if (req.sample_size == 0) {
-    w.radix = true;
-    return w;
-  }
-  const int64_t asked = req.sample_size > 0 ? req.sample_size : auto_sample_size(p.n);
-  const int64_t wanted = std::min(asked, p.n);
-  std::vector<uint64_t> keys = dispatch_dtype(p.dtype, [&](auto codec) {
-    return sample_keys<decltype(codec)>(p, req.tensor_seed, wanted,
-                                        thread_count(wanted * 16, req.threads));
+    if (w.position[b] > 0 && w.position[b] < n) w.inner[w.inner_count++] = b;
+  w.radix = w.inner_count > 0 && req.sample_size == 0;
+  return w;
+}
+
+int64_t sample_count(int64_t n, const WindowRequest& req) {
+  const int64_t asked = req.sample_size > 0 ? req.sample_size : auto_sample_size(n);
+  return std::min(asked, n);
+}
+
+SampleRuns sample_runs(int64_t n, const WindowRequest& req) {
+  SampleRuns runs;
+  runs.run = std::min<int64_t>(kSampleRun, n);
+  const int64_t count = (sample_count(n, req) + runs.run - 1) / runs.run;
+  runs.start.resize(size_t(count));
+  for (int64_t j = 0; j < count; ++j)
+    runs.start[size_t(j)] = run_start(j, n, runs.run, req.tensor_seed);
+  return runs;
+}
+
+void add_sample_keys(const Pair& chunk, const SampleRuns& runs, const WindowRequest& req,
+                     std::vector<uint64_t>& keys) {
+  keys.resize(runs.start.size() * size_t(runs.run));
+  dispatch_dtype(chunk.dtype, [&](auto codec) {
+    sample_chunk<decltype(codec)>(chunk, runs, req.tensor_seed, keys);
   });
+}
+
+void bracket_window(WindowPlan& w, int64_t n, std::vector<uint64_t> keys) {
+  const int count = w.inner_count;
   const int64_t samples = int64_t(keys.size());
   std::pair<int64_t, int64_t> ranks[2];
   double width = 0.0;
   for (int c = 0; c < count; ++c) {
-    ranks[c] = bracket_ranks(w.position[inner[c]], p.n, samples);
+    ranks[c] = bracket_ranks(w.position[w.inner[c]], n, samples);
     width = std::max(width, double(ranks[c].second - ranks[c].first + 1) / double(samples));
   }
   w.brackets = count;
   for (int c = 0; c < count; ++c) {
     const auto [hi_rank, lo_rank] = ranks[c];
-    w.boundary_of[c] = inner[c];
+    w.boundary_of[c] = w.inner[c];
     w.bracket[c].hi = hi_rank < 0 ? kKeyMax : key_at_rank(keys, hi_rank);
     w.bracket[c].lo = lo_rank >= samples ? 0 : key_at_rank(keys, lo_rank);
   }
-  w.collect_cap = uint64_t(2.0 * width * double(p.n)) + 4096;
+  w.collect_cap = uint64_t(2.0 * width * double(n)) + 4096;
+}
+
+WindowPlan plan_window(const Pair& p, const WindowRequest& req) {
+  WindowPlan w = window_boundaries(p.n, req);
+  if (w.inner_count == 0 || w.radix) return w;
+  const int64_t wanted = sample_count(p.n, req);
+  std::vector<uint64_t> keys = dispatch_dtype(p.dtype, [&](auto codec) {
+    return sample_keys<decltype(codec)>(p, req.tensor_seed, wanted,
+                                        thread_count(wanted * 16, req.threads));
+  });
+  bracket_window(w, p.n, std::move(keys));
   return w;
 }
 
@@ -161,8 +209,14 @@ RankCut cut_in(const std::vector<Candidate>& found, int64_t rank, int64_t tolera
 
 }  // namespace
 
-bool resolve_brackets(const WindowPlan& w, const WindowRequest& req, FirstPassResult& first,
-                      Window& out) {
+namespace {
+
+// The window's cuts from each bracket's count above it and `cut_at(c, rank, tolerance)`, the
+// cut at a rank among bracket c's candidates (the same rule whether the candidates were
+// gathered whole or chunk by chunk). False when a bracket missed.
+template <class CutAt>
+bool resolve_with(const WindowPlan& w, const WindowRequest& req, const int64_t* above,
+                  const int64_t* candidates, const bool* overflow, CutAt&& cut_at, Window& out) {
   if (req.len == 0) {
     out = Window{kCutNone, kCutNone, 0};
     return true;
@@ -176,19 +230,49 @@ bool resolve_brackets(const WindowPlan& w, const WindowRequest& req, FirstPassRe
   for (int c = 0; c < w.brackets; ++c) {
     const int b = w.boundary_of[c];
     const int64_t position = w.position[b];
-    BracketResult& r = first.bracket[c];
-    const int64_t candidates = int64_t(r.found.size());
-    if (r.overflow || position < r.above || position >= r.above + candidates) return false;
+    if (overflow[c] || position < above[c] || position >= above[c] + candidates[c]) return false;
     // approx splits the tolerance between the brackets, so the kept count stays within it.
     const int64_t tolerance = req.approx ? req.tolerance / w.brackets : -1;
-    const RankCut cut = cut_in(r.found, position - r.above, tolerance, req.unique_keys);
+    const RankCut cut = cut_at(c, position - above[c], tolerance);
     cuts[b] = cut.cut;
-    edge[b] = r.above + cut.count;
+    edge[b] = above[c] + cut.count;
   }
   const int64_t kept = edge[1] - edge[0];
   if (std::llabs(kept - req.len) > req.tolerance) return false;
   out = Window{cuts[0], cuts[1], kept};
   return true;
+}
+
+}  // namespace
+
+bool resolve_brackets(const WindowPlan& w, const WindowRequest& req, FirstPassResult& first,
+                      Window& out) {
+  int64_t above[2] = {0, 0}, candidates[2] = {0, 0};
+  bool overflow[2] = {false, false};
+  for (int c = 0; c < w.brackets; ++c) {
+    above[c] = first.bracket[c].above;
+    candidates[c] = int64_t(first.bracket[c].found.size());
+    overflow[c] = first.bracket[c].overflow;
+  }
+  auto cut_at = [&](int c, int64_t rank, int64_t tolerance) {
+    return cut_in(first.bracket[c].found, rank, tolerance, req.unique_keys);
+  };
+  return resolve_with(w, req, above, candidates, overflow, cut_at, out);
+}
+
+bool resolve_bracket_keys(const WindowPlan& w, const WindowRequest& req,
+                          const BracketKeys (&found)[2], Window& out) {
+  int64_t above[2] = {0, 0}, candidates[2] = {0, 0};
+  bool overflow[2] = {false, false};
+  for (int c = 0; c < w.brackets; ++c) {
+    above[c] = found[c].above;
+    candidates[c] = int64_t(found[c].keys.size());
+    overflow[c] = found[c].overflow;
+  }
+  auto cut_at = [&](int c, int64_t rank, int64_t tolerance) {
+    return cut_at_rank(found[c].keys, rank, tolerance);
+  };
+  return resolve_with(w, req, above, candidates, overflow, cut_at, out);
 }
 
 }  // namespace fk

@@ -45,7 +45,7 @@ void della_row(const Pair& p, const DellaRequest& req, int64_t row, std::vector<
     const int64_t i = start + c;
     const double prob = keep_probability(req, len - 1 - pos, len);
     const bool keep = double(drop.at(i)) * 0x1.0p-32 < prob;
-    entry_scale[i] = keep ? (req.inverse ? float(1.0 / prob) : 1.0f) : -1.0f;
+    entry_scale[i - p.lo] = keep ? (req.inverse ? float(1.0 / prob) : 1.0f) : -1.0f;
     if (keep) {
       ++row_kept;
       acc[c & 3] += double(std::fabs(d[c]));
@@ -57,23 +57,25 @@ void della_row(const Pair& p, const DellaRequest& req, int64_t row, std::vector<
 
 }  // namespace
 
-DellaResult della_mask(const Pair& p, const DellaRequest& req, float* entry_scale) {
-  DellaResult result{0, 0.0};
-  if (p.n == 0) return result;
+DellaResult della_mask(const Pair& p, const DellaRequest& req, float* entry_scale,
+                       DellaResult result) {
+  if (p.held() == 0) return result;
   // Per-row results summed in row order afterwards, so the total does not depend on scheduling.
-  std::vector<int64_t> row_kept(p.rows, 0);
-  std::vector<double> row_abs(p.rows, 0.0);
-  const int threads = std::min<int64_t>(thread_count(p.n, req.threads), p.rows);
-  parallel_slices(p.rows, threads, [&](int, int64_t lo, int64_t hi) {
+  const int64_t first_row = p.lo / p.cols;
+  const int64_t rows = p.held() / p.cols;
+  std::vector<int64_t> row_kept(rows, 0);
+  std::vector<double> row_abs(rows, 0.0);
+  const int threads = std::min<int64_t>(thread_count(p.held(), req.threads), rows);
+  parallel_slices(rows, threads, [&](int, int64_t lo, int64_t hi) {
     std::vector<float> d(p.cols);
     std::vector<RowEntry> entries(p.cols);
     for (int64_t row = lo; row < hi; ++row)
       dispatch_dtype(p.dtype, [&](auto codec) {
-        della_row<decltype(codec)>(p, req, row, d, entries, entry_scale, row_kept[row],
-                                   row_abs[row]);
+        della_row<decltype(codec)>(p, req, first_row + row, d, entries, entry_scale,
+                                   row_kept[row], row_abs[row]);
       });
   });
-  for (int64_t row = 0; row < p.rows; ++row) {
+  for (int64_t row = 0; row < rows; ++row) {
     result.kept += row_kept[row];
     result.kept_abs += row_abs[row];
   }

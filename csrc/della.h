@@ -19,8 +19,11 @@ struct DellaResult {
   double kept_abs;  // Σ|Δ| over kept entries, for the l1 rescale
 };
 
-// Writes entry_scale[i] for every entry of p (rows = the tensor's leading dimensions, cols = its
-// last): the kept entry's scale, or -1 where the entry is dropped.
-DellaResult della_mask(const Pair& p, const DellaRequest& req, float* entry_scale);
+// Writes entry_scale[i - p.lo] for every entry p holds (whole rows; rows = the tensor's leading
+// dimensions, cols = its last): the kept entry's scale, or -1 where the entry is dropped. Row
+// results add up in row order onto `so_far` (the previous chunks' result), so a tensor streamed
+// in chunks of rows gets the same sums as a whole one.
+DellaResult della_mask(const Pair& p, const DellaRequest& req, float* entry_scale,
+                       DellaResult so_far = {0, 0.0});
 
 }  // namespace fk

@@ -178,8 +178,8 @@ void for_each_tile(int64_t lo, int64_t hi, int64_t cols, Fn&& fn) {
 // Δ = f32(tuned) − f32(base) of a tile (exact for fp16/bf16 inputs).
 template <class C>
 inline void load_delta(const Pair& p, const Tile& t, float* d) {
-  const auto* b = static_cast<const typename C::T*>(p.base) + t.start;
-  const auto* u = static_cast<const typename C::T*>(p.tuned) + t.start;
+  const auto* b = static_cast<const typename C::T*>(p.base) + (t.start - p.lo);
+  const auto* u = static_cast<const typename C::T*>(p.tuned) + (t.start - p.lo);
   for (int64_t k = 0; k < t.len; ++k) d[k] = C::load(u[k]) - C::load(b[k]);
 }
 
@@ -243,6 +243,13 @@ void parallel_slices(int64_t n, int slices, Fn&& fn) {
 #endif
   for (auto& e : errors)
     if (e) std::rethrow_exception(e);
+}
+
+// Runs fn(slice, lo, hi) on `slices` contiguous slices of the entries p holds, [p.lo, p.end()).
+template <class Fn>
+void parallel_held(const Pair& p, int slices, Fn&& fn) {
+  parallel_slices(p.held(), slices,
+                  [&](int s, int64_t lo, int64_t hi) { fn(s, p.lo + lo, p.lo + hi); });
 }
 
 // ---- the suppress mask of a tile ----
@@ -338,7 +345,8 @@ struct TileMask<MaskKind::della> {
   const float* entry_scale;
   float uniform;
 
-  TileMask(const Mask& m, const Tile& t) : entry_scale(m.entry_scale + t.start), uniform(m.scale) {}
+  TileMask(const Mask& m, const Tile& t)
+      : entry_scale(m.entry_scale + (t.start - m.entry_lo)), uniform(m.scale) {}
   uint32_t keep(uint32_t k, uint32_t) const { return uint32_t(entry_scale[k] >= 0.0f); }
   float scale(uint32_t k) const { return entry_scale[k] * uniform; }
 };

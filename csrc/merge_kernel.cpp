@@ -14,7 +14,6 @@
 #include "select.h"
 
 namespace fk {
-namespace {
 
 bool neurons_active(const MergeConfig& cfg) {
   return cfg.restore != Restore::none && cfg.axis != Axis::none;
@@ -45,18 +44,6 @@ Mask initial_mask(const Pair& p, const MergeConfig& cfg) {
       break;
   }
   return m;
-}
-
-// Whether out shares memory with base or tuned (an in-place merge): then nothing may be written
-// before the last read, which rules out the fused route.
-bool overlaps(const Pair& p, const void* out) {
-  const uintptr_t o = reinterpret_cast<uintptr_t>(out);
-  const uintptr_t bytes = uintptr_t(p.n) * (p.dtype == DType::f32 ? 4 : 2);
-  for (const void* in : {p.base, p.tuned}) {
-    const uintptr_t i = reinterpret_cast<uintptr_t>(in);
-    if (o < i + bytes && i < o + bytes) return true;
-  }
-  return false;
 }
 
 // contract.l1_scale, rounded once to float.
@@ -98,6 +85,20 @@ NeuronPlan plan_neurons(const Pair& p, const MergeConfig& cfg, const std::vector
     }
   }
   return plan;
+}
+
+namespace {
+
+// Whether out shares memory with base or tuned (an in-place merge): then nothing may be written
+// before the last read, which rules out the fused route.
+bool overlaps(const Pair& p, const void* out) {
+  const uintptr_t o = reinterpret_cast<uintptr_t>(out);
+  const uintptr_t bytes = uintptr_t(p.n) * (p.dtype == DType::f32 ? 4 : 2);
+  for (const void* in : {p.base, p.tuned}) {
+    const uintptr_t i = reinterpret_cast<uintptr_t>(in);
+    if (o < i + bytes && i < o + bytes) return true;
+  }
+  return false;
 }
 
 // Fused route, after the cuts are known: write the candidates the window keeps (the first pass

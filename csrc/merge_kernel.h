@@ -57,4 +57,17 @@ struct MergeResult {
 // dimension is the row (della), and for axis row/col the rows/columns are the neurons.
 MergeResult merge(const Pair& pair, void* out, const MergeConfig& cfg);
 
+// Steps of merge() that the chunked merge (chunked.h) shares.
+bool neurons_active(const MergeConfig& cfg);
+// The mask as far as it is known before any pass.
+Mask initial_mask(const Pair& p, const MergeConfig& cfg);
+// contract.l1_scale, rounded once to float.
+float l1_scale(double total_abs, double kept_abs, double eps);
+// R: the m neurons with the largest change score, ties by lower index.
+std::vector<int64_t> top_neurons(const std::vector<double>& change, int64_t m);
+// Each neuron's treatment in the write pass; counts the rescale fallbacks into result.
+NeuronPlan plan_neurons(const Pair& p, const MergeConfig& cfg, const std::vector<int64_t>& restored,
+                        const std::vector<double>& change, const std::vector<double>& kept,
+                        MergeResult& result);
+
 }  // namespace fk

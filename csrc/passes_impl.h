@@ -56,9 +56,9 @@ template <class C, Brackets B, bool kWrite, MaskKind K, bool kStats>
 inline void scan_tile(const Pair& p, const Tile& t, const FirstPassPlan& plan, float* abs_delta,
                       float* sub_abs, uint8_t (*flag)[kTile + 8], FirstPassResult& r) {
   constexpr bool kTwo = B == Brackets::both;
-  const auto* b = static_cast<const typename C::T*>(p.base) + t.start;
-  const auto* u = static_cast<const typename C::T*>(p.tuned) + t.start;
-  auto* out = kWrite ? static_cast<typename C::T*>(plan.out) + t.start : nullptr;
+  const auto* b = static_cast<const typename C::T*>(p.base) + (t.start - p.lo);
+  const auto* u = static_cast<const typename C::T*>(p.tuned) + (t.start - p.lo);
+  auto* out = kWrite ? static_cast<typename C::T*>(plan.out) + (t.start - p.lo) : nullptr;
   const uint32_t seed = HashStream(plan.tensor_seed, kStreamTie).block_seed(t.start);
   const uint32_t low = uint32_t(t.start);
   const BracketLanes first(plan.bracket[0]), second(plan.bracket[kTwo ? 1 : 0]);
@@ -114,8 +114,8 @@ inline void scan_tile(const Pair& p, const Tile& t, const FirstPassPlan& plan, f
 template <class C>
 inline void gather_candidates(const Pair& p, const FirstPassPlan& plan, const Tile& t,
                               uint8_t* flag, BracketResult& r) {
-  const auto* b = static_cast<const typename C::T*>(p.base) + t.start;
-  const auto* u = static_cast<const typename C::T*>(p.tuned) + t.start;
+  const auto* b = static_cast<const typename C::T*>(p.base) + (t.start - p.lo);
+  const auto* u = static_cast<const typename C::T*>(p.tuned) + (t.start - p.lo);
   std::memset(flag + t.len, 0, 8);
   const HashStream tie(plan.tensor_seed, kStreamTie);
   // Candidates are rare: read the 0/1 flags eight at a time and visit only the set ones.
@@ -204,13 +204,13 @@ void scan_any(const Pair& p, const Tile& t, const FirstPassPlan& plan, float* ab
 template <class C>
 FirstPassResult first_pass_impl(const Pair& p, const FirstPassPlan& plan, int threads) {
   std::vector<FirstPassResult> parts(threads);
-  parallel_slices(p.n, threads, [&](int tid, int64_t lo, int64_t hi) {
+  parallel_held(p, threads, [&](int tid, int64_t lo, int64_t hi) {
     FirstPassResult& r = parts[tid];
     if (plan.histogram) r.histogram.assign(kTopBins, 0);
     if (plan.change) r.change.assign(plan.neurons, 0.0);
     if (plan.kept_change) r.kept_change.assign(plan.neurons, 0.0);
     // Room for this slice's share of the candidates expected (half the cap).
-    const double share = double(hi - lo) / double(std::max<int64_t>(p.n, 1));
+    const double share = double(hi - lo) / double(std::max<int64_t>(p.held(), 1));
     for (int b = 0; b < plan.brackets; ++b)
       r.bracket[b].found.reserve(size_t(double(plan.collect_cap / 2) * share));
     const bool random = plan.mask && plan.mask->kind == MaskKind::random;
@@ -250,8 +250,8 @@ FirstPassResult first_pass_impl(const Pair& p, const FirstPassPlan& plan, int th
 // Sub(Δ) of a tile's entries: Δ · scale where kept, else +0.
 template <class C, MaskKind K>
 inline void tile_sub(const Pair& p, const Tile& t, const Mask& mask, float* sub) {
-  const auto* b = static_cast<const typename C::T*>(p.base) + t.start;
-  const auto* u = static_cast<const typename C::T*>(p.tuned) + t.start;
+  const auto* b = static_cast<const typename C::T*>(p.base) + (t.start - p.lo);
+  const auto* u = static_cast<const typename C::T*>(p.tuned) + (t.start - p.lo);
   const TileMask<K> m(mask, t);
   const uint32_t len = uint32_t(t.len);
   for (uint32_t k = 0; k < len; ++k) {
@@ -265,7 +265,7 @@ template <class C, MaskKind K>
 std::vector<double> kept_change_impl(const Pair& p, const Mask& mask, bool per_column,
                                      int64_t neurons, int threads) {
   std::vector<std::vector<double>> parts(threads);
-  parallel_slices(p.n, threads, [&](int tid, int64_t lo, int64_t hi) {
+  parallel_held(p, threads, [&](int tid, int64_t lo, int64_t hi) {
     parts[tid].assign(neurons, 0.0);
     float sub[kTile], magnitude[kTile];
     for_each_tile(lo, hi, p.cols, [&](const Tile& t) {
@@ -287,8 +287,8 @@ enum class NeuronShape { none, row, col };
 template <class C, MaskKind K, NeuronShape N>
 inline void write_tile(const Pair& p, const Tile& t, const Mask& mask, const NeuronPlan& plan,
                        typename C::T* out) {
-  const auto* b = static_cast<const typename C::T*>(p.base) + t.start;
-  const auto* u = static_cast<const typename C::T*>(p.tuned) + t.start;
+  const auto* b = static_cast<const typename C::T*>(p.base) + (t.start - p.lo);
+  const auto* u = static_cast<const typename C::T*>(p.tuned) + (t.start - p.lo);
   const TileMask<K> m(mask, t);
   const int64_t j = N == NeuronShape::col ? t.col : N == NeuronShape::row ? t.row : 0;
   const uint8_t* replace = plan.replace.data() + j;
@@ -312,9 +312,9 @@ template <class C, MaskKind K, NeuronShape N>
 void write_pass_impl(const Pair& p, const Mask& mask, const NeuronPlan& plan, void* out,
                      int threads) {
   auto* dst = static_cast<typename C::T*>(out);
-  parallel_slices(p.n, threads, [&](int, int64_t lo, int64_t hi) {
+  parallel_held(p, threads, [&](int, int64_t lo, int64_t hi) {
     for_each_tile(lo, hi, p.cols, [&](const Tile& t) {
-      write_tile<C, K, N>(p, t, mask, plan, dst + t.start);
+      write_tile<C, K, N>(p, t, mask, plan, dst + (t.start - p.lo));
     });
   });
 }

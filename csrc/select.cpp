@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <memory>
 
 #include "kernel_common.h"
 #include "passes.h"
@@ -94,7 +95,7 @@ Job make_job(const Query& q, uint64_t collect_cap, int threads) {
 // One pass over base and tuned serving every job.
 template <class C>
 void refine_pass(const Pair& p, uint32_t tensor_seed, std::vector<Job>& jobs, int threads) {
-  parallel_slices(p.n, threads, [&](int tid, int64_t lo, int64_t hi) {
+  parallel_held(p, threads, [&](int tid, int64_t lo, int64_t hi) {
     const HashStream tie(tensor_seed, kStreamTie);
     float d[kTile];
     for_each_tile(lo, hi, p.cols, [&](const Tile& t) {
@@ -167,40 +168,98 @@ std::pair<Cut, int64_t> nearest_edge(int64_t position, int64_t n,
   return {Cut{at.bin << shift, ~uint64_t(0)}, below};
 }
 
+}  // namespace
+
+// One boundary query per window end, and the jobs of the pass under way.
+struct RadixState {
+  WindowRequest req;
+  Query queries[2];
+  std::vector<Job> jobs;
+  int job_of[2] = {-1, -1};
+  Window result{kCutNone, kCutNone, 0};
+  bool done = false;
+};
+
 // The window's cuts from the top-bits histogram: bin edges in approx mode when one is close
 // enough, else radix select, one pass per level.
-Window select_levels(const Pair& p, const std::vector<uint64_t>& top_histogram,
-                     const WindowRequest& req) {
+RadixSelect::RadixSelect(int64_t n, const std::vector<uint64_t>& top_histogram,
+                         const WindowRequest& req)
+    : state_(std::make_unique<RadixState>()) {
+  RadixState& s = *state_;
+  s.req = req;
   const int64_t first = req.start;
   const int64_t end = req.start + req.len;
-  if (req.len == 0) return Window{kCutNone, kCutNone, 0};
+  if (req.len == 0) {
+    s.done = true;
+    return;
+  }
   if (req.approx) {
-    const auto upper = nearest_edge(first, p.n, top_histogram);
-    const auto lower = nearest_edge(end, p.n, top_histogram);
+    const auto upper = nearest_edge(first, n, top_histogram);
+    const auto lower = nearest_edge(end, n, top_histogram);
     const int64_t kept = lower.second - upper.second;
-    if (std::llabs(kept - req.len) <= req.tolerance) return Window{upper.first, lower.first, kept};
-  }
-  Query queries[2] = {start_query(first, p.n, top_histogram), start_query(end, p.n, top_histogram)};
-  while (!queries[0].done || !queries[1].done) {
-    std::vector<Job> jobs;
-    int job_of[2] = {-1, -1};
-    for (int q = 0; q < 2; ++q) {
-      if (queries[q].done) continue;
-      for (size_t j = 0; j < jobs.size(); ++j)
-        if (jobs[j].level == queries[q].level && jobs[j].prefix == queries[q].prefix)
-          job_of[q] = int(j);
-      if (job_of[q] < 0) {
-        job_of[q] = int(jobs.size());
-        jobs.push_back(make_job(queries[q], req.collect_cap, req.threads));
-      }
+    if (std::llabs(kept - req.len) <= req.tolerance) {
+      s.result = Window{upper.first, lower.first, kept};
+      s.done = true;
+      return;
     }
-    dispatch_dtype(p.dtype, [&](auto codec) {
-      refine_pass<decltype(codec)>(p, req.tensor_seed, jobs, req.threads);
-    });
-    for (int q = 0; q < 2; ++q)
-      if (job_of[q] >= 0) advance(queries[q], jobs[job_of[q]]);
   }
-  return Window{queries[0].cut, queries[1].cut, req.len};
+  s.queries[0] = start_query(first, n, top_histogram);
+  s.queries[1] = start_query(end, n, top_histogram);
+  plan_jobs();
+}
+
+RadixSelect::~RadixSelect() = default;
+
+bool RadixSelect::done() const { return state_->done; }
+
+Window RadixSelect::window() const { return state_->result; }
+
+// The jobs of the next pass: one per group still searched (both boundaries may share one).
+void RadixSelect::plan_jobs() {
+  RadixState& s = *state_;
+  if (s.queries[0].done && s.queries[1].done) {
+    s.result = Window{s.queries[0].cut, s.queries[1].cut, s.req.len};
+    s.done = true;
+    return;
+  }
+  s.jobs.clear();
+  for (int q = 0; q < 2; ++q) {
+    s.job_of[q] = -1;
+    if (s.queries[q].done) continue;
+    for (size_t j = 0; j < s.jobs.size(); ++j)
+      if (s.jobs[j].level == s.queries[q].level && s.jobs[j].prefix == s.queries[q].prefix)
+        s.job_of[q] = int(j);
+    if (s.job_of[q] < 0) {
+      s.job_of[q] = int(s.jobs.size());
+      s.jobs.push_back(make_job(s.queries[q], s.req.collect_cap, s.req.threads));
+    }
+  }
+}
+
+void RadixSelect::feed(const Pair& chunk) {
+  RadixState& s = *state_;
+  dispatch_dtype(chunk.dtype, [&](auto codec) {
+    refine_pass<decltype(codec)>(chunk, s.req.tensor_seed, s.jobs, s.req.threads);
+  });
+}
+
+void RadixSelect::end_pass() {
+  RadixState& s = *state_;
+  for (int q = 0; q < 2; ++q)
+    if (s.job_of[q] >= 0) advance(s.queries[q], s.jobs[size_t(s.job_of[q])]);
+  plan_jobs();
+}
+
+namespace {
+
+Window select_levels(const Pair& p, const std::vector<uint64_t>& top_histogram,
+                     const WindowRequest& req) {
+  RadixSelect select(p.n, top_histogram, req);
+  while (!select.done()) {
+    select.feed(p);
+    select.end_pass();
+  }
+  return select.window();
 }
 
 }  // namespace

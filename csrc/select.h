@@ -9,6 +9,7 @@
 //                          per level, collecting the last group.
 #pragma once
 
+#include <memory>
 #include <vector>
 
 #include "types.h"
@@ -44,6 +45,8 @@ struct Window {
 struct WindowPlan {
   int64_t position[2] = {0, 0};
   bool radix = false;  // a boundary inside the tensor is left to the radix select
+  int inner_count = 0;  // boundaries strictly inside the tensor, listed in inner
+  int inner[2] = {0, 0};
   int brackets = 0;
   int boundary_of[2] = {0, 0};  // which boundary bracket b belongs to
   Bracket bracket[2] = {};
@@ -53,6 +56,28 @@ struct WindowPlan {
 // Samples the order keys and brackets the boundaries (bracket.cpp).
 WindowPlan plan_window(const Pair& p, const WindowRequest& req);
 
+// plan_window in steps, for a tensor streamed in chunks: the boundaries (radix set when the
+// request samples nothing), where the sample's runs lie, their keys taken chunk by chunk, and
+// the brackets from the keys. The sample is the one plan_window draws, so are the brackets.
+struct SampleRuns {
+  int64_t run = 0;             // entries per run
+  std::vector<int64_t> start;  // first entry of each run
+};
+WindowPlan window_boundaries(int64_t n, const WindowRequest& req);
+int64_t sample_count(int64_t n, const WindowRequest& req);
+SampleRuns sample_runs(int64_t n, const WindowRequest& req);
+void add_sample_keys(const Pair& chunk, const SampleRuns& runs, const WindowRequest& req,
+                     std::vector<uint64_t>& keys);
+void bracket_window(WindowPlan& w, int64_t n, std::vector<uint64_t> keys);
+
+// A bracket's count above it and its candidates' keys, gathered chunk by chunk (keys alone:
+// with distinct keys, n <= 2^32, the key decides the order).
+struct BracketKeys {
+  int64_t above = 0;
+  bool overflow = false;
+  std::vector<uint64_t> keys;
+};
+
 // Adds the brackets' counting and collecting to the first pass.
 void add_window_work(const WindowPlan& w, const WindowRequest& req, FirstPassPlan& plan);
 
@@ -61,8 +86,31 @@ void add_window_work(const WindowPlan& w, const WindowRequest& req, FirstPassPla
 bool resolve_brackets(const WindowPlan& w, const WindowRequest& req, FirstPassResult& first,
                       Window& out);
 
+// resolve_brackets for candidates gathered as keys (distinct keys only).
+bool resolve_bracket_keys(const WindowPlan& w, const WindowRequest& req,
+                          const BracketKeys (&found)[2], Window& out);
+
 // The window by radix select alone: a pass for the top-bits histogram, then one per level
 // (select.cpp). For when there are no brackets, or one missed.
 Window radix_window(const Pair& p, const WindowRequest& req);
+
+struct RadixState;
+
+// The radix select driven pass by pass, so that a tensor too large to hold can stream through
+// each pass in chunks: while !done(), feed every chunk of the tensor once, then end_pass().
+// radix_window is this over a whole tensor.
+class RadixSelect {
+ public:
+  RadixSelect(int64_t n, const std::vector<uint64_t>& top_histogram, const WindowRequest& req);
+  ~RadixSelect();
+  bool done() const;
+  void feed(const Pair& chunk);
+  void end_pass();
+  Window window() const;
+
+ private:
+  void plan_jobs();
+  std::unique_ptr<RadixState> state_;
+};
 
 }  // namespace fk

@@ -18,7 +18,10 @@ enum class Rescale : int { none, l1, inverse };
 enum class Restore : int { none, replace, rescale };
 enum class Axis : int { none, row, col };
 
-// base and tuned: n contiguous entries viewed as rows x cols (cols = the row length).
+// A tensor of n entries viewed as rows x cols (cols = the row length), of which base and tuned
+// hold the contiguous entries [lo, hi): the whole tensor (lo = 0, hi = n, the default) or one
+// chunk of it streamed through the passes (chunked.h). Entry i is base[i - lo]; flat indices
+// (hashes, neurons) stay the tensor's own.
 struct Pair {
   const void* base;
   const void* tuned;
@@ -26,6 +29,11 @@ struct Pair {
   int64_t n;
   int64_t rows;
   int64_t cols;
+  int64_t lo = 0;
+  int64_t hi = -1;  // < 0: n
+
+  int64_t end() const { return hi < 0 ? n : hi; }
+  int64_t held() const { return end() - lo; }
 };
 
 // A prefix of the SPEC order, given by the first entry after it: x is in the cut iff x precedes
@@ -53,6 +61,7 @@ struct Mask {
   uint64_t drop_threshold = 0;
   // della: per-entry scale from the row pass, negative where dropped.
   const float* entry_scale = nullptr;
+  int64_t entry_lo = 0;  // the flat index of entry_scale[0] (a chunk's first entry)
   // Uniform scale; for della it multiplies entry_scale (one of the two is exactly 1).
   float scale = 1.0f;
 };

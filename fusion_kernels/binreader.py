@@ -9,6 +9,7 @@ until a tensor is read. What is loaded must be a flat mapping of tensor names to
 
 from __future__ import annotations
 
+import mmap
 import os
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 from . import faults
 from .dtypes import SAFETENSORS_DTYPES, safetensors_name
 from .errors import CheckpointError
-from .reader import TensorInfo
+from .reader import TensorInfo, advise, populate_range
 from .safeload import MAX_INDEX_BYTES, load_json, open_regular
 
 BIN_NAME = "pytorch_model.bin"
@@ -43,17 +44,18 @@ def output_shard_name(filename: str) -> str:
     ) + ".safetensors"
 
 
-def load_state(file: Path) -> dict[str, torch.Tensor]:
-    """A ``.bin`` file's tensors, memory-mapped; refuses anything but names mapped to tensors.
-    The file must be a regular file (check it with :func:`open_regular` first: a FIFO would block
-    the load forever)."""
+def load_state(file: Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """A ``.bin`` file's tensors, memory-mapped, and whether they are (a legacy-format file is
+    read into memory instead); refuses anything but names mapped to tensors. The file must be a
+    regular file (check it with :func:`open_regular` first: a FIFO would block the load forever)."""
+    mapped = True
     try:
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError as exc:
         if "mmap" not in str(exc):
             raise CheckpointError(f"{file}: cannot load ({_first_line(exc)})") from None
         # Files written by torch.save's legacy (pre-zip) format cannot be mapped.
-        state = _load_unmapped(file)
+        state, mapped = _load_unmapped(file), False
     except Exception as exc:  # the restricted unpickler raises many types: all mean refused
         raise CheckpointError(_refusal(file, exc)) from None
     if not isinstance(state, dict) or not all(
@@ -63,7 +65,7 @@ def load_state(file: Path) -> dict[str, torch.Tensor]:
             f"{file}: holds {type(state).__name__} with non-tensor entries, not a plain state "
             "dict of tensor names to tensors; save the model's state_dict() (or safetensors)"
         )
-    return state
+    return state, mapped
 
 
 def _load_unmapped(file: Path) -> object:
@@ -102,10 +104,14 @@ class BinCheckpoint:
         self.tensors: dict[str, TensorInfo] = {}
         self._state: dict[str, torch.Tensor] = {}
         self._watched: list[int] = []
+        self._mapped_files: set[Path] = set()
         try:
             for file in self.files:
                 self._watch(file)
-                self._add(file, load_state(file))
+                state, mapped = load_state(file)
+                if mapped:
+                    self._mapped_files.add(file)
+                self._add(file, state)
         except BaseException:
             self.close()
             raise
@@ -178,25 +184,50 @@ class BinCheckpoint:
     def info(self, name: str) -> TensorInfo:
         return self.tensors[name]
 
-    def view(self, name: str) -> torch.Tensor:
-        """The tensor in the mapped file (contiguous; a strided one is copied)."""
+    def view(self, name: str, populate: bool = True) -> torch.Tensor:
+        """The tensor in the mapped file (contiguous; a strided one is copied), its pages
+        mapped in now (``populate``; else as they are read, or by :meth:`populate`)."""
         tensor = self._state[name]
-        return tensor if tensor.is_contiguous() else tensor.contiguous()
+        if not tensor.is_contiguous():
+            return tensor.contiguous()
+        if populate:
+            self.populate(name)
+        return tensor
 
-    def release(self, name: str) -> None:
-        """Nothing to do: the mapped pages are clean file pages the kernel reclaims."""
+    def mappable(self, name: str) -> bool:
+        """Whether :meth:`view` is the mapped file's bytes, not a copy."""
+        return self.tensors[name].file in self._mapped_files and self._state[name].is_contiguous()
+
+    def populate(self, name: str, begin: int = 0, end: int | None = None) -> None:
+        """Map bytes ``[begin, end)`` of a mapped tensor's pages in now (the GIL is released)."""
+        if self.mappable(name):
+            end = self.tensors[name].nbytes if end is None else end
+            populate_range(self._state[name].data_ptr() + begin, end - begin)
+
+    def release(self, name: str, begin: int = 0, end: int | None = None) -> None:
+        """Drop a mapped tensor's pages (bytes ``[begin, end)``; default all) from this process.
+
+        The mapping is private and never written, so the pages are clean copies of the file: a
+        later read maps them in again. Tensors read into memory (legacy files, strided
+        tensors) are left alone: dropping their pages would zero them.
+        """
+        if self.mappable(name):
+            end = self.tensors[name].nbytes if end is None else end
+            advise(self._state[name].data_ptr() + begin, end - begin, mmap.MADV_DONTNEED)
 
     def read(self, name: str) -> torch.Tensor:
         """The tensor copied into its own memory."""
         return self._state[name].clone(memory_format=torch.contiguous_format)
 
     def read_into(self, name: str, offset: int, out) -> None:
-        """Copy bytes ``[offset, offset + len(out))`` of a tensor into a uint8 numpy array."""
+        """Copy bytes ``[offset, offset + len(out))`` of a tensor into a uint8 numpy array (e.g.
+        a staging buffer), releasing the mapped pages read."""
         info = self.tensors[name]
         if offset < 0 or offset + len(out) > info.nbytes:
             raise ValueError(f"range [{offset}, {offset + len(out)}) outside tensor {name!r}")
-        flat = self.view(name).reshape(-1).view(torch.uint8)
+        flat = self.view(name, populate=False).reshape(-1).view(torch.uint8)
         out[:] = flat[offset : offset + len(out)].numpy()
+        self.release(name, offset, offset + len(out))
 
     def _watch(self, file: Path) -> None:
         """Refuse a file that is not regular, and hand it to :mod:`.faults` for as long as it is

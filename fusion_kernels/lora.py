@@ -176,6 +176,22 @@ class LoraCheckpoint:
         if name not in self.pairs and name not in self.replaced:
             self.model.release(name)
 
+    def row_origin(self, name: str):
+        """``(checkpoint, TensorInfo)`` whose rows are this tensor's rows, for a merge that
+        reads it in chunks (cast to the model's dtype); None for a tensor a LoRA pair updates.
+
+        An updated tensor is computed whole: its product ``B @ A`` is one matrix product, and
+        a product of some rows of B is not bit for bit those rows of the whole product (BLAS
+        takes other paths for other shapes), so rows computed apart would not be the bytes
+        PEFT's ``merge_and_unload`` gives. A replaced tensor's rows are the adapter's.
+        """
+        if name in self.pairs:
+            return None
+        if name in self.replaced:
+            return self.weights, self.weights.info(self.replaced[name])
+        nested = getattr(self.model, "row_origin", None)
+        return nested(name) if nested else (self.model, self.model.info(name))
+
     def read_into(self, name: str, offset: int, out) -> None:
         """Bytes of a tensor (staged transfers read one in chunks: the last merged is kept)."""
         if name not in self.pairs and name not in self.replaced:

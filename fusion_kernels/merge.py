@@ -167,7 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--staging-size",
         type=_size,
         metavar="SIZE",
-        help="pinned staging buffers that tensors stream through to a GPU (default 256MiB)",
+        help="pinned staging buffers that tensors stream through to a GPU (default 256MiB, at "
+        "most a quarter of --memory-budget)",
+    )
+    run.add_argument(
+        "--memory-budget",
+        type=parse_size,
+        metavar="SIZE",
+        help="most bytes of tensor data held at once; larger tensors stream through the cpp "
+        "backend in chunks (default 672MiB)",
     )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument(
@@ -294,6 +302,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         verify=args.verify,
         staging_bytes=args.staging_size,
+        memory_budget=args.memory_budget,
         model_card=args.model_card,
     )
     print(summary(report, args.out))

@@ -2,7 +2,8 @@
 
 Three stages overlap: a reader thread loads the next tensor pair while the current one is merged,
 and a writer thread writes the previous result; at most one tensor pair is read ahead and one
-result is in flight, so memory holds a few tensors whatever the model size.
+result is in flight, so memory holds a few tensors whatever the model size. A tensor too large for
+the memory budget streams through the same threads in chunks of rows (chunks.py).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -18,19 +19,21 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .errors import CheckpointError, FusionError
+from .chunks import DEFAULT_MEMORY_BUDGET, Budget, merge_task_in_chunks, row_origin
+from .errors import BackendUnavailableError, CheckpointError, FusionError
 from .layermap import layer_map_for
 from .modelcard import CARD_NAME, model_card
 from .namemap import detect, layer_prefix, user_map
 from .neurons import NeuronRules
-from .ops import TensorStats, merge_tensor
+from .ops import TensorStats, merge_tensor, select_backend
+from .ops.cpp import ChunkedMergeCpp
 from .outputs import check_output_path
 from .params import MergeParams, TensorParams
 from .planner import MergePlan, TensorTask, build_plan
 from .reader import Checkpoint
 from .safeload import MAX_INDEX_BYTES, read_bytes
 from .sources import open_checkpoint
-from .transfer import make_transport, parse_device
+from .transfer import HostTransport, make_transport, parse_device
 from .version import __version__
 from .writer import CheckpointWriter
 
@@ -83,6 +86,7 @@ def merge_checkpoints(
     progress: bool = True,
     verify: bool = False,
     staging_bytes: int | None = None,
+    memory_budget: int | None = None,
     model_card: bool = True,
 ) -> dict[str, Any]:
     """Merge the checkpoint ``tuned`` back with ``base`` into ``out``; returns the report.
@@ -105,7 +109,13 @@ def merge_checkpoints(
         progress: show a progress bar on stderr.
         verify: re-read the written files and check every tensor against what was computed.
         staging_bytes: size of the pinned staging buffers that tensors stream through to and from
-            a GPU (default 256 MiB on CUDA; on CPU, giving it streams through staging too).
+            a GPU (default 256 MiB on CUDA, at most a quarter of the memory budget; on CPU,
+            giving it streams through staging too).
+        memory_budget: the most bytes of tensor data held at once (default
+            :data:`~fusion_kernels.chunks.DEFAULT_MEMORY_BUDGET`); larger tensors stream
+            through the cpp backend in chunks (see :mod:`fusion_kernels.chunks`). The torch
+            and triton backends merge whole tensors (triton's host memory stays within the
+            staging buffers; the tensors themselves are on the GPU).
         model_card: write ``README.md``, the merged model's card (see :mod:`.modelcard`).
     """
     out_dir = Path(out)
@@ -124,11 +134,15 @@ def merge_checkpoints(
     started = time.perf_counter()
     with CheckpointWriter(out_dir, plan, overwrite=overwrite) as writer:
         checksums: dict[str, int] | None = {} if verify else None
-        transport = make_transport(torch_device, staging_bytes)
+        budget = Budget(memory_budget or DEFAULT_MEMORY_BUDGET)
+        transport = make_transport(torch_device, staging_bytes, budget.nbytes)
+        chunking = _chunks_enabled(backend, torch_device, transport)
         stats = _run(
-            plan, base_ckpt, tuned_ckpt, writer, params, backend, transport, progress, checksums
-        )
+            plan, base_ckpt, tuned_ckpt, writer, params, backend, transport, progress, checksums,
+            budget if chunking else None,
+        )  # fmt: skip
         report = _report(plan, params, rules, base_ckpt, tuned_ckpt, stats, device, started)
+        report["memory_budget"] = budget.nbytes
         report["verified"] = verify
         card = _card(report, out_dir, tuned_ckpt) if model_card else None
         writer.commit(
@@ -138,6 +152,16 @@ def merge_checkpoints(
             extra_files={CARD_NAME: card} if card else None,
         )
     return report
+
+
+def _chunks_enabled(backend: str | None, device: torch.device, transport) -> bool:
+    """Whether tensors over the budget stream in chunks: CPU merges on the cpp backend."""
+    if device.type != "cpu" or not isinstance(transport, HostTransport):
+        return False
+    try:
+        return select_backend(backend, "cpu").name == "cpp"
+    except BackendUnavailableError:
+        return False  # the merge itself says why
 
 
 def _card(report: dict[str, Any], out_dir: Path, tuned_ckpt) -> str:
@@ -151,11 +175,27 @@ def _card(report: dict[str, Any], out_dir: Path, tuned_ckpt) -> str:
 
 
 def _run(
-    plan, base_ckpt, tuned_ckpt, writer, params, backend, transport, progress, checksums
-) -> list[TensorStats]:
+    plan, base_ckpt, tuned_ckpt, writer, params, backend, transport, progress, checksums,
+    budget: Budget | None,
+) -> list[TensorStats]:  # fmt: skip
+    """Every task in output order; with a ``budget``, the tasks it cannot hold whole stream in
+    chunks (read-ahead of the next task then waits until the chunked one is done)."""
     order = [plan.tasks[name] for shard in plan.shards for name in shard.names]
 
-    def load(task: TensorTask) -> tuple[torch.Tensor | None, torch.Tensor]:
+    streamed = {
+        task.name
+        for task in order
+        if budget is not None
+        and not budget.whole(task, params.for_tensor(task.name))
+        and _rows_readable(task, base_ckpt, tuned_ckpt)
+    }
+
+    def whole(task: TensorTask) -> bool:
+        return task.name not in streamed
+
+    def load(task: TensorTask) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if not whole(task):
+            return None, None
         tuned = transport.load(tuned_ckpt, task.tuned)
         base = transport.load(base_ckpt, task.base) if task.action == "merge" else None
         return base, tuned
@@ -173,6 +213,16 @@ def _run(
         if task.action == "copy":
             release(task)
 
+    def stream(task: TensorTask, reader: Executor, out: Executor) -> TensorStats:
+        io = _chunk_io(task, transport, writer, reader, out, checksums is not None)
+        tensor_params = params.for_tensor(task.name)
+        stats, crc = merge_task_in_chunks(
+            task, base_ckpt, tuned_ckpt, tensor_params, budget, io, ChunkedMergeCpp
+        )
+        if checksums is not None:
+            checksums[task.name] = crc
+        return stats
+
     results: list[TensorStats] = []
     bar = tqdm(
         total=plan.nbytes,
@@ -188,9 +238,17 @@ def _run(
         in_flight: Future | None = None
         for position, task in enumerate(order):
             base, tuned = next_read.result()
-            next_read = (
-                reader.submit(load, order[position + 1]) if position + 1 < len(order) else None
-            )
+            following = order[position + 1] if position + 1 < len(order) else None
+            if not whole(task):
+                # Its chunks reuse the output buffers: the previous store must be done.
+                if in_flight is not None:
+                    in_flight.result()
+                    in_flight = None
+                results.append(stream(task, reader, out))
+                next_read = reader.submit(load, following) if following else None
+                bar.update(task.tuned.nbytes)
+                continue
+            next_read = reader.submit(load, following) if following else None
             for tensor in (base, tuned):
                 if tensor is not None:
                     transport.ready(tensor)
@@ -209,6 +267,30 @@ def _run(
         if in_flight is not None:
             in_flight.result()
     return results
+
+
+def _rows_readable(task: TensorTask, base_ckpt, tuned_ckpt) -> bool:
+    """Whether the task's inputs can be read in rows; a tensor a LoRA adapter updates is
+    computed whole (:meth:`~fusion_kernels.lora.LoraCheckpoint.row_origin` says why), so its
+    merge is whole too, over the budget."""
+    readable = row_origin(tuned_ckpt, task.tuned) is not None
+    if task.action == "merge":
+        readable = readable and row_origin(base_ckpt, task.base) is not None
+    if not readable:
+        log.info("tensor %r is merged whole: a LoRA update is computed whole", task.name)
+    return readable
+
+
+def _chunk_io(task, transport, writer, reader, out, want_crc) -> dict:
+    """The I/O a chunked task uses: the transport's output buffers, the writer, the threads."""
+    return dict(
+        output=transport.output,
+        write=lambda offset, data: writer.write_range(task.name, offset, data),
+        position=writer.position(task.name),
+        reader=reader,
+        writer=out,
+        want_crc=want_crc,
+    )
 
 
 def _compute(

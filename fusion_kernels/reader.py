@@ -11,6 +11,7 @@ process's resident memory holds the tensors in flight, not the shards it has rea
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import mmap
 import os
@@ -189,6 +190,7 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: holds no tensors; point at a model checkpoint")
         self._maps: dict[Path, mmap.mmap] = {}
         self._handles: dict[Path, BinaryIO] = {}
+        self._addresses: dict[Path, int] = {}
 
     def _shard_files(self) -> list[Path]:
         if not self.path.is_dir():
@@ -263,8 +265,9 @@ class Checkpoint:
     def info(self, name: str) -> TensorInfo:
         return self.tensors[name]
 
-    def view(self, name: str) -> torch.Tensor:
-        """One tensor as a view of the memory-mapped shard, with its pages mapped in now.
+    def view(self, name: str, populate: bool = True) -> torch.Tensor:
+        """One tensor as a view of the memory-mapped shard, with its pages mapped in now
+        (``populate``; else as they are read, or by :meth:`populate`).
 
         No bytes are copied: the CPU merge reads straight from the page cache. The mapping is
         private, so writing to the view never reaches the file. Call :meth:`release` when done
@@ -272,13 +275,13 @@ class Checkpoint:
         again). A tensor whose bytes are not aligned to its dtype is copied instead.
         """
         info = self.tensors[name]
-        start = self._data_start[info.file] + info.begin
-        width = SAFETENSORS_DTYPES[info.dtype][1]
-        if info.nbytes == 0 or start % width:
+        if not self.mappable(name):
             return self.read(name)
+        start = self._data_start[info.file] + info.begin
         try:
             mapped = self._mapping(info.file)
-            _populate(mapped, start, info.nbytes)
+            if populate:
+                _populate(self._addresses[info.file], mapped, start, info.nbytes)
             # Through numpy: its array holds the mapping's buffer export for as long as the
             # tensor lives, so the mapping cannot be closed under it (torch.frombuffer does not).
             raw = np.frombuffer(mapped, dtype=np.uint8, count=info.nbytes, offset=start)
@@ -286,12 +289,31 @@ class Checkpoint:
             raise CheckpointError(f"{info.file}: cannot read tensor {name!r} ({exc})") from None
         return torch.from_numpy(raw).view(info.torch_dtype).view(info.shape)
 
-    def release(self, name: str) -> None:
-        """Drop a tensor's pages from this process's mapping (they stay in the page cache)."""
+    def mappable(self, name: str) -> bool:
+        """Whether :meth:`view` maps the tensor (its bytes are aligned to its dtype), rather
+        than copying it."""
+        info = self.tensors[name]
+        start = self._data_start[info.file] + info.begin
+        return info.nbytes > 0 and start % SAFETENSORS_DTYPES[info.dtype][1] == 0
+
+    def populate(self, name: str, begin: int = 0, end: int | None = None) -> None:
+        """Map bytes ``[begin, end)`` of a viewed tensor's pages in now, reading them from disk
+        if needed; the GIL is released meanwhile, so other threads run."""
         info = self.tensors[name]
         mapped = self._maps.get(info.file)
-        if mapped is not None and info.nbytes:
-            _release(mapped, self._data_start[info.file] + info.begin, info.nbytes)
+        end = info.nbytes if end is None else end
+        if mapped is not None and end > begin:
+            start = self._data_start[info.file] + info.begin + begin
+            _populate(self._addresses[info.file], mapped, start, end - begin)
+
+    def release(self, name: str, begin: int = 0, end: int | None = None) -> None:
+        """Drop a tensor's pages (bytes ``[begin, end)`` of it; default all) from this
+        process's mapping (they stay in the page cache)."""
+        info = self.tensors[name]
+        mapped = self._maps.get(info.file)
+        end = info.nbytes if end is None else end
+        if mapped is not None and end > begin:
+            _release(mapped, self._data_start[info.file] + info.begin + begin, end - begin)
 
     def read(self, name: str) -> torch.Tensor:
         """One tensor, copied out of the memory-mapped shard into its own CPU memory."""
@@ -339,6 +361,10 @@ class Checkpoint:
             faults.watch(handle.fileno(), file, handle.fileno(), self._sizes[file])
             # Private and writable: views of it are ordinary tensors, and nothing reaches the file.
             self._maps[file] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+            # Its address, for madvise through ctypes; the numpy export ends right away.
+            self._addresses[file] = np.frombuffer(
+                self._maps[file], dtype=np.uint8, count=1
+            ).ctypes.data
         else:
             self._check_size(file)
         return self._maps[file]
@@ -362,26 +388,66 @@ class Checkpoint:
             faults.unwatch(handle.fileno())
             handle.close()
         self._handles.clear()
+        self._addresses.clear()
 
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
 
-def _populate(mapped: mmap.mmap, start: int, length: int) -> None:
+def _populate(address: int, mapped: mmap.mmap, start: int, length: int) -> None:
     """Map a range's pages in now (reading them from disk if needed), so that the thread that
-    calls this does the faulting, not the merge that reads the view later."""
+    calls this does the faulting, not the merge that reads the view later.
+
+    Through ctypes, which releases the GIL for the call: ``mmap.madvise`` holds it while the
+    kernel reads from disk, stalling the merge and the writer for that long.
+    """
     if not hasattr(mapped, "madvise"):
         return
-    span = _pages(mapped, start, length)
-    if _MADV_POPULATE_READ is not None:
-        try:
-            mapped.madvise(_MADV_POPULATE_READ, *span)
-            return
-        except OSError:
-            # Kernels before Linux 5.14 lack it; read-ahead is the next best thing.
-            pass
-    mapped.madvise(mmap.MADV_WILLNEED, *span)
+    begin, span = _pages(mapped, start, length)
+    advice = _MADV_POPULATE_READ
+    populated = (
+        advice is not None
+        and _LIBC is not None
+        and _LIBC.madvise(ctypes.c_void_p(address + begin), span, advice) == 0
+    )
+    if populated:
+        return
+    # Kernels before Linux 5.14 lack it (EINVAL); read-ahead is the next best thing.
+    mapped.madvise(mmap.MADV_WILLNEED, begin, span)
+
+
+def _libc() -> ctypes.CDLL | None:
+    """The C library's madvise, where there is one to call."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        libc.madvise.restype = ctypes.c_int
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC = _libc()
+
+
+def advise(address: int, length: int, advice: int) -> bool:
+    """madvise(2) the whole pages covering ``[address, address + length)`` of a mapping this
+    process made, through ctypes (the GIL is released meanwhile); False where that failed or
+    there is no C library to call."""
+    if _LIBC is None or length <= 0:
+        return False
+    begin = address - address % mmap.PAGESIZE
+    return _LIBC.madvise(ctypes.c_void_p(begin), address + length - begin, advice) == 0
+
+
+def populate_range(address: int, length: int) -> None:
+    """Fault a mapped range's pages in now (read-ahead where the kernel lacks
+    MADV_POPULATE_READ), so the calling thread waits for the disk, not the merge."""
+    if _MADV_POPULATE_READ is None or not advise(address, length, _MADV_POPULATE_READ):
+        advise(address, length, mmap.MADV_WILLNEED)
 
 
 def _release(mapped: mmap.mmap, start: int, length: int) -> None:

@@ -34,8 +34,9 @@ class HostTransport:
     copy in and no fresh allocation out.
     """
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, keep_bytes: int = 0):
         self.device = device
+        self.keep_bytes = keep_bytes
         self._outputs: list[torch.Tensor] = [torch.empty(0, dtype=torch.uint8)] * 2
         self._next_output = 0
 
@@ -56,8 +57,11 @@ class HostTransport:
 
         Each call hands out the buffer the call before last did, so the caller must have
         finished storing that result first: the driver stores one result while it computes
-        the next. A buffer more than twice the size asked for is replaced by one of the
-        right size, so a large buffer does not stay resident through small tensors. The
+        the next. A buffer is reused whenever it is large enough, so its pages stay mapped
+        (faulting fresh pages in costs more than the merge's writes to them); only one
+        larger than ``keep_bytes`` (the memory budget's share) and more than twice the size
+        asked for is replaced, so a large buffer does not stay resident through small
+        tensors. The
         tensor starts at the same offset within a page as ``position``, where it goes in its
         output file, so the writer can send its whole pages straight to disk (directio.py).
         """
@@ -66,7 +70,8 @@ class HostTransport:
         nbytes = math.prod(shape) * dtype.itemsize
         needed = nbytes + PAGE
         index, self._next_output = self._next_output, 1 - self._next_output
-        if not needed <= self._outputs[index].numel() <= 2 * needed:
+        capacity = self._outputs[index].numel()
+        if not needed <= capacity <= max(2 * needed, self.keep_bytes):
             # Free the old buffer before allocating its successor, not after.
             self._outputs[index] = torch.empty(0, dtype=torch.uint8)
             self._outputs[index] = torch.empty(needed, dtype=torch.uint8)
@@ -285,8 +290,21 @@ def parse_device(text: str | torch.device) -> torch.device:
     return device
 
 
-def make_transport(device: torch.device, staging_bytes: int | None):
-    """Staged for CUDA (or when a staging size is given), whole tensors otherwise."""
+def make_transport(device: torch.device, staging_bytes: int | None, budget: int | None = None):
+    """Staged for CUDA (or when a staging size is given), whole tensors otherwise.
+
+    ``budget``: the memory budget in bytes. The staging buffers (four) default to a quarter of
+    it, at most :data:`DEFAULT_STAGING_BYTES`; the host path keeps output buffers up to a
+    sixth of it (see :mod:`fusion_kernels.chunks`).
+    """
     if device.type == "cuda" or staging_bytes is not None:
-        return StagedTransport(device, staging_bytes or DEFAULT_STAGING_BYTES)
-    return HostTransport(device)
+        return StagedTransport(device, staging_bytes or staging_size(budget))
+    return HostTransport(device, 0 if budget is None else budget // 6)
+
+
+def staging_size(budget: int | None) -> int:
+    """Each staging buffer's default size: the four of them hold the budget's tensor data at
+    most (a page at least, :data:`DEFAULT_STAGING_BYTES` at most)."""
+    if budget is None:
+        return DEFAULT_STAGING_BYTES
+    return max(min(DEFAULT_STAGING_BYTES, budget // 4), PAGE)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from checkpoints import tiny_pair, tree_digest
@@ -165,3 +166,41 @@ def test_malformed_bin_index_is_an_error(tmp_path):
     (target / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": ["x"]}))
     with pytest.raises(CheckpointError, match="not a valid index file"):
         BinCheckpoint(target)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_budgeted_bin_merge_streams_rows_and_matches(tmp_path, legacy):
+    # Every tensor in chunks of one row: mapped rows released as they go (a legacy file is
+    # read into memory, and its rows copied out instead).
+    pytest.importorskip("fusion_kernels._cpp", reason="chunked merges run on the cpp backend")
+    base, tuned = tiny_pair(tmp_path / "st", shards=2)
+    base_bin = to_bin(base, tmp_path / "bin" / "base", legacy=legacy)
+    tuned_bin = to_bin(tuned, tmp_path / "bin" / "tuned", legacy=legacy)
+    common = ["--method", "neu-s-ties", "--backend", "cpp", "--verify", "--quiet"]
+    args = ["--base", str(base_bin), "--tuned", str(tuned_bin), *common]
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    assert main([*args, "--out", str(tmp_path / "chunked"), "--memory-budget", "1"]) == 0
+    whole, chunked = (tree_digest(tmp_path / d) for d in ("whole", "chunked"))
+    assert {k: v for k, v in chunked.items() if k.endswith(".safetensors")} == {
+        k: v for k, v in whole.items() if k.endswith(".safetensors")
+    }
+
+
+def test_released_bin_pages_read_back_the_file(tmp_path):
+    base, _ = tiny_pair(tmp_path / "st")
+    ckpt = BinCheckpoint(to_bin(base, tmp_path / "bin"))
+    name = max(ckpt.names(), key=lambda n: ckpt.info(n).nbytes)
+    want = ckpt.read(name)
+    assert ckpt.mappable(name)
+    view = ckpt.view(name, populate=False)
+    ckpt.populate(name, 0, 100)
+    ckpt.release(name, 3, ckpt.info(name).nbytes - 5)
+    assert torch.equal(view, want)
+    ckpt.release(name)
+    assert torch.equal(ckpt.view(name), want)
+    # Staged reads (a GPU merge) release what they copied out, too.
+    staged = np.empty(ckpt.info(name).nbytes, np.uint8)
+    for offset in range(0, staged.size, 1000):
+        ckpt.read_into(name, offset, staged[offset : offset + 1000])
+    assert np.array_equal(staged, want.reshape(-1).view(torch.uint8).numpy())
+    assert torch.equal(view, want)

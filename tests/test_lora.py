@@ -130,6 +130,41 @@ def test_staged_reads_of_a_lora_tensor_match_whole_reads(tmp_path):
     assert np.array_equal(np.concatenate(parts), whole)
 
 
+@pytest.mark.parametrize("variant", ["llama-bf16", "llama-f32-rslora-embed"])
+def test_a_budgeted_merge_streams_what_the_adapter_leaves_and_matches(
+    tmp_path, monkeypatch, variant
+):
+    pytest.importorskip("fusion_kernels._cpp", reason="chunked merges run on the cpp backend")
+    from fusion_kernels import merge_checkpoints, params_for, pipeline
+
+    base, adapter, _ = build(tmp_path, variant)
+    weights = load_file(adapter / "adapter_model.safetensors")
+    # A replaced tensor stored in another dtype: its rows are cast as the whole tensor is.
+    for key in [k for k in weights if "modules_to_save" in k]:
+        weights[key] = weights[key].float()
+    save_file(weights, str(adapter / "adapter_model.safetensors"))
+    streamed = []
+    chunked = pipeline.merge_task_in_chunks
+
+    def spy(task, *args):
+        streamed.append(task.name)
+        return chunked(task, *args)
+
+    monkeypatch.setattr(pipeline, "merge_task_in_chunks", spy)
+    tuned, params = f"{base}+{adapter}", params_for("neu-p-ties")
+    for out, budget in (("whole", None), ("chunked", 1)):
+        merge_checkpoints(
+            base, tuned, tmp_path / out, params, backend="cpp", memory_budget=budget,
+            progress=False, verify=True,
+        )  # fmt: skip
+    whole, chunks = (tmp_path / d / "model.safetensors" for d in ("whole", "chunked"))
+    assert whole.read_bytes() == chunks.read_bytes()
+    # Tensors a LoRA pair updates are computed whole (row_origin says why); the rest stream.
+    view = open_checkpoint(tuned)
+    assert set(streamed) == set(view.tensors) - set(view.pairs)
+    assert view.replaced.keys() - view.pairs.keys() <= set(streamed)
+
+
 def test_adapter_for_another_model_is_a_clear_error(tmp_path, capsys):
     base, adapter, _ = build(tmp_path, "llama-bf16")
     weights = load_file(adapter / "adapter_model.safetensors")

@@ -85,6 +85,15 @@ def test_a_shard_is_synced_and_closed_once_its_last_tensor_is_written(tmp_path):
         writer.abort()
 
 
+def test_staging_buffers_share_the_memory_budget():
+    from fusion_kernels.transfer import DEFAULT_STAGING_BYTES, PAGE, staging_size
+
+    assert staging_size(None) == DEFAULT_STAGING_BYTES
+    assert staging_size(672 * 2**20) == 168 * 2**20  # four buffers: the whole budget
+    assert staging_size(16 * 2**30) == DEFAULT_STAGING_BYTES
+    assert staging_size(1) == PAGE
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("method", ["neu-s-ties", "della", "dare"])

@@ -81,6 +81,77 @@ def merge_cpp(
     )
 
 
+class ChunkedMergeCpp:
+    """The C++ kernel's merge of one tensor streamed through in chunks of whole rows, for
+    tensors larger than the memory budget (``csrc/chunked.h``); the bytes are :func:`merge_cpp`'s.
+
+    The caller iterates :meth:`passes` and, within each pass, feeds every chunk of the tensor in
+    row order with :meth:`feed` (``out`` only in the ``write`` pass); then :meth:`stats`. Rows are
+    the tensor's leading dimensions flattened (a 1-D tensor is one row).
+
+    Args:
+        plan: the tensor's :func:`~.contract.plan_tensor` (of the block merged, for a grown
+            vocabulary): the same plan :func:`merge_cpp` builds for the whole tensor.
+        params: the tensor's parameters, as for :func:`merge_cpp`; ``options`` too.
+        base_dtype, tuned_dtype: the inputs' dtypes; when they differ the chunks run as float32
+            and the result is rounded to base's dtype, as :func:`merge_cpp` does.
+        name: the tensor's name, for errors.
+    """
+
+    def __init__(
+        self,
+        plan: TensorPlan,
+        params: MergeParams,
+        base_dtype: torch.dtype,
+        tuned_dtype: torch.dtype,
+        name: str,
+        **options: int,
+    ):
+        ext = importlib.import_module("fusion_kernels._cpp")
+        self.name = name
+        self.kernel_dtype = base_dtype if tuned_dtype == base_dtype else torch.float32
+        self.rows, self.cols = plan.rows, plan.cols
+        args = kernel_args(plan, params, MERGE_DTYPE_NAMES[self.kernel_dtype]) | options
+        self._op = ext.ChunkedMerge(**args)
+
+    def passes(self):
+        """The names of the passes, each to be fed every chunk before asking for the next."""
+        while (name := self._op.next()) != "done":
+            yield name
+
+    def feed(self, base: torch.Tensor, tuned: torch.Tensor, out: torch.Tensor | None, row: int):
+        """Rows ``[row, row + len)`` of base and tuned (CPU, row-major: ``len x cols`` entries);
+        in the write pass ``out`` (base's dtype, same shape) receives the merged rows."""
+        if base.dtype != self.kernel_dtype:
+            base = base.float()
+        if tuned.dtype != self.kernel_dtype:
+            tuned = tuned.float()
+        target = out
+        if out is not None and (out.dtype != self.kernel_dtype or not out.is_contiguous()):
+            target = torch.empty(out.shape, dtype=self.kernel_dtype)
+        self._op.feed(
+            _bits(base.contiguous()),
+            _bits(tuned.contiguous()),
+            None if target is None else _bits(target),
+            row,
+        )
+        if target is not out:
+            out.copy_(target)
+
+    def stats(self) -> KernelStats:
+        """What the merge reports; raises :class:`NonFiniteDeltaError` when Δ was not finite
+        (then nothing was written: the first pass finds it)."""
+        result = self._op.result()
+        if result["nonfinite"]:
+            raise NonFiniteDeltaError(self.name, int(result["nonfinite"]))
+        return KernelStats(
+            kept=int(result["kept"]),
+            restored=int(result["restored"]),
+            fallbacks=int(result["fallbacks"]),
+            l1_scale=float(result["l1_scale"]),
+        )
+
+
 def scores_cpp(
     base: torch.Tensor, tuned: torch.Tensor, axis: str, *, threads: int = 0
 ) -> tuple[float, torch.Tensor | None]:

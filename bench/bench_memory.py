@@ -1,0 +1,155 @@
+"""Peak memory set by the budget, not by the largest tensor; and the full 8B merge's wall time
+against the machine's I/O floor.
+
+Generated Llama-layout bf16 pairs (cached in .bench_data/), merged by the CLI with TIES 0.2 on the
+cpp backend at the default ``--memory-budget``; wall time and peak RSS from a wrapper process
+(RUSAGE_CHILDREN). ``FK_BENCH_BEFORE=DIR`` (a checkout of the code to compare with) adds the same
+runs with that code, interleaved. The 32-layer 8B pair needs 32 GB of disk and 48 GB with its
+output: it runs only with ``FK_BENCH_8B=1``. Run:
+
+    python -m pytest bench/bench_memory.py -q -s --benchmark-only
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+
+import pytest
+from conftest import cached_pair
+from measure import measure, merge_command
+
+from fusion_kernels.demo import PairSpec
+
+GB = 1e9
+LLAMA_8B = dict(hidden=4096, intermediate=14336, heads=32, kv_heads=8)
+PAIRS = {
+    "hidden 4096, vocab 32000": ("h4096-v32000-1l", PairSpec(vocab=32000, layers=1, **LLAMA_8B)),
+    "hidden 4096, vocab 128256": ("h4096-v128256-1l", PairSpec(vocab=128256, layers=1, **LLAMA_8B)),
+    "70B shapes (8192, 28672, 128256)": (
+        "llama3-70b-1l",
+        PairSpec(hidden=8192, intermediate=28672, heads=64, kv_heads=8, vocab=128256, layers=1),
+    ),
+}
+FULL_8B = ("llama3-8b-32l", PairSpec(vocab=128256, layers=32, shards=4, **LLAMA_8B))
+FLAGS = ("--method", "ties", "--density", "0.2", "--backend", "cpp")
+
+
+def _code_versions() -> dict[str, str | None]:
+    """``{"after": None (this checkout), "before": DIR}`` as requested."""
+    versions: dict[str, str | None] = {"after": None}
+    if os.environ.get("FK_BENCH_BEFORE"):
+        versions["before"] = os.environ["FK_BENCH_BEFORE"]
+    return versions
+
+
+def _merge(base, tuned, out, code: str | None) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    env = None if code is None else {**os.environ, "PYTHONPATH": code}
+    # Run from the other checkout: ``python -m`` puts the working directory first on the path.
+    result = measure(merge_command(base, tuned, out, *FLAGS), env=env, cwd=code)
+    shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
+def _rounds() -> int:
+    return int(os.environ.get("FK_BENCH_ROUNDS", "3"))
+
+
+def _interleaved(jobs: list[tuple[str, object]], rounds: int) -> dict[str, list[dict]]:
+    """Every job once per round, the order reversed every other round, so that machine load
+    and the page cache's state fall on each job alike."""
+    runs: dict[str, list[dict]] = {}
+    for index in range(rounds):
+        for label, job in jobs if index % 2 == 0 else jobs[::-1]:
+            runs.setdefault(label, []).append(job())
+    return runs
+
+
+def test_peak_rss_is_set_by_the_budget(benchmark, bench_dir):
+    after = {}
+    print()
+    for label, (name, spec) in PAIRS.items():
+        base, tuned = cached_pair(name, spec)
+        jobs = [
+            (version, lambda c=code, b=base, t=tuned: _merge(b, t, bench_dir / "out-memory", c))
+            for version, code in _code_versions().items()
+        ]
+        for version, results in _interleaved(jobs, _rounds()).items():
+            peak = max(r["peak_rss"] for r in results)
+            seconds = [r["seconds"] for r in results]
+            listed = ", ".join(f"{s:.1f}" for s in seconds)
+            print(
+                f"{label:34s} {version:6s} peak RSS {peak / GB:.3f} GB ({peak / 2**30:.3f} GiB), "
+                f"median {statistics.median(seconds):.1f} s ({listed})"
+            )
+            if version == "after":
+                after[label] = peak
+    ratio = after["70B shapes (8192, 28672, 128256)"] / after["hidden 4096, vocab 32000"]
+    print(f"RSS(70B shapes) / RSS(vocab 32000) = {ratio:.3f}")
+    benchmark.extra_info.update({f"{k} after": v / GB for k, v in after.items()})
+    benchmark.pedantic(lambda: None, rounds=1)
+    assert max(after.values()) <= 1 * GB
+    assert ratio <= 1.15
+
+
+def _cpu_times() -> list[int]:
+    with open("/proc/stat") as fh:
+        return [int(x) for x in fh.readline().split()[1:]]
+
+
+def _with_cpu_shares(job):
+    """``job`` whose result also says which share of the machine's CPU time went to iowait
+    and to work (all processes, all cores) while it ran."""
+
+    def run() -> dict:
+        before = _cpu_times()
+        result = job()
+        spent = [b - a for a, b in zip(before, _cpu_times(), strict=True)]
+        result["iowait_share"] = spent[4] / max(sum(spent), 1)
+        result["busy_share"] = 1 - (spent[3] + spent[4]) / max(sum(spent), 1)
+        return result
+
+    return run
+
+
+def _io_floor(base, tuned, scratch) -> dict:
+    """Reading both inputs while writing one model's bytes: cat base > /dev/null & cp tuned."""
+    shutil.rmtree(scratch, ignore_errors=True)
+    script = f"cat {base}/*.safetensors > /dev/null & cp -r {tuned} {scratch}; wait; sync"
+    result = measure(["bash", "-c", script])
+    shutil.rmtree(scratch, ignore_errors=True)
+    return result
+
+
+@pytest.mark.skipif(not os.environ.get("FK_BENCH_8B"), reason="needs FK_BENCH_8B=1 and 48 GB")
+def test_full_8b_wall_time_against_the_io_floor(benchmark, bench_dir):
+    base, tuned = cached_pair(*FULL_8B)
+    jobs = [("floor", lambda: _io_floor(base, tuned, bench_dir / "floor-copy"))]
+    for version, code in _code_versions().items():
+        jobs.append((version, lambda c=code: _merge(base, tuned, bench_dir / "out-8b", c)))
+    runs = _interleaved([(label, _with_cpu_shares(job)) for label, job in jobs], _rounds())
+    print()
+    medians = {}
+    for label, results in runs.items():
+        seconds = [r["seconds"] for r in results]
+        medians[label] = statistics.median(seconds)
+        listed = ", ".join(f"{s:.1f}" for s in seconds)
+        iowait = statistics.median(r["iowait_share"] for r in results)
+        busy = statistics.median(r["busy_share"] for r in results)
+        print(
+            f"{label:6s} median {medians[label]:.1f} s (runs {listed}); peak RSS "
+            f"{max(r['peak_rss'] for r in results) / GB:.2f} GB; iowait {iowait:.0%}, "
+            f"CPU busy {busy:.0%} of {os.cpu_count()} cores"
+        )
+    for version in _code_versions():
+        print(f"{version}: {medians[version] / medians['floor']:.2f}x the I/O floor")
+    benchmark.extra_info.update({f"median_{k}_s": v for k, v in medians.items()})
+    benchmark.pedantic(lambda: None, rounds=1)
+
+
+if __name__ == "__main__":
+    sys.exit(subprocess.call([sys.executable, "-m", "pytest", __file__, "-q", "-s"]))
