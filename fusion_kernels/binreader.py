@@ -18,7 +18,7 @@ import torch
 from . import faults
 from .dtypes import SAFETENSORS_DTYPES, safetensors_name
 from .errors import CheckpointError
-from .reader import TensorInfo, advise, populate_range
+from .reader import TensorInfo, TensorTable, advise, populate_range
 from .safeload import MAX_INDEX_BYTES, load_json, open_regular
 
 BIN_NAME = "pytorch_model.bin"
@@ -87,12 +87,14 @@ def _first_line(exc: Exception) -> str:
     return (lines[0] if lines else type(exc).__name__)[:200]
 
 
-class BinCheckpoint:
+class BinCheckpoint(TensorTable):
     """A ``.bin`` checkpoint with the :class:`~fusion_kernels.reader.Checkpoint` interface.
 
     ``TensorInfo.begin``/``end`` are positions in the order tensors were saved (the bytes live
     inside the zip archive); reads go through the mapped tensors, never through offsets.
     """
+
+    index_name = BIN_INDEX_NAME
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -162,27 +164,6 @@ class BinCheckpoint:
             self.tensors[name] = TensorInfo(name, file, dtype, shape, position, position + nbytes)
             self._state[name] = tensor
             position += nbytes
-
-    def _check_index(self) -> None:
-        for name, file in (getattr(self, "index", None) or {}).items():
-            info = self.tensors.get(name)
-            if info is None or info.file.name != file:
-                raise CheckpointError(
-                    f"{self.path / BIN_INDEX_NAME}: tensor {name!r} is not in its shard {file!r}"
-                )
-
-    def names(self) -> list[str]:
-        """Tensor names in file order, then in the order they were saved."""
-        order = {f: i for i, f in enumerate(self.files)}
-        return sorted(
-            self.tensors, key=lambda n: (order[self.tensors[n].file], self.tensors[n].begin)
-        )
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.tensors
-
-    def info(self, name: str) -> TensorInfo:
-        return self.tensors[name]
 
     def view(self, name: str, populate: bool = True) -> torch.Tensor:
         """The tensor in the mapped file (contiguous; a strided one is copied), its pages

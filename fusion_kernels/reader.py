@@ -155,7 +155,40 @@ def _check_layout(path: Path, tensors: dict[str, TensorInfo], data_size: int) ->
         )
 
 
-class Checkpoint:
+class TensorTable:
+    """What every checkpoint reader shares: its tensors (``tensors``, name → :class:`TensorInfo`)
+    in file order, and the check that its index file (``index_name``; ``index``, name → shard
+    file name, None without one) names each tensor's shard. Readers set ``path``, ``files``,
+    ``tensors`` and ``index``."""
+
+    index_name = INDEX_NAME
+    path: Path
+    files: list[Path]
+    tensors: dict[str, TensorInfo]
+
+    def _check_index(self) -> None:
+        for name, file in (getattr(self, "index", None) or {}).items():
+            info = self.tensors.get(name)
+            if info is None or info.file.name != file:
+                raise CheckpointError(
+                    f"{self.path / self.index_name}: tensor {name!r} is not in its shard {file!r}"
+                )
+
+    def names(self) -> list[str]:
+        """Tensor names in file order, then in the order they lie in each file."""
+        order = {f: i for i, f in enumerate(self.files)}
+        return sorted(
+            self.tensors, key=lambda n: (order[self.tensors[n].file], self.tensors[n].begin)
+        )
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def info(self, name: str) -> TensorInfo:
+        return self.tensors[name]
+
+
+class Checkpoint(TensorTable):
     """A safetensors checkpoint: names, shapes and dtypes from headers; data read on demand.
 
     Args:
@@ -240,30 +273,6 @@ class Checkpoint:
         ):
             raise CheckpointError(f"{index}: weight_map must map tensor names to file names")
         return weight_map
-
-    def _check_index(self) -> None:
-        index = getattr(self, "index", None)
-        if index is None:
-            return
-        for name, file in index.items():
-            info = self.tensors.get(name)
-            if info is None or info.file.name != file:
-                raise CheckpointError(
-                    f"{self.path / INDEX_NAME}: tensor {name!r} is not in its shard {file!r}"
-                )
-
-    def names(self) -> list[str]:
-        """Tensor names in file order, then offset order (the order they lie on disk)."""
-        order = {f: i for i, f in enumerate(self.files)}
-        return sorted(
-            self.tensors, key=lambda n: (order[self.tensors[n].file], self.tensors[n].begin)
-        )
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.tensors
-
-    def info(self, name: str) -> TensorInfo:
-        return self.tensors[name]
 
     def view(self, name: str, populate: bool = True) -> torch.Tensor:
         """One tensor as a view of the memory-mapped shard, with its pages mapped in now
