@@ -142,12 +142,34 @@ def test_full_8b_wall_time_against_the_io_floor(benchmark, bench_dir):
         busy = statistics.median(r["busy_share"] for r in results)
         print(
             f"{label:6s} median {medians[label]:.1f} s (runs {listed}); peak RSS "
-            f"{max(r['peak_rss'] for r in results) / GB:.2f} GB; iowait {iowait:.0%}, "
+            f"{max(r['peak_rss'] for r in results) / GB:.3f} GB; iowait {iowait:.0%}, "
             f"CPU busy {busy:.0%} of {os.cpu_count()} cores"
         )
     for version in _code_versions():
         print(f"{version}: {medians[version] / medians['floor']:.2f}x the I/O floor")
     benchmark.extra_info.update({f"median_{k}_s": v for k, v in medians.items()})
+    benchmark.pedantic(lambda: None, rounds=1)
+
+
+@pytest.mark.skipif(
+    not (os.environ.get("FK_BENCH_8B") and os.environ.get("FK_BENCH_MERGEKIT")),
+    reason="needs FK_BENCH_8B=1 FK_BENCH_MERGEKIT=1 (about 12 minutes a run)",
+)
+def test_full_8b_mergekit_yaml(benchmark, bench_dir):
+    """The same TIES merge of the 8B pair by ``mergekit-yaml`` (one run: it is slow), for the
+    ratio to our median above."""
+    pytest.importorskip("mergekit", reason="installed by the test extra")
+    from bench_mergekit import FLAGS as MERGEKIT_FLAGS
+    from bench_mergekit import MERGEKIT_YAML, write_config
+
+    base, tuned = cached_pair(*FULL_8B)
+    config = write_config(bench_dir / "ties-8b.yml", "ties", base, tuned, weight=1.0, density=0.2)
+    out = bench_dir / "out-8b-mergekit"
+    shutil.rmtree(out, ignore_errors=True)
+    result = measure([MERGEKIT_YAML, config, out, *MERGEKIT_FLAGS])
+    shutil.rmtree(out, ignore_errors=True)
+    print(f"\nmergekit-yaml {result['seconds']:.1f} s, peak RSS {result['peak_rss'] / GB:.2f} GB")
+    benchmark.extra_info.update(mergekit_s=result["seconds"], mergekit_rss=result["peak_rss"])
     benchmark.pedantic(lambda: None, rounds=1)
 
 
