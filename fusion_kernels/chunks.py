@@ -1,13 +1,15 @@
 """The memory budget, and tensors larger than it streamed through the op and the writer in chunks.
 
 A merge holds at most ``--memory-budget`` bytes of tensor data at once: input pages mapped in and
-output buffers. The driver keeps six buffers in flight (the current pair and its output, the next
-pair read ahead, the previous output being written), so a tensor whose six copies fit (plus the
-scratch its method needs) is merged whole, and a larger one goes through the op in chunks of whole
-rows, each a sixth of the budget: every pass of the kernel (``csrc/chunked.h``) reads the tensor
-chunk by chunk, the reader thread mapping in the next chunk while the op reads this one and
-releasing each once used, and the write pass hands each merged chunk to the writer thread while it
-computes the next. The bytes are those of a whole-tensor merge.
+output buffers. The budget counts six buffers in flight (the current pair and its output, the next
+pair read ahead, the previous output being written; on CPU the pair read ahead sits in the page
+cache, not in the process, and a third output takes its place), so a tensor whose six copies fit
+(plus the scratch its method needs) is merged whole, and a larger one goes through the op in
+chunks of whole rows, each a sixth of the budget: every pass of the kernel (``csrc/chunked.h``)
+reads the tensor chunk by chunk, the reader thread reading the next chunk into the page cache
+while the op reads this one (mapped in when its turn comes, released once used), and the write
+pass hands each merged chunk to the writer thread while it computes the next. The bytes are those
+of a whole-tensor merge.
 """
 
 from __future__ import annotations
@@ -108,17 +110,27 @@ class RowSource:
         self._view = None if view is None else view.reshape(self.rows, self.cols)
 
     def load(self, first: int, stop: int) -> torch.Tensor:
-        """Rows ``[first, stop)``, their pages mapped in now (or copied out when the tensor's
-        bytes are not aligned to its dtype)."""
+        """Rows ``[first, stop)``, read into the page cache now but mapped in only by
+        :meth:`map` (or copied out when the tensor's bytes are not aligned to its dtype), so
+        the chunk read ahead is not in this process's memory."""
         begin, end = first * self._source_row_bytes, stop * self._source_row_bytes
         if self.mapped:
-            self.ckpt.populate(self.info.name, begin, end)
+            if hasattr(self.ckpt, "warm"):
+                self.ckpt.warm(self.info.name, begin, end)
+            else:
+                self.ckpt.populate(self.info.name, begin, end)
             rows = self._view[first:stop]
         else:
             raw = torch.empty(end - begin, dtype=torch.uint8)
             self.ckpt.read_into(self.info.name, begin, raw.numpy())
             rows = raw.view(self.info.torch_dtype).view(stop - first, self.cols)
         return rows if rows.dtype == self.dtype else rows.to(self.dtype)
+
+    def map(self, first: int, stop: int) -> None:
+        """Map loaded rows ``[first, stop)`` in (from the page cache), before the op reads them."""
+        if self.mapped:
+            step = self._source_row_bytes
+            self.ckpt.populate(self.info.name, first * step, stop * step)
 
     def release(self, first: int, stop: int) -> None:
         if self.mapped:
@@ -169,6 +181,9 @@ class ChunkedTask:
             base, tuned = pending.result()
             if index + 1 < len(ranges):
                 pending = self.reader.submit(load, *ranges[index + 1])
+            if with_base:
+                self.base.map(first, stop)
+            self.tuned.map(first, stop)
             yield first, stop, base, tuned
             if with_base:
                 self.base.release(first, stop)

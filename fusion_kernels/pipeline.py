@@ -1,8 +1,10 @@
 """Driver: stream a planned merge from the input shards through the op into the writer.
 
-Three stages overlap: a reader thread loads the next tensor pair while the current one is merged,
-and a writer thread writes the previous result; at most one tensor pair is read ahead and one
-result is in flight, so memory holds a few tensors whatever the model size. A tensor too large for
+Three stages overlap: a reader thread loads the next tensor pairs while the current one is merged,
+and a writer thread writes the previous results. On CPU, pairs are read ahead into the page cache
+only (up to the budget's worth, so the disk never waits for the merge) and mapped into the
+process when their turn comes; up to two results wait for the writer. Memory holds a few tensors
+whatever the model size. A tensor too large for
 the memory budget streams through the same threads in chunks of rows (chunks.py).
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -196,6 +199,10 @@ def _run(
     def load(task: TensorTask) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if not whole(task):
             return None, None
+        # Both tensors' reads queued at once: the disk reads them in parallel.
+        transport.prefetch(tuned_ckpt, task.tuned)
+        if task.action == "merge":
+            transport.prefetch(base_ckpt, task.base)
         tuned = transport.load(tuned_ckpt, task.tuned)
         base = transport.load(base_ckpt, task.base) if task.action == "merge" else None
         return base, tuned
@@ -234,21 +241,21 @@ def _run(
         dynamic_ncols=True,
     )
     with bar, ThreadPoolExecutor(1, "fk-read") as reader, ThreadPoolExecutor(1, "fk-write") as out:
-        next_read: Future | None = reader.submit(load, order[0]) if order else None
-        in_flight: Future | None = None
+        ahead = _ReadAhead(order, whole, lambda i: reader.submit(load, order[i]), transport)
+        # Stores not yet done, oldest first; each holds one of the transport's output buffers.
+        in_flight: deque[Future] = deque()
+        ring = getattr(transport, "outputs", 2)
         for position, task in enumerate(order):
-            base, tuned = next_read.result()
-            following = order[position + 1] if position + 1 < len(order) else None
+            base, tuned = ahead.take(position)
             if not whole(task):
-                # Its chunks reuse the output buffers: the previous store must be done.
-                if in_flight is not None:
-                    in_flight.result()
-                    in_flight = None
+                # Its chunks reuse the output buffers: the earlier stores must be done.
+                while in_flight:
+                    in_flight.popleft().result()
                 results.append(stream(task, reader, out))
-                next_read = reader.submit(load, following) if following else None
+                ahead.fill(position)
                 bar.update(task.tuned.nbytes)
                 continue
-            next_read = reader.submit(load, following) if following else None
+            ahead.fill(position)
             for tensor in (base, tuned):
                 if tensor is not None:
                     transport.ready(tensor)
@@ -258,15 +265,46 @@ def _run(
             if task.action == "merge":
                 release(task)
             results.append(stats)
-            # Wait for the previous store before the next compute: it may reuse that output.
-            if in_flight is not None:
-                in_flight.result()
-            in_flight = out.submit(store, task, merged, done)
+            # The next compute reuses the output of the oldest store still in flight when the
+            # ring is full: wait for that store first.
+            while len(in_flight) >= ring - 1:
+                in_flight.popleft().result()
+            in_flight.append(out.submit(store, task, merged, done))
             bar.update(task.tuned.nbytes)
             bar.set_postfix_str(f"tensors {position + 1}/{len(order)}", refresh=False)
-        if in_flight is not None:
-            in_flight.result()
+        while in_flight:
+            in_flight.popleft().result()
     return results
+
+
+class _ReadAhead:
+    """The loads submitted ahead of the merge: always the next task's, and more while the
+    tasks ahead total at most the transport's ``read_ahead_bytes``; never past a task that
+    streams in chunks (its chunks use the reader thread when its turn comes)."""
+
+    def __init__(self, order, whole, submit, transport):
+        """``submit(index)`` submits task ``index``'s load and returns its future."""
+        self.order, self.whole, self.submit = order, whole, submit
+        self.limit = transport.read_ahead_bytes
+        self.loads: dict[int, Future] = {}
+        self.next = 0
+        self.fill(-1)
+
+    def take(self, position: int):
+        """The loaded ``(base, tuned)`` of task ``position``."""
+        return self.loads.pop(position).result()
+
+    def fill(self, position: int) -> None:
+        """Submit loads after task ``position`` (being merged, or done) as the limit allows."""
+        while self.next < len(self.order):
+            if self.next > position + 1:
+                if not self.whole(self.order[self.next - 1]):
+                    return
+                ahead = sum(self.order[i].tuned.nbytes for i in range(position + 1, self.next + 1))
+                if 2 * ahead > self.limit:
+                    return
+            self.loads[self.next] = self.submit(self.next)
+            self.next += 1
 
 
 def _rows_readable(task: TensorTask, base_ckpt, tuned_ckpt) -> bool:

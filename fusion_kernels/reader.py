@@ -35,6 +35,8 @@ INDEX_NAME = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 # Every dimension and offset must fit an int64 (torch's and the file format's limit).
 MAX_DIM = 2**63
+#: :meth:`Checkpoint.warm` maps this much at a time while it reads into the page cache.
+WARM_SLICE = 16 * 2**20
 # madvise(2) advice that Python's mmap module lacks: fault a range's pages in (Linux 5.14+).
 _MADV_POPULATE_READ = 22 if sys.platform.startswith("linux") else None
 
@@ -314,6 +316,27 @@ class Checkpoint(TensorTable):
         if mapped is not None and end > begin:
             start = self._data_start[info.file] + info.begin + begin
             _populate(self._addresses[info.file], mapped, start, end - begin)
+
+    def prefetch(self, name: str, begin: int = 0, end: int | None = None) -> None:
+        """Start reading bytes ``[begin, end)`` of a tensor into the page cache and return at
+        once (the reads run while the caller does other work; :meth:`populate` waits for them)."""
+        info = self.tensors[name]
+        end = info.nbytes if end is None else end
+        if end > begin:
+            self._mapping(info.file)
+            start = self._data_start[info.file] + info.begin + begin
+            advise(self._addresses[info.file] + start, end - begin, mmap.MADV_WILLNEED)
+
+    def warm(self, name: str, begin: int = 0, end: int | None = None) -> None:
+        """Read bytes ``[begin, end)`` of a tensor into the page cache, waiting for them, without
+        keeping them mapped in this process: :meth:`populate` then maps them in milliseconds.
+
+        A slice at a time is mapped and unmapped again, so this holds at most a slice."""
+        end = self.tensors[name].nbytes if end is None else end
+        for first in range(begin, end, WARM_SLICE):
+            stop = min(first + WARM_SLICE, end)
+            self.populate(name, first, stop)
+            self.release(name, first, stop)
 
     def release(self, name: str, begin: int = 0, end: int | None = None) -> None:
         """Drop a tensor's pages (bytes ``[begin, end)`` of it; default all) from this

@@ -24,6 +24,8 @@ from .reader import Checkpoint, TensorInfo
 from .writer import CheckpointWriter, checksum
 
 DEFAULT_STAGING_BYTES = 256 * 2**20
+#: Read ahead up to this many output buffers' worth of later tensors (into the page cache).
+BUFFERS_AHEAD = 6
 
 
 class HostTransport:
@@ -32,18 +34,41 @@ class HostTransport:
     On CPU, inputs are zero-copy views of the shards' mappings (released by :meth:`release`
     once merged) and results are written into two reused output buffers, so a tensor costs no
     copy in and no fresh allocation out.
+
+    A load (on the reader thread) reads the tensor from disk into the page cache only, and
+    :meth:`ready` (on the merging thread, once the tensor before it is released) maps it in,
+    which costs a few milliseconds from the cache: tensors read ahead are not in this process's
+    memory, so the driver may read ahead up to :attr:`read_ahead_bytes` and keep the disk busy
+    while the merge and the writes run.
     """
 
-    def __init__(self, device: torch.device, keep_bytes: int = 0):
+    def __init__(self, device: torch.device, keep_bytes: int = 0, outputs: int = 2):
         self.device = device
         self.keep_bytes = keep_bytes
-        self._outputs: list[torch.Tensor] = [torch.empty(0, dtype=torch.uint8)] * 2
+        #: Output buffers in the ring: up to ``outputs - 1`` results may wait for the writer.
+        self.outputs = outputs
+        #: Bytes of later tasks the driver may load ahead (the page cache holds them).
+        self.read_ahead_bytes = max(keep_bytes * BUFFERS_AHEAD, 1)
+        self._outputs: list[torch.Tensor] = [torch.empty(0, dtype=torch.uint8)] * outputs
         self._next_output = 0
+        self._unmapped: dict[int, tuple[Checkpoint, str]] = {}
+
+    def prefetch(self, ckpt: Checkpoint, info: TensorInfo) -> None:
+        """Queue the reads of a tensor about to be loaded, all at once, so that the disk reads
+        both tensors of a pair in parallel (as deep a queue as a copy's)."""
+        if self.device.type == "cpu" and hasattr(ckpt, "prefetch"):
+            ckpt.prefetch(info.name)
 
     def load(self, ckpt: Checkpoint, info: TensorInfo) -> torch.Tensor:
-        if self.device.type == "cpu":
+        """The tensor, read into the page cache but not mapped in (see :meth:`ready`)."""
+        if self.device.type != "cpu":
+            return ckpt.read(info.name).to(self.device)
+        if not hasattr(ckpt, "warm") or not ckpt.mappable(info.name):
             return ckpt.view(info.name)
-        return ckpt.read(info.name).to(self.device)
+        ckpt.warm(info.name)
+        tensor = ckpt.view(info.name, populate=False)
+        self._unmapped[id(tensor)] = (ckpt, info.name)
+        return tensor
 
     def release(self, ckpt: Checkpoint, info: TensorInfo) -> None:
         """The loaded tensor is no longer needed: drop its pages from this process."""
@@ -53,23 +78,24 @@ class HostTransport:
     def output(
         self, shape: torch.Size, dtype: torch.dtype, position: int = 0
     ) -> torch.Tensor | None:
-        """A tensor to merge into, from a ring of two buffers (None off the CPU).
+        """A tensor to merge into, from the ring of :attr:`outputs` buffers (None off the CPU).
 
-        Each call hands out the buffer the call before last did, so the caller must have
-        finished storing that result first: the driver stores one result while it computes
-        the next. A buffer is reused whenever it is large enough, so its pages stay mapped
-        (faulting fresh pages in costs more than the merge's writes to them); only one
-        larger than ``keep_bytes`` (the memory budget's share) and more than twice the size
-        asked for is replaced, so a large buffer does not stay resident through small
-        tensors. The
-        tensor starts at the same offset within a page as ``position``, where it goes in its
-        output file, so the writer can send its whole pages straight to disk (directio.py).
+        Each call hands out the buffer that the call ``outputs`` calls ago did, so the caller
+        must have finished storing that result first: the driver stores earlier results while
+        it computes the next. A buffer is reused whenever it is large enough, so its pages
+        stay mapped (faulting fresh pages in costs more than the merge's writes to them); only
+        one larger than ``keep_bytes`` (the memory budget's share) and more than twice the
+        size asked for is replaced, so a large buffer does not stay resident through small
+        tensors. The tensor starts at the same offset within a page as ``position``, where it
+        goes in its output file, so the writer can send its whole pages straight to disk
+        (directio.py).
         """
         if self.device.type != "cpu":
             return None
         nbytes = math.prod(shape) * dtype.itemsize
         needed = nbytes + PAGE
-        index, self._next_output = self._next_output, 1 - self._next_output
+        index = self._next_output
+        self._next_output = (index + 1) % self.outputs
         capacity = self._outputs[index].numel()
         if not needed <= capacity <= max(2 * needed, self.keep_bytes):
             # Free the old buffer before allocating its successor, not after.
@@ -82,7 +108,11 @@ class HostTransport:
         return buffer[start : start + nbytes].view(dtype).view(shape)
 
     def ready(self, tensor: torch.Tensor) -> None:
-        """Nothing to wait for: loads complete before they return."""
+        """Map a loaded tensor's pages in, from the page cache (call it on the merging thread,
+        before the merge), so the merge does not fault them in page by page."""
+        ckpt, name = self._unmapped.pop(id(tensor), (None, None))
+        if ckpt is not None:
+            ckpt.populate(name)
 
     def computed(self):
         """No event: CPU work is complete when it returns."""
@@ -167,6 +197,8 @@ class StagedTransport:
     def __init__(self, device: torch.device, staging_bytes: int = DEFAULT_STAGING_BYTES):
         self.device = device
         self.chunk = staging_bytes
+        #: Only the next task is loaded ahead: its upload holds device memory.
+        self.read_ahead_bytes = 0
         with _device_guard(device):
             self.uploads = _Staging(2, staging_bytes, device)
             # A page more, so each download can sit at its file offset's place within a page.
@@ -189,6 +221,9 @@ class StagedTransport:
         if done is not None:
             self._loaded[id(tensor)] = done
         return tensor
+
+    def prefetch(self, ckpt: Checkpoint, info: TensorInfo) -> None:
+        """Nothing ahead of the load: it reads through staging in order."""
 
     def release(self, ckpt: Checkpoint, info: TensorInfo) -> None:
         """Nothing to release: loads went through staging, which released the pages."""
@@ -294,12 +329,14 @@ def make_transport(device: torch.device, staging_bytes: int | None, budget: int 
     """Staged for CUDA (or when a staging size is given), whole tensors otherwise.
 
     ``budget``: the memory budget in bytes. The staging buffers (four) default to a quarter of
-    it, at most :data:`DEFAULT_STAGING_BYTES`; the host path keeps output buffers up to a
+    it, at most :data:`DEFAULT_STAGING_BYTES`; the host path keeps three output buffers up to a
     sixth of it (see :mod:`fusion_kernels.chunks`).
     """
     if device.type == "cuda" or staging_bytes is not None:
         return StagedTransport(device, staging_bytes or staging_size(budget))
-    return HostTransport(device, 0 if budget is None else budget // 6)
+    # Three outputs: the next pair is read ahead into the page cache, not into this process,
+    # so a third result may wait for the writer in its place.
+    return HostTransport(device, 0 if budget is None else budget // 6, outputs=3)
 
 
 def staging_size(budget: int | None) -> int:
