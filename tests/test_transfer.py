@@ -111,3 +111,47 @@ def test_staged_gpu_merge_writes_the_cpu_merge_files(tmp_path, method, staging_b
         )  # fmt: skip
         for path in (tmp_path / "cpu").glob("*.safetensors"):
             assert path.read_bytes() == (out / path.name).read_bytes(), f"{device} {path.name}"
+
+
+def test_host_load_reads_into_the_cache_and_ready_maps_it_in(tmp_path):
+    _, tuned = tiny_pair(tmp_path / "in")
+    ckpt = Checkpoint(tuned)
+    transport = HostTransport(torch.device("cpu"), keep_bytes=1 << 20, outputs=3)
+    info = ckpt.info("model.embed_tokens.weight")
+    transport.prefetch(ckpt, info)
+    loaded = transport.load(ckpt, info)
+    transport.ready(loaded)
+    assert torch.equal(loaded.view(torch.int16), ckpt.read(info.name).view(torch.int16))
+    assert transport.read_ahead_bytes == 6 << 20
+
+
+def test_host_outputs_rotate_through_a_ring_of_three():
+    transport = HostTransport(torch.device("cpu"), outputs=3)
+    shape = torch.Size([8, 8])
+    pointers = [transport.output(shape, torch.bfloat16).data_ptr() for _ in range(4)]
+    assert len(set(pointers[:3])) == 3 and pointers[3] == pointers[0]
+
+
+def test_read_ahead_stops_at_its_limit_and_before_a_chunked_task():
+    from types import SimpleNamespace
+
+    from fusion_kernels.pipeline import _ReadAhead
+
+    order = [SimpleNamespace(tuned=SimpleNamespace(nbytes=10), chunked=i == 4) for i in range(6)]
+    submitted = []
+
+    def submit(index):
+        submitted.append(index)
+        return None
+
+    ahead = _ReadAhead(order, lambda t: not t.chunked, submit, SimpleNamespace(read_ahead_bytes=40))
+    assert submitted == [0, 1]  # the next task, and pairs within 40 bytes ahead
+    ahead.loads.pop(0)
+    ahead.fill(0)
+    assert submitted == [0, 1, 2]
+    ahead.fill(2)
+    assert submitted == [0, 1, 2, 3, 4]  # the chunked task itself, nothing past it
+    ahead.fill(3)
+    assert submitted == [0, 1, 2, 3, 4]
+    ahead.fill(4)
+    assert submitted == [0, 1, 2, 3, 4, 5]
