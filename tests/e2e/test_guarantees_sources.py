@@ -281,8 +281,8 @@ TRUNCATE_DURING_MERGE = textwrap.dedent(
 
     view, seen = reader.Checkpoint.view, []
 
-    def truncating_view(self, name):
-        tensor = view(self, name)
+    def truncating_view(self, name, *args, **kwargs):
+        tensor = view(self, name, *args, **kwargs)
         seen.append(name)
         if len(seen) == 4:  # another program truncates the shard while it is in use
             with open(self.tensors[name].file, "r+b") as fh:
