@@ -68,9 +68,10 @@ def merge_point(job: SweepJob, point: GridPoint) -> Path:
 
 
 def export_language_model(job: SweepJob, model: str | os.PathLike, out: Path) -> Path | None:
-    """When lm-eval scores the sweep and ``model`` (a directory) is multimodal, write its language
-    model alone to ``out`` as the base names it (``--text-model-out``), the model the harness
-    loads; returns ``out``, or None when no export is needed."""
+    """When lm-eval scores the sweep and ``model`` (a directory, or any reference ``--tuned``
+    takes) is multimodal, write its language model alone to ``out`` as the base names it
+    (``--text-model-out``), the model the harness loads; returns ``out``, or None when no export
+    is needed."""
     if not any(is_lm_eval(s) for s in split_specs(job.eval_spec)):
         return None
     checkpoint = open_checkpoint(model)  # a Hub id or MODEL+ADAPTER: the directory of its config
