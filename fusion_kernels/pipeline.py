@@ -4,8 +4,10 @@ Three stages overlap: a reader thread loads the next tensor pairs while the curr
 and a writer thread writes the previous results. On CPU, pairs are read ahead into the page cache
 only (up to the budget's worth, so the disk never waits for the merge) and mapped into the
 process when their turn comes; up to two results wait for the writer. Memory holds a few tensors
-whatever the model size. A tensor too large for
-the memory budget streams through the same threads in chunks of rows (chunks.py).
+whatever the model size. A tensor too large for the memory budget streams in chunks of rows
+(chunks.py) through a reader thread of its own and the same writer. Such tensors go first: after
+their first pass they are read again from the page cache, and while those passes compute, the
+reader fetches the tensors after them from disk (last, nothing would be left to read meanwhile).
 """
 
 from __future__ import annotations
@@ -181,8 +183,9 @@ def _run(
     plan, base_ckpt, tuned_ckpt, writer, params, backend, transport, progress, checksums,
     budget: Budget | None,
 ) -> list[TensorStats]:  # fmt: skip
-    """Every task in output order; with a ``budget``, the tasks it cannot hold whole stream in
-    chunks (read-ahead of the next task then waits until the chunked one is done)."""
+    """Every task, the stats in output order; with a ``budget``, the tasks it cannot hold whole
+    stream in chunks, first (see the module's docstring), while the pairs after them are read
+    ahead. Each tensor is written at its own offset, so the order of the work is free."""
     order = [plan.tasks[name] for shard in plan.shards for name in shard.names]
 
     streamed = {
@@ -195,6 +198,9 @@ def _run(
 
     def whole(task: TensorTask) -> bool:
         return task.name not in streamed
+
+    output_order = {task.name: index for index, task in enumerate(order)}
+    order = [t for t in order if not whole(t)] + [t for t in order if whole(t)]
 
     def load(task: TensorTask) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if not whole(task):
@@ -220,8 +226,8 @@ def _run(
         if task.action == "copy":
             release(task)
 
-    def stream(task: TensorTask, reader: Executor, out: Executor) -> TensorStats:
-        io = _chunk_io(task, transport, writer, reader, out, checksums is not None)
+    def stream(task: TensorTask, chunk_reader: Executor, out: Executor) -> TensorStats:
+        io = _chunk_io(task, transport, writer, chunk_reader, out, checksums is not None)
         tensor_params = params.for_tensor(task.name)
         stats, crc = merge_task_in_chunks(
             task, base_ckpt, tuned_ckpt, tensor_params, budget, io, ChunkedMergeCpp
@@ -240,7 +246,12 @@ def _run(
         disable=not progress,
         dynamic_ncols=True,
     )
-    with bar, ThreadPoolExecutor(1, "fk-read") as reader, ThreadPoolExecutor(1, "fk-write") as out:
+    with (
+        bar,
+        ThreadPoolExecutor(1, "fk-read") as reader,
+        ThreadPoolExecutor(1, "fk-chunks") as chunk_reader,
+        ThreadPoolExecutor(1, "fk-write") as out,
+    ):
         ahead = _ReadAhead(order, whole, lambda i: reader.submit(load, order[i]), transport)
         # Stores not yet done, oldest first; each holds one of the transport's output buffers.
         in_flight: deque[Future] = deque()
@@ -251,7 +262,7 @@ def _run(
                 # Its chunks reuse the output buffers: the earlier stores must be done.
                 while in_flight:
                     in_flight.popleft().result()
-                results.append(stream(task, reader, out))
+                results.append(stream(task, chunk_reader, out))
                 ahead.fill(position)
                 bar.update(task.tuned.nbytes)
                 continue
@@ -274,13 +285,14 @@ def _run(
             bar.set_postfix_str(f"tensors {position + 1}/{len(order)}", refresh=False)
         while in_flight:
             in_flight.popleft().result()
-    return results
+    return sorted(results, key=lambda stats: output_order[stats.name])
 
 
 class _ReadAhead:
     """The loads submitted ahead of the merge: always the next task's, and more while the
-    tasks ahead total at most the transport's ``read_ahead_bytes``; never past a task that
-    streams in chunks (its chunks use the reader thread when its turn comes)."""
+    whole tasks ahead total at most the transport's ``read_ahead_bytes``. A task that streams
+    in chunks loads nothing ahead (its chunks are read when its turn comes) and counts for
+    nothing, so the pairs after it are read while it runs."""
 
     def __init__(self, order, whole, submit, transport):
         """``submit(index)`` submits task ``index``'s load and returns its future."""
@@ -298,9 +310,8 @@ class _ReadAhead:
         """Submit loads after task ``position`` (being merged, or done) as the limit allows."""
         while self.next < len(self.order):
             if self.next > position + 1:
-                if not self.whole(self.order[self.next - 1]):
-                    return
-                ahead = sum(self.order[i].tuned.nbytes for i in range(position + 1, self.next + 1))
+                tasks = self.order[position + 1 : self.next + 1]
+                ahead = sum(task.tuned.nbytes for task in tasks if self.whole(task))
                 if 2 * ahead > self.limit:
                     return
             self.loads[self.next] = self.submit(self.next)

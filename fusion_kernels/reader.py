@@ -17,6 +17,7 @@ import mmap
 import os
 import struct
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -226,6 +227,9 @@ class Checkpoint(TensorTable):
         self._maps: dict[Path, mmap.mmap] = {}
         self._handles: dict[Path, BinaryIO] = {}
         self._addresses: dict[Path, int] = {}
+        # Two reader threads may map the same shard first (a chunked tensor's and the
+        # read-ahead): it must be mapped and watched once.
+        self._mapping_lock = threading.Lock()
 
     def _shard_files(self) -> list[Path]:
         if not self.path.is_dir():
@@ -386,6 +390,10 @@ class Checkpoint(TensorTable):
         has since been replaced. A shard that shrinks after the check (a read past its new end
         raises SIGBUS) is left to :mod:`.faults`, which watches every mapped shard.
         """
+        with self._mapping_lock:
+            return self._map_shard(file)
+
+    def _map_shard(self, file: Path) -> mmap.mmap:
         if file not in self._maps:
             handle = os.fdopen(open_regular(file, CheckpointError), "rb")
             self._handles[file] = handle

@@ -83,12 +83,13 @@ class HostTransport:
         Each call hands out the buffer that the call ``outputs`` calls ago did, so the caller
         must have finished storing that result first: the driver stores earlier results while
         it computes the next. A buffer is reused whenever it is large enough, so its pages
-        stay mapped (faulting fresh pages in costs more than the merge's writes to them); only
-        one larger than ``keep_bytes`` (the memory budget's share) and more than twice the
-        size asked for is replaced, so a large buffer does not stay resident through small
-        tensors. The tensor starts at the same offset within a page as ``position``, where it
-        goes in its output file, so the writer can send its whole pages straight to disk
-        (directio.py).
+        stay mapped (faulting fresh pages in costs more than the merge's writes to them): one
+        within the memory budget's share (``keep_bytes``, and the page of slack for the
+        alignment below) is kept whatever comes next, as the budget counts it anyway; only one
+        larger than that and more than twice the size asked for is replaced, so a tensor over
+        the budget does not stay resident through small ones. The tensor starts at the same
+        offset within a page as ``position``, where it goes in its output file, so the writer
+        can send its whole pages straight to disk (directio.py).
         """
         if self.device.type != "cpu":
             return None
@@ -97,7 +98,7 @@ class HostTransport:
         index = self._next_output
         self._next_output = (index + 1) % self.outputs
         capacity = self._outputs[index].numel()
-        if not needed <= capacity <= max(2 * needed, self.keep_bytes):
+        if not needed <= capacity <= max(2 * needed, self.keep_bytes + PAGE):
             # Free the old buffer before allocating its successor, not after.
             self._outputs[index] = torch.empty(0, dtype=torch.uint8)
             self._outputs[index] = torch.empty(needed, dtype=torch.uint8)

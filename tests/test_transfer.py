@@ -132,12 +132,34 @@ def test_host_outputs_rotate_through_a_ring_of_three():
     assert len(set(pointers[:3])) == 3 and pointers[3] == pointers[0]
 
 
-def test_read_ahead_stops_at_its_limit_and_before_a_chunked_task():
+def test_host_output_within_the_budget_share_is_kept_through_smaller_tensors():
+    # Llama's MLP matrices are exactly the budget's share; attention matrices between them
+    # must not make the ring drop and re-fault the large buffer.
+    share = 1 << 20
+    transport = HostTransport(torch.device("cpu"), keep_bytes=share, outputs=1)
+    large = torch.Size([share // 2])  # bf16: share bytes, plus the page of alignment slack
+    first = transport.output(large, torch.bfloat16)
+    small = transport.output(torch.Size([1024]), torch.bfloat16)
+    again = transport.output(large, torch.bfloat16)
+    assert small.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+    assert again.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+
+
+def test_host_output_over_the_budget_share_is_not_kept_through_small_tensors():
+    transport = HostTransport(torch.device("cpu"), keep_bytes=1 << 20, outputs=1)
+    huge = transport.output(torch.Size([1 << 21]), torch.bfloat16)
+    storage = huge.untyped_storage()
+    small = transport.output(torch.Size([1024]), torch.bfloat16)
+    assert small.untyped_storage().nbytes() < storage.nbytes() // 2
+
+
+def test_read_ahead_stops_at_its_limit_and_passes_over_a_chunked_task():
     from types import SimpleNamespace
 
     from fusion_kernels.pipeline import _ReadAhead
 
-    order = [SimpleNamespace(tuned=SimpleNamespace(nbytes=10), chunked=i == 4) for i in range(6)]
+    order = [SimpleNamespace(tuned=SimpleNamespace(nbytes=10), chunked=i == 4) for i in range(7)]
+    order[4].tuned.nbytes = 1000  # loads nothing ahead, so it counts for nothing
     submitted = []
 
     def submit(index):
@@ -150,8 +172,6 @@ def test_read_ahead_stops_at_its_limit_and_before_a_chunked_task():
     ahead.fill(0)
     assert submitted == [0, 1, 2]
     ahead.fill(2)
-    assert submitted == [0, 1, 2, 3, 4]  # the chunked task itself, nothing past it
+    assert submitted == [0, 1, 2, 3, 4, 5]  # past the chunked task, as if it were not there
     ahead.fill(3)
-    assert submitted == [0, 1, 2, 3, 4]
-    ahead.fill(4)
-    assert submitted == [0, 1, 2, 3, 4, 5]
+    assert submitted == [0, 1, 2, 3, 4, 5, 6]
