@@ -40,7 +40,7 @@ from .safeload import MAX_INDEX_BYTES, read_bytes
 from .sources import open_checkpoint
 from .transfer import HostTransport, make_transport, parse_device
 from .version import __version__
-from .writer import CheckpointWriter
+from .writer import CheckpointWriter, check_side_files
 
 log = logging.getLogger("fusion_kernels")
 
@@ -131,6 +131,8 @@ def merge_checkpoints(
         base, tuned, rules, max_shard_size, name_map, layer_map, allow_unpaired
     )
     check_output_path(out_dir, [*base_ckpt.roots, *tuned_ckpt.roots])
+    if tuned_ckpt.path.is_dir():
+        check_side_files(tuned_ckpt.directory, (CARD_NAME,) if model_card else ())
     params.check(name for name, task in plan.tasks.items() if task.action == "merge")
     for name in plan.skipped:
         log.warning("tensor %r is only in base (%s); it is not in the output", name, base_ckpt.path)

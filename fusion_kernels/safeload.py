@@ -42,12 +42,13 @@ def open_regular(path: Path, error: type[FusionError] = FusionError) -> int:
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)
-        raise error(f"{path}: not a regular file ({_kind(mode)}); point at the file itself")
+        raise error(f"{path}: not a regular file ({describe_mode(mode)}); point at the file itself")
     os.set_blocking(fd, True)
     return fd
 
 
-def _kind(mode: int) -> str:
+def describe_mode(mode: int) -> str:
+    """What a file that is not a regular file is, for messages."""
     for test, name in (
         (stat.S_ISDIR, "a directory"),
         (stat.S_ISFIFO, "a named pipe"),

@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import shutil
+import stat
 import struct
 import zlib
 from collections.abc import Iterable
@@ -35,6 +36,7 @@ from .outputs import (
 )
 from .planner import MergePlan
 from .reader import INDEX_NAME, Checkpoint
+from .safeload import describe_mode
 
 REPORT_NAME = "fusion_report.json"
 # Files of the tuned directory that are weights (ours or another format) and are not copied.
@@ -347,6 +349,28 @@ def check_replaceable(out_dir: Path, flag: str = "--out") -> None:
         f"{out_dir}: exists and is not an earlier merge output (no {REPORT_NAME}); --overwrite "
         f"replaces only those: remove it yourself or choose another {flag}"
     )
+
+
+def check_side_files(directory: Path, replaced: tuple[str, ...] = ()) -> None:
+    """Refuse a top-level entry of a tuned model directory that is neither a file nor a folder
+    (a named pipe, a socket, a device, a broken link), before anything is written: the output
+    would silently lack it, and a ``config.json`` missing makes the merged model unloadable.
+    ``replaced``: names the merge writes itself (the model card), which are not copied."""
+    for path in sorted(directory.iterdir()):
+        if path.name in replaced:
+            continue
+        try:
+            mode = path.stat().st_mode
+        except OSError as exc:
+            raise CheckpointError(
+                f"{path}: cannot be read ({exc.strerror or exc}); the merge copies tuned's side "
+                "files (config, tokenizer) to the output: fix the link or remove it"
+            ) from None
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise CheckpointError(
+                f"{path}: not a regular file ({describe_mode(mode)}); the merge copies tuned's "
+                "side files (config, tokenizer) to the output: put the file itself there"
+            )
 
 
 def non_weight_files(directory: Path) -> list[Path]:

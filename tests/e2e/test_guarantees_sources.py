@@ -209,6 +209,22 @@ def test_a_fifo_as_adapter_weights_or_tuned_card_is_not_waited_on(pair, tmp_path
     assert not (tmp_path / "o2" / "README.md").is_fifo()
 
 
+@pytest.mark.parametrize("kind", ["fifo", "broken link"])
+def test_a_tuned_side_file_that_is_not_a_file_is_refused_before_writing(pair, tmp_path, kind):
+    # Copying would skip it, and an output without config.json does not load.
+    base, tuned = pair
+    (tuned / "config.json").unlink(missing_ok=True)
+    if kind == "fifo":
+        os.mkfifo(tuned / "config.json")
+    else:
+        (tuned / "config.json").symlink_to(tmp_path / "gone.json")
+    done = run(merge("--base", base, "--tuned", tuned, "--out", tmp_path / "o"))
+    line = one_error_line(done, f"{tuned / 'config.json'}:")
+    assert ("named pipe" if kind == "fifo" else "cannot be read") in line
+    assert not (tmp_path / "o").exists()
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
 # --- the tuned model card ---------------------------------------------------------------------
 
 
