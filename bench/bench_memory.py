@@ -12,6 +12,7 @@ output: it runs only with ``FK_BENCH_8B=1``. Run:
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import statistics
@@ -69,22 +70,25 @@ def _interleaved(jobs: list[tuple[str, object]], rounds: int) -> dict[str, list[
     return runs
 
 
-def test_peak_rss_is_set_by_the_budget(benchmark, bench_dir):
+@pytest.mark.parametrize("cache", ["cold", "warm"])
+def test_peak_rss_is_set_by_the_budget(benchmark, bench_dir, cache):
+    """``cold``: the inputs dropped from the page cache before every run (read from disk,
+    direct where the file system allows); ``warm``: as the previous run left them."""
     after = {}
     print()
     for label, (name, spec) in PAIRS.items():
         base, tuned = cached_pair(name, spec)
-        jobs = [
-            (version, lambda c=code, b=base, t=tuned: _merge(b, t, bench_dir / "out-memory", c))
-            for version, code in _code_versions().items()
-        ]
+        jobs = []
+        for version, code in _code_versions().items():
+            job = functools.partial(_merge, base, tuned, bench_dir / "out-memory", code)
+            jobs.append((version, _evicted(job, base, tuned) if cache == "cold" else job))
         for version, results in _interleaved(jobs, _rounds()).items():
             peak = max(r["peak_rss"] for r in results)
             seconds = [r["seconds"] for r in results]
             listed = ", ".join(f"{s:.1f}" for s in seconds)
             print(
-                f"{label:34s} {version:6s} peak RSS {peak / GB:.3f} GB ({peak / 2**30:.3f} GiB), "
-                f"median {statistics.median(seconds):.1f} s ({listed})"
+                f"{cache} {label:34s} {version:6s} peak RSS {peak / GB:.3f} GB "
+                f"({peak / 2**30:.3f} GiB), median {statistics.median(seconds):.1f} s ({listed})"
             )
             if version == "after":
                 after[label] = peak

@@ -1,20 +1,22 @@
 """The memory budget, and tensors larger than it streamed through the op and the writer in chunks.
 
-A merge holds at most ``--memory-budget`` bytes of tensor data at once: input pages mapped in and
-output buffers. The budget counts six buffers in flight (the current pair and its output, the next
-pair read ahead, the previous output being written; on CPU the pair read ahead sits in the page
-cache, not in the process, and a third output takes its place), so a tensor whose six copies fit
-(plus the scratch its method needs) is merged whole, and a larger one goes through the op in
-chunks of whole rows, each a sixth of the budget: every pass of the kernel (``csrc/chunked.h``)
-reads the tensor chunk by chunk, the reader thread reading the next chunk into the page cache
-while the op reads this one (mapped in when its turn comes, released once used), and the write
-pass hands each merged chunk to the writer thread while it computes the next. The bytes are those
-of a whole-tensor merge.
+A merge holds at most ``--memory-budget`` bytes of tensor data at once: inputs and output
+buffers. The budget counts six buffers in flight (the current pair and its output, the next
+pair read ahead, the previous output being written; on CPU without direct reads the pair read
+ahead sits in the page cache, not in the process, and a third output takes its place), so a
+tensor whose six copies fit (plus the scratch its method needs) is merged whole, and a larger
+one goes through the op in chunks of whole rows, each a sixth of the budget: every pass of the
+kernel (``csrc/chunked.h``) reads the tensor chunk by chunk, the reader thread reading the next
+chunk into the page cache while the op reads this one (mapped in when its turn comes, released
+once used), and the write pass hands each merged chunk to the writer thread while it computes
+the next. The bytes are those of a whole-tensor merge.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
+import sys
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -69,6 +71,28 @@ class Budget:
         per_row = cols * (BUFFERS_IN_FLIGHT * width + _scratch(task, params))
         room = self.nbytes - cuts * BRACKET_KEY_BYTES
         return max(1, room // max(per_row, 1))
+
+
+#: glibc's ``mallopt`` parameters (malloc.h).
+_M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8
+
+
+def return_freed_memory_promptly() -> None:
+    """Make this process's C allocator (glibc) give freed blocks of 1 MiB or more back at
+    once, and serve all threads from two heaps at most.
+
+    By default glibc raises its threshold for separate mappings as large blocks come and go
+    and keeps freed memory in a heap per thread: tens of MB held past the budget. Process-wide,
+    so for processes this package owns (the command line), not a library's caller.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_MMAP_THRESHOLD, 2**20)
+        libc.mallopt(_M_ARENA_MAX, 2)
+    except (OSError, AttributeError):
+        return  # not glibc: its own policy stands
 
 
 def _scratch(task: TensorTask, params: MergeParams) -> int:

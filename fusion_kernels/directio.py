@@ -12,6 +12,11 @@ half-written, and ``fsync`` makes both durable.
 The CPU path allocates its output buffers so that results land at the right offset within a
 page (:func:`page_offset`). Filesystems without ``O_DIRECT`` (and ``FUSION_KERNELS_DIRECT_IO=0``)
 get buffered writes throughout.
+
+Inputs are read the same way (:func:`pread_direct`): a tensor's whole pages straight into a
+buffer the merge reuses, so the page cache is neither filled nor scanned to make room, and the
+CPU does not touch memory new to it (under some hypervisors the first touch of a page the disk
+just filled costs microseconds: seconds for a model).
 """
 
 from __future__ import annotations
@@ -103,13 +108,44 @@ class OffsetFile:
             self.direct_fd = -1
 
 
-def _open_direct(path: Path) -> int:
-    """A second descriptor of ``path`` with O_DIRECT, or -1 where there is none."""
-    flag = getattr(os, "O_DIRECT", 0)
-    if not flag or os.environ.get(ENV_DIRECT_IO, "1") == "0":
+def direct_io_enabled() -> bool:
+    """Whether direct I/O may be tried (``FUSION_KERNELS_DIRECT_IO=0`` turns it off)."""
+    return bool(getattr(os, "O_DIRECT", 0)) and os.environ.get(ENV_DIRECT_IO, "1") != "0"
+
+
+def open_direct_reader(fd: int) -> int:
+    """A descriptor of the file open as ``fd`` (the same file, even if its path has been
+    replaced since), for reading with O_DIRECT; -1 where direct reads are off or refused."""
+    if not direct_io_enabled():
         return -1
     try:
-        return os.open(path, os.O_WRONLY | flag)
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        return -1
+
+
+def pread_direct(fd: int, target: np.ndarray, position: int) -> int:
+    """Read into ``target`` (uint8, page-aligned address and length) from ``position`` (a
+    multiple of the page size) with a direct descriptor; returns the bytes read, fewer only at
+    the end of the file."""
+    view = memoryview(target).cast("B")
+    done = 0
+    while done < len(view):
+        count = os.preadv(fd, [view[done:]], position + done)
+        if count == 0:
+            break
+        done += count
+        if done % PAGE:  # the end of the file
+            break
+    return done
+
+
+def _open_direct(path: Path) -> int:
+    """A second descriptor of ``path`` with O_DIRECT, or -1 where there is none."""
+    if not direct_io_enabled():
+        return -1
+    try:
+        return os.open(path, os.O_WRONLY | os.O_DIRECT)
     except OSError:
         return -1
 

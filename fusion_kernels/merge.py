@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
+from .chunks import return_freed_memory_promptly
 from .errors import FusionError, ParameterError
 from .neurons import NeuronRules, parse_rule
 from .ops import registered_backends
@@ -413,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def cli() -> NoReturn:
     """Console-script entry point: :func:`command` under :func:`run_cli`, then a fast exit."""
+    return_freed_memory_promptly()
     run_cli(command)
 
 

@@ -144,10 +144,13 @@ def merge_checkpoints(
         budget = Budget(memory_budget or DEFAULT_MEMORY_BUDGET)
         transport = make_transport(torch_device, staging_bytes, budget.nbytes)
         chunking = _chunks_enabled(backend, torch_device, transport)
-        stats = _run(
-            plan, base_ckpt, tuned_ckpt, writer, params, backend, transport, progress, checksums,
-            budget if chunking else None,
-        )  # fmt: skip
+        try:
+            stats = _run(
+                plan, base_ckpt, tuned_ckpt, writer, params, backend, transport, progress,
+                checksums, budget if chunking else None,
+            )  # fmt: skip
+        finally:
+            transport.close()
         report = _report(plan, params, rules, base_ckpt, tuned_ckpt, stats, device, started)
         report["memory_budget"] = budget.nbytes
         report["verified"] = verify

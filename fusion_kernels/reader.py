@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from . import faults
+from .directio import open_direct_reader, pread_direct
 from .dtypes import SAFETENSORS_DTYPES
 from .errors import CheckpointError
 from .safeload import MAX_INDEX_BYTES, load_json, open_regular, parse_json
@@ -227,6 +228,8 @@ class Checkpoint(TensorTable):
         self._maps: dict[Path, mmap.mmap] = {}
         self._handles: dict[Path, BinaryIO] = {}
         self._addresses: dict[Path, int] = {}
+        #: Each mapped shard's O_DIRECT descriptor (-1: none), for :meth:`read_direct`.
+        self._direct: dict[Path, int] = {}
         # Two reader threads may map the same shard first (a chunked tensor's and the
         # read-ahead): it must be mapped and watched once.
         self._mapping_lock = threading.Lock()
@@ -310,6 +313,53 @@ class Checkpoint(TensorTable):
         info = self.tensors[name]
         start = self._data_start[info.file] + info.begin
         return info.nbytes > 0 and start % SAFETENSORS_DTYPES[info.dtype][1] == 0
+
+    def direct_bytes(self, name: str) -> int:
+        """The buffer size :meth:`read_direct` needs for a tensor: its whole pages, plus a page
+        of room to align the buffer."""
+        info = self.tensors[name]
+        start = self._data_start[info.file] + info.begin
+        first = start - start % mmap.PAGESIZE
+        return -(-(start + info.nbytes - first) // mmap.PAGESIZE) * mmap.PAGESIZE + mmap.PAGESIZE
+
+    def read_direct(self, name: str, buffer: torch.Tensor) -> torch.Tensor | None:
+        """The tensor read from disk into ``buffer`` (uint8, :meth:`direct_bytes` long at least)
+        with O_DIRECT, bypassing the page cache; a view of ``buffer``. None where the file
+        system refuses direct reads, the tensor's bytes are not aligned to its dtype, or half
+        of its pages or more are in the page cache already (reading them from there costs
+        less than the disk): read it with :meth:`view` instead."""
+        info = self.tensors[name]
+        if not self.mappable(name):
+            return None
+        self._mapping(info.file)  # opens the shard and checks its size
+        direct = self._direct.get(info.file, -1)
+        start = self._data_start[info.file] + info.begin
+        if direct < 0 or self._resident_share(info.file, start, info.nbytes) >= 0.5:
+            return None
+        first = start - start % mmap.PAGESIZE
+        length = self.direct_bytes(name) - mmap.PAGESIZE
+        shift = -buffer.data_ptr() % mmap.PAGESIZE
+        try:
+            count = pread_direct(direct, buffer[shift : shift + length].numpy(), first)
+        except OSError as exc:
+            raise CheckpointError(f"{info.file}: cannot read tensor {name!r} ({exc})") from None
+        if count < start + info.nbytes - first:
+            self._check_size(info.file)
+            raise CheckpointError(f"{info.file}: tensor {name!r} ends past the end of the file")
+        offset = shift + start - first
+        raw = buffer[offset : offset + info.nbytes]
+        return raw.view(info.torch_dtype).view(info.shape)
+
+    def _resident_share(self, file: Path, start: int, length: int) -> float:
+        """The share of a mapped byte range's pages in the page cache (0 where unknown)."""
+        begin, span = _pages(self._maps[file], start, length)
+        vector = np.zeros(-(-span // mmap.PAGESIZE), dtype=np.uint8)
+        if _LIBC is None or not vector.size:
+            return 0.0
+        address = ctypes.c_void_p(self._addresses[file] + begin)
+        if _LIBC.mincore(address, span, vector.ctypes.data_as(ctypes.c_void_p)) != 0:
+            return 0.0
+        return float(np.count_nonzero(vector & 1)) / vector.size
 
     def populate(self, name: str, begin: int = 0, end: int | None = None) -> None:
         """Map bytes ``[begin, end)`` of a viewed tensor's pages in now, reading them from disk
@@ -401,6 +451,7 @@ class Checkpoint(TensorTable):
             faults.watch(handle.fileno(), file, handle.fileno(), self._sizes[file])
             # Private and writable: views of it are ordinary tensors, and nothing reaches the file.
             self._maps[file] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+            self._direct[file] = open_direct_reader(handle.fileno())
             # Its address, for madvise through ctypes; the numpy export ends right away.
             self._addresses[file] = np.frombuffer(
                 self._maps[file], dtype=np.uint8, count=1
@@ -428,6 +479,10 @@ class Checkpoint(TensorTable):
             faults.unwatch(handle.fileno())
             handle.close()
         self._handles.clear()
+        for descriptor in self._direct.values():
+            if descriptor >= 0:
+                os.close(descriptor)
+        self._direct.clear()
         self._addresses.clear()
 
     @property
@@ -458,13 +513,15 @@ def _populate(address: int, mapped: mmap.mmap, start: int, length: int) -> None:
 
 
 def _libc() -> ctypes.CDLL | None:
-    """The C library's madvise, where there is one to call."""
+    """The C library's madvise and mincore, where there is a C library to call."""
     if not sys.platform.startswith("linux"):
         return None
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
         libc.madvise.restype = ctypes.c_int
+        libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+        libc.mincore.restype = ctypes.c_int
     except (OSError, AttributeError):
         return None
     return libc

@@ -1,8 +1,9 @@
 """How tensors travel between the shards on disk and the device that merges them (the driver's
 I/O side).
 
-``HostTransport`` (CPU merges): a tensor is read in place from its memory-mapped shard (no copy)
-and its result, merged into one of two reused buffers, is written back whole.
+``HostTransport`` (CPU merges): a tensor is read straight from disk into a reused buffer
+(O_DIRECT), or in place from its memory-mapped shard when it is in the page cache already (no
+copy), and its result, merged into one of a few reused buffers, is written back whole.
 ``StagedTransport`` (GPU merges): bytes move through a few fixed pinned staging buffers, chunk by
 chunk, on their own CUDA streams, so host memory stays bounded by the staging buffers whatever the
 tensor size (a 128256×8192 lm_head passes through 256 MB of staging), uploads overlap the
@@ -14,11 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from .directio import PAGE, page_offset
+from .directio import PAGE, direct_io_enabled, page_offset
 from .errors import ParameterError
 from .reader import Checkpoint, TensorInfo
 from .writer import CheckpointWriter, checksum
@@ -35,34 +38,81 @@ class HostTransport:
     once merged) and results are written into two reused output buffers, so a tensor costs no
     copy in and no fresh allocation out.
 
-    A load (on the reader thread) reads the tensor from disk into the page cache only, and
-    :meth:`ready` (on the merging thread, once the tensor before it is released) maps it in,
-    which costs a few milliseconds from the cache: tensors read ahead are not in this process's
-    memory, so the driver may read ahead up to :attr:`read_ahead_bytes` and keep the disk busy
-    while the merge and the writes run.
+    With ``direct`` (the default where the file system allows it, :func:`make_transport`), a
+    tensor not in the page cache is read with O_DIRECT into one of a few reused input buffers
+    (the two tensors of a pair at once, on threads of their own): the page cache is neither
+    filled nor reclaimed, and the merge never touches memory new to the CPU. The driver then
+    loads the next pair only, which the budget counts.
+
+    Otherwise a load (on the reader thread) reads the tensor from disk into the page cache
+    only, and :meth:`ready` (on the merging thread, once the tensor before it is released) maps
+    it in, which costs a few milliseconds from the cache: tensors read ahead are not in this
+    process's memory, so the driver may read ahead up to :attr:`read_ahead_bytes` and keep the
+    disk busy while the merge and the writes run.
     """
 
-    def __init__(self, device: torch.device, keep_bytes: int = 0, outputs: int = 2):
+    def __init__(
+        self, device: torch.device, keep_bytes: int = 0, outputs: int = 2, direct: bool = False
+    ):
         self.device = device
         self.keep_bytes = keep_bytes
         #: Output buffers in the ring: up to ``outputs - 1`` results may wait for the writer.
         self.outputs = outputs
-        #: Bytes of later tasks the driver may load ahead (the page cache holds them).
-        self.read_ahead_bytes = max(keep_bytes * BUFFERS_AHEAD, 1)
+        #: Read tensors with O_DIRECT into reused buffers where the checkpoint can
+        #: (:meth:`~fusion_kernels.reader.Checkpoint.read_direct`).
+        self.direct = direct
+        #: Bytes of later tasks the driver may load ahead: the page cache holds them, but a
+        #: direct read holds its buffers, so then only the next task is loaded ahead.
+        self.read_ahead_bytes = 0 if direct else max(keep_bytes * BUFFERS_AHEAD, 1)
         self._outputs: list[torch.Tensor] = [torch.empty(0, dtype=torch.uint8)] * outputs
         self._next_output = 0
         self._unmapped: dict[int, tuple[Checkpoint, str]] = {}
+        self._inputs = _InputBuffers(keep_bytes)
+        # A pair's two direct reads run at once, each on its own thread.
+        self._read_threads = ThreadPoolExecutor(2, "fk-direct")
+        self._reads: dict[tuple[int, str], Future] = {}
 
     def prefetch(self, ckpt: Checkpoint, info: TensorInfo) -> None:
         """Queue the reads of a tensor about to be loaded, all at once, so that the disk reads
-        both tensors of a pair in parallel (as deep a queue as a copy's)."""
-        if self.device.type == "cpu" and hasattr(ckpt, "prefetch"):
+        both tensors of a pair in parallel (as deep a queue as a copy's): a direct read starts
+        on a thread of its own, else read-ahead into the page cache."""
+        if self.device.type != "cpu":
+            return
+        if self.direct and hasattr(ckpt, "read_direct"):
+            key = (id(ckpt), info.name)
+            self._reads[key] = self._read_threads.submit(self._read_direct, ckpt, info)
+        elif hasattr(ckpt, "prefetch"):
             ckpt.prefetch(info.name)
 
+    def _read_direct(self, ckpt: Checkpoint, info: TensorInfo) -> torch.Tensor | None:
+        """The tensor read direct into one of the input buffers, or None (see
+        :meth:`~fusion_kernels.reader.Checkpoint.read_direct`)."""
+        buffer = self._inputs.take(ckpt.direct_bytes(info.name))
+        try:
+            tensor = ckpt.read_direct(info.name, buffer)
+        except BaseException:
+            self._inputs.give(buffer)
+            raise
+        if tensor is None:
+            self._inputs.give(buffer)
+        else:
+            self._inputs.hold((id(ckpt), info.name), buffer)
+        return tensor
+
+    def close(self) -> None:
+        """Stop the direct-read threads (after the last load)."""
+        self._read_threads.shutdown(wait=True)
+
     def load(self, ckpt: Checkpoint, info: TensorInfo) -> torch.Tensor:
-        """The tensor, read into the page cache but not mapped in (see :meth:`ready`)."""
+        """The tensor: read direct into an input buffer, or into the page cache but not
+        mapped in (see :meth:`ready`)."""
         if self.device.type != "cpu":
             return ckpt.read(info.name).to(self.device)
+        if self.direct and hasattr(ckpt, "read_direct"):
+            pending = self._reads.pop((id(ckpt), info.name), None)
+            tensor = pending.result() if pending else self._read_direct(ckpt, info)
+            if tensor is not None:
+                return tensor
         if not hasattr(ckpt, "warm") or not ckpt.mappable(info.name):
             return ckpt.view(info.name)
         ckpt.warm(info.name)
@@ -71,8 +121,9 @@ class HostTransport:
         return tensor
 
     def release(self, ckpt: Checkpoint, info: TensorInfo) -> None:
-        """The loaded tensor is no longer needed: drop its pages from this process."""
-        if self.device.type == "cpu":
+        """The loaded tensor is no longer needed: its buffer may be reused, or its pages are
+        dropped from this process."""
+        if self.device.type == "cpu" and not self._inputs.release((id(ckpt), info.name)):
             ckpt.release(info.name)
 
     def output(
@@ -125,6 +176,57 @@ class HostTransport:
         host = tensor.cpu()
         writer.write(name, host)
         return checksum(host) if want_crc else None
+
+
+class _InputBuffers:
+    """The buffers direct reads land in: taken by a load (on a reader thread), held while the
+    tensor is in use, given back by its release (on the merging or the writer thread).
+
+    A free buffer is reused when it is large enough and not much larger (as the outputs are).
+    Buffers handed out and kept free number :attr:`IN_FLIGHT` at most (two pairs: the one
+    merged and the next), more only while more are handed out at once (copies waiting for the
+    writer).
+    """
+
+    IN_FLIGHT = 4
+
+    def __init__(self, keep_bytes: int):
+        self.keep_bytes = keep_bytes
+        self._free: list[torch.Tensor] = []  # smallest first
+        self._held: dict[tuple[int, str], torch.Tensor] = {}
+        self._out = 0
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        with self._lock:
+            self._out += 1
+            for index, buffer in enumerate(self._free):
+                if nbytes <= buffer.numel() <= max(2 * nbytes, self.keep_bytes + 2 * PAGE):
+                    return self._free.pop(index)
+            # None fits: free the smallest to make room for a new one.
+            del self._free[: max(len(self._free) + self._out - self.IN_FLIGHT, 0)]
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def give(self, buffer: torch.Tensor) -> None:
+        with self._lock:
+            self._out -= 1
+            self._free.append(buffer)
+            self._free.sort(key=torch.Tensor.numel)
+            # The largest stay: a large tensor can reuse them, a small one too.
+            del self._free[: max(len(self._free) + self._out - self.IN_FLIGHT, 0)]
+
+    def hold(self, key: tuple[int, str], buffer: torch.Tensor) -> None:
+        with self._lock:
+            self._held[key] = buffer
+
+    def release(self, key: tuple[int, str]) -> bool:
+        """Give back the buffer held for ``key``; False when there is none."""
+        with self._lock:
+            buffer = self._held.pop(key, None)
+        if buffer is None:
+            return False
+        self.give(buffer)
+        return True
 
 
 def _device_guard(device: torch.device):
@@ -225,6 +327,9 @@ class StagedTransport:
 
     def prefetch(self, ckpt: Checkpoint, info: TensorInfo) -> None:
         """Nothing ahead of the load: it reads through staging in order."""
+
+    def close(self) -> None:
+        """Nothing to stop."""
 
     def release(self, ckpt: Checkpoint, info: TensorInfo) -> None:
         """Nothing to release: loads went through staging, which released the pages."""
@@ -330,14 +435,19 @@ def make_transport(device: torch.device, staging_bytes: int | None, budget: int 
     """Staged for CUDA (or when a staging size is given), whole tensors otherwise.
 
     ``budget``: the memory budget in bytes. The staging buffers (four) default to a quarter of
-    it, at most :data:`DEFAULT_STAGING_BYTES`; the host path keeps three output buffers up to a
-    sixth of it (see :mod:`fusion_kernels.chunks`).
+    it, at most :data:`DEFAULT_STAGING_BYTES`; the host path keeps buffers of up to a sixth of
+    it (see :mod:`fusion_kernels.chunks`): with direct reads (``FUSION_KERNELS_DIRECT_IO=0``
+    turns them off) four inputs and two outputs, else three outputs.
     """
     if device.type == "cuda" or staging_bytes is not None:
         return StagedTransport(device, staging_bytes or staging_size(budget))
+    keep = 0 if budget is None else budget // 6
+    if direct_io_enabled():
+        # The next pair is read into buffers of this process: two outputs fill the six.
+        return HostTransport(device, keep, outputs=2, direct=True)
     # Three outputs: the next pair is read ahead into the page cache, not into this process,
     # so a third result may wait for the writer in its place.
-    return HostTransport(device, 0 if budget is None else budget // 6, outputs=3)
+    return HostTransport(device, keep, outputs=3)
 
 
 def staging_size(budget: int | None) -> int:

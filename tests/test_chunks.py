@@ -8,6 +8,8 @@ test_bin.py."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -171,3 +173,37 @@ def test_the_cli_takes_a_memory_budget(tmp_path, odd_pair):
     assert _files(tmp_path / "a") == _files(tmp_path / "b")
     report = json.loads((tmp_path / "a" / "fusion_report.json").read_text())
     assert report["memory_budget"] == 1024
+
+
+_HELD_AFTER_FREE = """
+import ctypes, sys
+from fusion_kernels.chunks import return_freed_memory_promptly
+if sys.argv[1] == "prompt":
+    return_freed_memory_promptly()
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = (ctypes.c_void_p,)
+def anon():
+    line = [l for l in open("/proc/self/status") if l.startswith("RssAnon")][0]
+    return int(line.split()[1]) * 1024
+size = 8 * 2**20
+for _ in range(2):  # glibc raises its threshold after the first such block is freed
+    block = libc.malloc(size)
+    ctypes.memset(block, 1, size)
+    before = anon()
+    libc.free(block)
+print(before - anon())  # bytes given back by the last free
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_return_freed_memory_promptly_gives_freed_blocks_back():
+    def returned(mode: str) -> int:
+        run = subprocess.run(
+            [sys.executable, "-c", _HELD_AFTER_FREE, mode], capture_output=True, text=True
+        )
+        assert run.returncode == 0, run.stderr
+        return int(run.stdout)
+
+    assert returned("prompt") >= 4 * 2**20
+    assert returned("default") < 2**20  # it stays in the heap
