@@ -6,12 +6,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 from checkpoints import tiny_pair, tree_digest, write_single
+from commands import cli, merge, one_error_line, partials, refused, run
 from safetensors.torch import load_file, save_file
 
 from fusion_kernels import merge_checkpoints, params_for
@@ -23,27 +23,6 @@ from fusion_kernels.reader import Checkpoint
 from fusion_kernels.writer import CheckpointWriter
 
 PARAMS = params_for("ties")
-
-
-def merge(*args) -> list[str]:
-    return [sys.executable, "-m", "fusion_kernels.merge", *map(str, args), "--quiet"]
-
-
-def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(command, capture_output=True, text=True, timeout=120, **kwargs)
-
-
-def one_error_line(done: subprocess.CompletedProcess | str, fragment: str = "") -> str:
-    """The stderr of a refused command: one ``error:`` line (after any warnings), no traceback."""
-    err = done if isinstance(done, str) else done.stderr
-    lines = [line for line in err.strip().splitlines() if not line.startswith("WARNING")]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err and fragment in lines[0], err
-    return lines[0]
-
-
-def leftovers(directory):
-    return sorted(p.name for p in directory.iterdir() if ".partial-" in p.name)
 
 
 @pytest.fixture
@@ -74,8 +53,7 @@ def test_overwrite_never_reaches_a_blob_of_a_symlinked_cache(tmp_path, target):
     before = tree_digest(tmp_path / "cache")
     out = tmp_path / "cache" / target
     done = run(merge("--base", base, "--tuned", tuned, "--out", out, "--overwrite"))
-    assert done.returncode == 2
-    one_error_line(done, "overlaps the input")
+    refused(done, "overlaps the input")
     assert tree_digest(tmp_path / "cache") == before
     assert (tuned / "model.safetensors").resolve().is_file()
 
@@ -104,46 +82,19 @@ def test_a_symlinked_cache_as_input_merges_normally(tmp_path):
 def test_locate_refuses_an_input_directory_as_out(pair, tmp_path):
     base, tuned, before = pair
     for out in (tuned, tuned / "report", tmp_path / "in"):
-        done = run(
-            [
-                sys.executable,
-                "-m",
-                "fusion_kernels.locate",
-                "--base",
-                base,
-                "--tuned",
-                tuned,
-                "--out",
-                out,
-                "--quiet",
-            ]
-        )
-        assert done.returncode == 2
-        one_error_line(done, "overlaps the input")
+        done = run(cli("locate", "--base", base, "--tuned", tuned, "--out", out, "--quiet"))
+        refused(done, "overlaps the input")
     assert tree_digest(tmp_path / "in") == before
 
 
 def test_sweep_refuses_an_out_that_holds_an_input(pair, tmp_path):
     base, tuned, before = pair
-    done = run(
-        [
-            sys.executable,
-            "-m",
-            "fusion_kernels.sweep",
-            "--base",
-            base,
-            "--tuned",
-            tuned,
-            "--out",
-            tmp_path / "in",
-            "--grid",
-            "method=ties",
-            "--eval",
-            "fusion_kernels.experiments.miniature:evaluate",
-        ]
-    )
-    assert done.returncode == 2
-    one_error_line(done, "overlaps the input")
+    sweep = cli(
+        "sweep", "--base", base, "--tuned", tuned, "--out", tmp_path / "in",
+        "--grid", "method=ties", "--eval", "fusion_kernels.experiments.miniature:evaluate",
+    )  # fmt: skip
+    done = run(sweep)
+    refused(done, "overlaps the input")
     assert tree_digest(tmp_path / "in") == before
 
 
@@ -155,9 +106,8 @@ def test_mergekit_launcher_refuses_a_model_directory_as_out(pair, tmp_path):
         f"merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {tuned}\n"
         "    parameters: {weight: 1.0, density: 0.5}\ndtype: bfloat16\n"
     )
-    done = run([sys.executable, "-m", "fusion_kernels.mergekit", config, tuned])
-    assert done.returncode == 2
-    one_error_line(done, "overlaps the input")
+    done = run(cli("mergekit", config, tuned))
+    refused(done, "overlaps the input")
     assert tree_digest(tmp_path / "in") == before
 
 
@@ -226,7 +176,7 @@ def test_an_output_that_appears_during_the_merge_is_not_replaced(pair, tmp_path)
         _write_all(writer, tuned)
         writer.commit(None, {})
     assert set(load_file(out / "model.safetensors")) == {"other"}
-    assert leftovers(tmp_path) == []
+    assert partials(tmp_path) == []
 
 
 def test_overwrite_does_not_replace_a_foreign_directory_that_appears_during_the_merge(
@@ -241,7 +191,7 @@ def test_overwrite_does_not_replace_a_foreign_directory_that_appears_during_the_
         _write_all(writer, tuned)
         writer.commit(None, {})
     assert (out / "notes.txt").read_text() == "someone else's"
-    assert leftovers(tmp_path) == []
+    assert partials(tmp_path) == []
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
@@ -264,7 +214,7 @@ def test_without_renameat2_the_same_guarantees_hold(pair, tmp_path, monkeypatch,
             (tmp_path / "o2").mkdir()
             _write_all(writer, tuned)
             writer.commit(None, {})
-    assert leftovers(tmp_path) == []
+    assert partials(tmp_path) == []
 
 
 def test_two_concurrent_merges_into_one_new_out_exactly_one_wins(pair, tmp_path):
@@ -285,7 +235,7 @@ def test_two_concurrent_merges_into_one_new_out_exactly_one_wins(pair, tmp_path)
     winner = ["ties", "dare"][[code for code, _ in results].index(0)]
     report = json.loads((out / "fusion_report.json").read_text())
     assert report["params"]["suppress"] == {"ties": "magnitude", "dare": "random"}[winner]
-    assert leftovers(tmp_path) == [] and tree_digest(tmp_path / "in") == before
+    assert partials(tmp_path) == [] and tree_digest(tmp_path / "in") == before
 
 
 def _plan(base, tuned):
@@ -323,7 +273,7 @@ def test_bad_flags_are_one_line_and_nothing_written(pair, tmp_path, capsys, flag
     args = ["--base", str(base), "--tuned", str(tuned), "--out", str(out), "--quiet", *flags]
     assert merge_main(args) == 2
     one_error_line(capsys.readouterr().err, fragment)
-    assert not out.exists() and leftovers(tmp_path) == []
+    assert not out.exists() and partials(tmp_path) == []
     assert tree_digest(tmp_path / "in") == before
 
 
@@ -364,22 +314,8 @@ def test_deeply_nested_json_is_one_line(tmp_path, tool, where):
         header = ('{"__metadata__": {}, "x": ' + deep_json(100000) + "}").encode()
         (tuned / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
     before = tree_digest(tmp_path)
-    done = run(
-        [
-            sys.executable,
-            "-m",
-            f"fusion_kernels.{tool}",
-            "--base",
-            base,
-            "--tuned",
-            tuned,
-            "--out",
-            tmp_path / "o",
-            "--quiet",
-        ]
-    )
-    assert done.returncode == 2
-    one_error_line(done, "nested deeper")
+    done = run(cli(tool, "--base", base, "--tuned", tuned, "--out", tmp_path / "o", "--quiet"))
+    refused(done, "nested deeper")
     assert tree_digest(tmp_path) == before
 
 
@@ -447,19 +383,17 @@ def test_a_fifo_is_refused_before_it_is_opened(tmp_path):
     tuned.mkdir()
     os.mkfifo(tuned / "model.safetensors")
     done = run(merge("--base", base, "--tuned", tuned, "--out", tmp_path / "o"))
-    assert done.returncode == 2
-    one_error_line(done, "not a regular file (a named pipe)")
+    refused(done, "not a regular file (a named pipe)")
     (tuned / "model.safetensors").unlink()
     (tuned / "model.safetensors.index.json").mkdir()
     done = run(merge("--base", base, "--tuned", tuned, "--out", tmp_path / "o"))
-    assert done.returncode == 2
-    one_error_line(done, "not a regular file (a directory)")
+    refused(done, "not a regular file (a directory)")
 
 
 def test_locate_out_that_is_a_file_and_a_bad_plot_regex_are_one_line(pair, tmp_path):
     base, tuned, _ = pair
     (tmp_path / "afile").write_text("x")
-    locate = [sys.executable, "-m", "fusion_kernels.locate", "--base", base, "--tuned", tuned]
+    locate = cli("locate", "--base", base, "--tuned", tuned)
     cases = [
         (["--out", tmp_path / "afile"], "existing file"),
         (["--out", tmp_path / "afile" / "sub"], "cannot write under"),
@@ -468,8 +402,7 @@ def test_locate_out_that_is_a_file_and_a_bad_plot_regex_are_one_line(pair, tmp_p
     ]
     for extra, fragment in cases:
         done = run([*locate, *extra, "--quiet"])
-        assert done.returncode == 2
-        one_error_line(done, fragment)
+        refused(done, fragment)
     assert not (tmp_path / "o").exists()
 
 
@@ -559,7 +492,7 @@ def test_a_second_ctrl_c_still_exits_130_with_nothing_left(tmp_path):
             shutil.rmtree(out)
             continue
         assert proc.returncode == 130 and "Traceback" not in err, err
-        assert not out.exists() and leftovers(tmp_path) == []
+        assert not out.exists() and partials(tmp_path) == []
     assert tree_digest(tmp_path / "in") == before
 
 
@@ -593,26 +526,14 @@ def test_an_empty_checkpoint_is_refused(tmp_path):
 @pytest.mark.parametrize("content", [b"\xff\xfe\x00bad", b"a,b\n1,2\n"])
 def test_a_corrupt_sweep_results_table_is_one_line(pair, tmp_path, content):
     base, tuned, _ = pair
-    sweep = [
-        sys.executable,
-        "-m",
-        "fusion_kernels.sweep",
-        "--base",
-        base,
-        "--tuned",
-        tuned,
-        "--out",
-        tmp_path / "s",
-        "--grid",
-        "density=0.1",
-        "--eval",
-        "json:dumps",
-    ]
+    sweep = cli(
+        "sweep", "--base", base, "--tuned", tuned, "--out", tmp_path / "s",
+        "--grid", "density=0.1", "--eval", "json:dumps",
+    )  # fmt: skip
     run(sweep)  # creates the sweep (the eval fails; that is not what is tested)
     (tmp_path / "s" / "results.csv").write_bytes(content)
     done = run(sweep)
-    assert done.returncode == 2
-    one_error_line(done, "results.csv")
+    refused(done, "results.csv")
 
 
 def test_sweep_keep_removes_only_its_own_model_directories(tmp_path):
@@ -654,6 +575,5 @@ def test_overwrite_replaces_only_an_earlier_output_never_a_directory_holding_the
     done = run(
         merge("--base", base, "--tuned", tuned, "--out", "..", "--overwrite"), cwd=home / "work"
     )
-    assert done.returncode == 2
-    one_error_line(done, "not an earlier merge output")
+    refused(done, "not an earlier merge output")
     assert (home / "notes.txt").read_text() == "mine" and (home / "work").is_dir()

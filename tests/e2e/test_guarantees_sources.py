@@ -6,37 +6,17 @@ with one line and nothing written."""
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
 from checkpoints import cache_repo, tiny_pair, tree_digest
+from commands import merge, partials, refused, run
 from safetensors.torch import save_file
 
 from fusion_kernels.outputs import MARKER_NAME
 from fusion_kernels.reader import Checkpoint
-
-
-def merge(*args) -> list[str]:
-    return [sys.executable, "-m", "fusion_kernels.merge", *map(str, args), "--quiet"]
-
-
-def run(command, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(command, capture_output=True, text=True, timeout=120, **kwargs)
-
-
-def one_error_line(done: subprocess.CompletedProcess, fragment: str = "") -> str:
-    lines = [line for line in done.stderr.strip().splitlines() if not line.startswith("WARNING")]
-    assert done.returncode == 2, done.stderr
-    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
-    assert "Traceback" not in done.stderr and fragment in lines[0], done.stderr
-    return lines[0]
-
-
-def partials(directory):
-    return sorted(p.name for p in directory.iterdir() if ".partial-" in p.name)
 
 
 @pytest.fixture
@@ -70,7 +50,7 @@ def test_no_file_of_a_hub_id_is_in_reach_of_out(hub, target):
     out = folder / target.replace("BLOB", blob).replace("REV", revision)
     before = tree_digest(cache)
     done = run(merge("--base", base, "--tuned", "org/tuned", "--out", out, "--overwrite"), env=env)
-    one_error_line(done, "overlaps the input")
+    refused(done, "overlaps the input")
     assert tree_digest(cache) == before
     assert all(link.resolve().is_file() for link in (folder / "snapshots").rglob("*.json"))
 
@@ -81,7 +61,7 @@ def test_a_hub_id_as_text_model_out_source_stays_out_of_reach(hub, tmp_path):
     text = cache / "models--org--tuned" / "blobs" / "text"
     args = ["--base", base, "--tuned", "org/tuned", "--out", tmp_path / "o"]
     done = run(merge(*args, "--text-model-out", text), env=env)
-    one_error_line(done, "--text-model-out")
+    refused(done, "--text-model-out")
     assert tree_digest(cache) == before and not (tmp_path / "o").exists()
 
 
@@ -113,7 +93,7 @@ def test_the_adapter_of_model_plus_adapter_is_out_of_reach(pair, tmp_path, targe
     before = tree_digest(tmp_path / "in")
     out = tmp_path / "in" / target
     done = run(merge("--base", base, "--tuned", f"{tuned}+{adapter}", "--out", out, "--overwrite"))
-    one_error_line(done, "overlaps the input")
+    refused(done, "overlaps the input")
     assert tree_digest(tmp_path / "in") == before
 
 
@@ -133,7 +113,7 @@ def test_bad_adapter_configs_are_one_line(pair, tmp_path, config, fragment):
     if config.get("lora_alpha") == 10**400:  # JSON has no limit on integers; json.dumps agrees
         assert "0" * 400 in (adapter / "adapter_config.json").read_text()
     done = run(merge("--base", base, "--tuned", f"{tuned}+{adapter}", "--out", tmp_path / "o"))
-    one_error_line(done, fragment)
+    refused(done, fragment)
     assert not (tmp_path / "o").exists() and partials(tmp_path) == []
 
 
@@ -145,7 +125,7 @@ def test_a_rank_zero_adapter_is_one_line(pair, tmp_path):
     empty[f"{prefix}.lora_B.weight"] = torch.zeros(32, 0)
     save_file(empty, str(adapter / "adapter_model.safetensors"))
     done = run(merge("--base", base, "--tuned", f"{tuned}+{adapter}", "--out", tmp_path / "o"))
-    one_error_line(done, "rank 0")
+    refused(done, "rank 0")
 
 
 # --- .bin checkpoints -------------------------------------------------------------------------
@@ -173,7 +153,7 @@ def test_bin_shards_and_their_index_are_out_of_reach(pair, tmp_path):
     before = tree_digest(tuned_bin)
     for out in (tuned_bin, tuned_bin / "pytorch_model-0.bin", tuned_bin / "merged"):
         done = run(merge("--base", base, "--tuned", tuned_bin, "--out", out, "--overwrite"))
-        one_error_line(done, "overlaps the input")
+        refused(done, "overlaps the input")
     assert tree_digest(tuned_bin) == before
     assert run(merge("--base", base, "--tuned", tuned_bin, "--out", tmp_path / "o")).returncode == 0
 
@@ -182,7 +162,7 @@ def test_a_bin_index_naming_a_file_the_writer_creates_is_refused(pair, tmp_path)
     base, tuned = pair
     tuned_bin = bin_copy(tuned, tmp_path / "bin", ["config.json", "pytorch_model-1.bin"])
     done = run(merge("--base", base, "--tuned", tuned_bin, "--out", tmp_path / "o"))
-    one_error_line(done, "is not a .bin file name")
+    refused(done, "is not a .bin file name")
     assert not (tmp_path / "o").exists()
 
 
@@ -193,7 +173,7 @@ def test_a_fifo_in_a_bin_checkpoint_is_refused_not_waited_on(pair, tmp_path, whi
     (tuned_bin / which).unlink()
     os.mkfifo(tuned_bin / which)
     done = run(merge("--base", base, "--tuned", tuned_bin, "--out", tmp_path / "o"))
-    one_error_line(done, "not a regular file (a named pipe)")
+    refused(done, "not a regular file (a named pipe)")
 
 
 def test_a_fifo_as_adapter_weights_or_tuned_card_is_not_waited_on(pair, tmp_path):
@@ -202,7 +182,7 @@ def test_a_fifo_as_adapter_weights_or_tuned_card_is_not_waited_on(pair, tmp_path
     (adapter / "adapter_model.safetensors").unlink()
     os.mkfifo(adapter / "adapter_model.safetensors")
     done = run(merge("--base", base, "--tuned", f"{tuned}+{adapter}", "--out", tmp_path / "o"))
-    one_error_line(done, "not a regular file (a named pipe)")
+    refused(done, "not a regular file (a named pipe)")
     os.mkfifo(tuned / "README.md")
     done = run(merge("--base", base, "--tuned", tuned, "--out", tmp_path / "o2"))
     assert done.returncode == 0, done.stderr
@@ -219,7 +199,7 @@ def test_a_tuned_side_file_that_is_not_a_file_is_refused_before_writing(pair, tm
     else:
         (tuned / "config.json").symlink_to(tmp_path / "gone.json")
     done = run(merge("--base", base, "--tuned", tuned, "--out", tmp_path / "o"))
-    line = one_error_line(done, f"{tuned / 'config.json'}:")
+    line = refused(done, f"{tuned / 'config.json'}:")
     assert ("named pipe" if kind == "fifo" else "cannot be read") in line
     assert not (tmp_path / "o").exists()
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
@@ -253,7 +233,7 @@ def test_text_model_out_is_clear_of_inputs_and_out(pair, tmp_path, where):
     before = tree_digest(tmp_path / "in")
     args = ["--base", base, "--tuned", tuned, "--out", out, "--overwrite"]
     done = run(merge(*args, "--text-model-out", text[where]))
-    one_error_line(done, "--text-model-out")
+    refused(done, "--text-model-out")
     assert tree_digest(tmp_path / "in") == before and not out.exists()
 
 
@@ -264,7 +244,7 @@ def test_text_model_out_replaces_only_an_earlier_export(pair, tmp_path):
     (foreign / "notes.txt").write_text("mine")
     args = merge("--base", base, "--tuned", tuned, "--out", tmp_path / "o", "--overwrite")
     done = run([*args, "--text-model-out", str(foreign)])
-    one_error_line(done, "not an earlier merge output")
+    refused(done, "not an earlier merge output")
     assert (foreign / "notes.txt").read_text() == "mine" and not (tmp_path / "o").exists()
     text = tmp_path / "text2"
     for _ in range(2):  # the second run replaces the first export: it is one of ours
@@ -320,5 +300,5 @@ def test_a_shard_truncated_during_the_merge_is_one_line_not_sigbus(pair, tmp_pat
     args = ["--base", base, "--tuned", tuned, "--out", out, "--backend", "torch", "--quiet"]
     done = run([sys.executable, "-c", TRUNCATE_DURING_MERGE, *map(str, args)])
     assert done.returncode == 2, (done.returncode, done.stderr)
-    one_error_line(done, "shrank while being read")
+    refused(done, "shrank while being read")
     assert not out.exists() and partials(tmp_path) == []
