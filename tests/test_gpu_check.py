@@ -16,17 +16,19 @@ import pytest
 ROOT = Path(__file__).parent.parent
 
 
+def run_script(env: dict[str, str], timeout: int) -> subprocess.CompletedProcess:
+    """bench/gpu_check.sh run with ``env``."""
+    script = ROOT / "bench" / "gpu_check.sh"
+    return subprocess.run(
+        ["bash", str(script)], env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="a bash script")
 def test_without_a_gpu_it_says_so_and_exits_0(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out")}
     env["CUDA_VISIBLE_DEVICES"] = ""  # hides any GPU this machine has
-    done = subprocess.run(
-        ["bash", str(ROOT / "bench" / "gpu_check.sh")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_script(env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines() == [
         "gpu_check: no CUDA device here (torch.cuda.is_available() is false); nothing checked."
@@ -49,13 +51,7 @@ def test_steps_run_time_boxed_and_leave_a_few_files(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHON": str(fake), "OUT": str(out), "TMPDIR": str(tmp_path)}
     env.update(GPU_CHECK_STEPS="env cuda-core", GPU_CHECK_SECONDS="200")
-    done = subprocess.run(
-        ["bash", str(ROOT / "bench" / "gpu_check.sh")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_script(env, timeout=300)
     assert done.returncode == 0, done.stderr
     steps = {line.split()[0]: line for line in (out / "summary.txt").read_text().splitlines()
              if " rc=" in line}  # fmt: skip
