@@ -149,7 +149,7 @@ class HostTransport:
         index = self._next_output
         self._next_output = (index + 1) % self.outputs
         capacity = self._outputs[index].numel()
-        if not needed <= capacity <= max(2 * needed, self.keep_bytes + PAGE):
+        if not _reusable(capacity, needed, self.keep_bytes + PAGE):
             # Free the old buffer before allocating its successor, not after.
             self._outputs[index] = torch.empty(0, dtype=torch.uint8)
             self._outputs[index] = torch.empty(needed, dtype=torch.uint8)
@@ -178,6 +178,14 @@ class HostTransport:
         return checksum(host) if want_crc else None
 
 
+def _reusable(capacity: int, needed: int, share: int) -> bool:
+    """Whether a buffer of ``capacity`` bytes serves a request for ``needed``: it is large
+    enough, and either within ``share`` (the budget's share with its alignment slack: kept
+    whatever comes next, as the budget counts it anyway) or at most twice the size asked for
+    (a larger one would stay resident through small tensors)."""
+    return needed <= capacity <= max(2 * needed, share)
+
+
 class _InputBuffers:
     """The buffers direct reads land in: taken by a load (on a reader thread), held while the
     tensor is in use, given back by its release (on the merging or the writer thread).
@@ -201,7 +209,7 @@ class _InputBuffers:
         with self._lock:
             self._out += 1
             for index, buffer in enumerate(self._free):
-                if nbytes <= buffer.numel() <= max(2 * nbytes, self.keep_bytes + 2 * PAGE):
+                if _reusable(buffer.numel(), nbytes, self.keep_bytes + 2 * PAGE):
                     return self._free.pop(index)
             # None fits: free the smallest to make room for a new one.
             del self._free[: max(len(self._free) + self._out - self.IN_FLIGHT, 0)]
