@@ -295,7 +295,7 @@ class Checkpoint(TensorTable):
         info = self.tensors[name]
         if not self.mappable(name):
             return self.read(name)
-        start = self._data_start[info.file] + info.begin
+        start = self._offset(info)
         try:
             mapped = self._mapping(info.file)
             if populate:
@@ -311,16 +311,23 @@ class Checkpoint(TensorTable):
         """Whether :meth:`view` maps the tensor (its bytes are aligned to its dtype), rather
         than copying it."""
         info = self.tensors[name]
-        start = self._data_start[info.file] + info.begin
+        start = self._offset(info)
         return info.nbytes > 0 and start % SAFETENSORS_DTYPES[info.dtype][1] == 0
+
+    def _offset(self, info: TensorInfo) -> int:
+        """Where a tensor's bytes start in its shard file."""
+        return self._data_start[info.file] + info.begin
+
+    def _whole_pages(self, info: TensorInfo) -> tuple[int, int]:
+        """``(file offset, length)`` of the whole pages holding a tensor's bytes."""
+        start = self._offset(info)
+        first = start - start % mmap.PAGESIZE
+        return first, -(-(start + info.nbytes - first) // mmap.PAGESIZE) * mmap.PAGESIZE
 
     def direct_bytes(self, name: str) -> int:
         """The buffer size :meth:`read_direct` needs for a tensor: its whole pages, plus a page
         of room to align the buffer."""
-        info = self.tensors[name]
-        start = self._data_start[info.file] + info.begin
-        first = start - start % mmap.PAGESIZE
-        return -(-(start + info.nbytes - first) // mmap.PAGESIZE) * mmap.PAGESIZE + mmap.PAGESIZE
+        return self._whole_pages(self.tensors[name])[1] + mmap.PAGESIZE
 
     def read_direct(self, name: str, buffer: torch.Tensor) -> torch.Tensor | None:
         """The tensor read from disk into ``buffer`` (uint8, :meth:`direct_bytes` long at least)
@@ -333,11 +340,10 @@ class Checkpoint(TensorTable):
             return None
         self._mapping(info.file)  # opens the shard and checks its size
         direct = self._direct.get(info.file, -1)
-        start = self._data_start[info.file] + info.begin
+        start = self._offset(info)
         if direct < 0 or self._resident_share(info.file, start, info.nbytes) >= 0.5:
             return None
-        first = start - start % mmap.PAGESIZE
-        length = self.direct_bytes(name) - mmap.PAGESIZE
+        first, length = self._whole_pages(info)
         shift = -buffer.data_ptr() % mmap.PAGESIZE
         try:
             count = pread_direct(direct, buffer[shift : shift + length].numpy(), first)
@@ -368,7 +374,7 @@ class Checkpoint(TensorTable):
         mapped = self._maps.get(info.file)
         end = info.nbytes if end is None else end
         if mapped is not None and end > begin:
-            start = self._data_start[info.file] + info.begin + begin
+            start = self._offset(info) + begin
             _populate(self._addresses[info.file], mapped, start, end - begin)
 
     def prefetch(self, name: str, begin: int = 0, end: int | None = None) -> None:
@@ -378,7 +384,7 @@ class Checkpoint(TensorTable):
         end = info.nbytes if end is None else end
         if end > begin:
             self._mapping(info.file)
-            start = self._data_start[info.file] + info.begin + begin
+            start = self._offset(info) + begin
             advise(self._addresses[info.file] + start, end - begin, mmap.MADV_WILLNEED)
 
     def warm(self, name: str, begin: int = 0, end: int | None = None) -> None:
@@ -399,7 +405,7 @@ class Checkpoint(TensorTable):
         mapped = self._maps.get(info.file)
         end = info.nbytes if end is None else end
         if mapped is not None and end > begin:
-            _release(mapped, self._data_start[info.file] + info.begin + begin, end - begin)
+            _release(mapped, self._offset(info) + begin, end - begin)
 
     def read(self, name: str) -> torch.Tensor:
         """One tensor, copied out of the memory-mapped shard into its own CPU memory."""
@@ -407,7 +413,7 @@ class Checkpoint(TensorTable):
         tensor = torch.empty(info.shape, dtype=info.torch_dtype)
         if info.nbytes == 0:
             return tensor
-        start = self._data_start[info.file] + info.begin
+        start = self._offset(info)
         try:
             mapped = self._mapping(info.file)
             source = np.frombuffer(mapped, dtype=np.uint8, count=info.nbytes, offset=start)
@@ -425,7 +431,7 @@ class Checkpoint(TensorTable):
         length = len(out)
         if offset < 0 or offset + length > info.nbytes:
             raise ValueError(f"range [{offset}, {offset + length}) outside tensor {name!r}")
-        start = self._data_start[info.file] + info.begin + offset
+        start = self._offset(info) + offset
         try:
             mapped = self._mapping(info.file)
             out[:] = np.frombuffer(mapped, dtype=np.uint8, count=length, offset=start)
