@@ -39,6 +39,9 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_DIM = 2**63
 #: :meth:`Checkpoint.warm` maps this much at a time while it reads into the page cache.
 WARM_SLICE = 16 * 2**20
+#: What :meth:`Checkpoint.direct_bytes` adds to a tensor's size, at most: the partial pages at
+#: both ends and a page to align the buffer.
+DIRECT_SLACK = 3 * mmap.PAGESIZE
 # madvise(2) advice that Python's mmap module lacks: fault a range's pages in (Linux 5.14+).
 _MADV_POPULATE_READ = 22 if sys.platform.startswith("linux") else None
 
@@ -326,7 +329,7 @@ class Checkpoint(TensorTable):
 
     def direct_bytes(self, name: str) -> int:
         """The buffer size :meth:`read_direct` needs for a tensor: its whole pages, plus a page
-        of room to align the buffer."""
+        of room to align the buffer (under :data:`DIRECT_SLACK` more than the tensor)."""
         return self._whole_pages(self.tensors[name])[1] + mmap.PAGESIZE
 
     def read_direct(self, name: str, buffer: torch.Tensor) -> torch.Tensor | None:

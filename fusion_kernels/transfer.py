@@ -23,7 +23,7 @@ import torch
 
 from .directio import PAGE, direct_io_enabled, page_offset
 from .errors import ParameterError
-from .reader import Checkpoint, TensorInfo
+from .reader import DIRECT_SLACK, Checkpoint, TensorInfo
 from .writer import CheckpointWriter, checksum
 
 DEFAULT_STAGING_BYTES = 256 * 2**20
@@ -209,7 +209,7 @@ class _InputBuffers:
         with self._lock:
             self._out += 1
             for index, buffer in enumerate(self._free):
-                if _reusable(buffer.numel(), nbytes, self.keep_bytes + 2 * PAGE):
+                if _reusable(buffer.numel(), nbytes, self.keep_bytes + DIRECT_SLACK):
                     return self._free.pop(index)
             # None fits: free the smallest to make room for a new one.
             del self._free[: max(len(self._free) + self._out - self.IN_FLIGHT, 0)]

@@ -10,7 +10,7 @@ from checkpoints import tiny_pair
 
 from fusion_kernels import merge_checkpoints, params_for
 from fusion_kernels.errors import CheckpointError
-from fusion_kernels.reader import Checkpoint
+from fusion_kernels.reader import DIRECT_SLACK, Checkpoint
 from fusion_kernels.transfer import HostTransport, _InputBuffers, make_transport
 
 NAME = "model.embed_tokens.weight"
@@ -131,3 +131,14 @@ def test_a_cold_merge_reads_direct_and_writes_the_same_files(tmp_path, monkeypat
         pytest.skip("this file system refuses direct reads")
     for path in (tmp_path / "cached").glob("*.safetensors"):
         assert path.read_bytes() == (tmp_path / "direct" / path.name).read_bytes(), path.name
+
+
+def test_an_input_buffer_of_the_budget_share_serves_a_smaller_tensor_next():
+    # A tensor of exactly the share whose bytes straddle one more page than they fill needs
+    # the most slack direct_bytes adds; its buffer is still within the share.
+    share, page = 1 << 20, 4096
+    pool = _InputBuffers(keep_bytes=share)
+    large = pool.take(share + DIRECT_SLACK - 2)
+    pool.hold((0, "large"), large)
+    pool.release((0, "large"))
+    assert pool.take(page).data_ptr() == large.data_ptr()
