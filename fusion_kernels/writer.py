@@ -356,7 +356,7 @@ def check_side_files(directory: Path, replaced: tuple[str, ...] = ()) -> None:
     (a named pipe, a socket, a device, a broken link), before anything is written: the output
     would silently lack it, and a ``config.json`` missing makes the merged model unloadable.
     ``replaced``: names the merge writes itself (the model card), which are not copied."""
-    for path in sorted(directory.iterdir()):
+    for path in _side_entries(directory):
         if path.name in replaced:
             continue
         try:
@@ -375,8 +375,13 @@ def check_side_files(directory: Path, replaced: tuple[str, ...] = ()) -> None:
 
 def non_weight_files(directory: Path) -> list[Path]:
     """Top-level files of a model directory that are not weights: config, tokenizer, processor..."""
+    return [p for p in _side_entries(directory) if p.is_file()]
+
+
+def _side_entries(directory: Path) -> list[Path]:
+    """Top-level entries of a model directory not named as weights, sorted."""
     return sorted(
         p
         for p in directory.iterdir()
-        if p.is_file() and not p.name.endswith(_WEIGHT_SUFFIXES) and p.name not in _WEIGHT_NAMES
+        if not p.name.endswith(_WEIGHT_SUFFIXES) and p.name not in _WEIGHT_NAMES
     )
