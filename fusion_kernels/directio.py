@@ -116,12 +116,7 @@ def direct_io_enabled() -> bool:
 def open_direct_reader(fd: int) -> int:
     """A descriptor of the file open as ``fd`` (the same file, even if its path has been
     replaced since), for reading with O_DIRECT; -1 where direct reads are off or refused."""
-    if not direct_io_enabled():
-        return -1
-    try:
-        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_DIRECT)
-    except OSError:
-        return -1
+    return _open_direct(Path(f"/proc/self/fd/{fd}"), os.O_RDONLY)
 
 
 def pread_direct(fd: int, target: np.ndarray, position: int) -> int:
@@ -140,12 +135,13 @@ def pread_direct(fd: int, target: np.ndarray, position: int) -> int:
     return done
 
 
-def _open_direct(path: Path) -> int:
-    """A second descriptor of ``path`` with O_DIRECT, or -1 where there is none."""
+def _open_direct(path: Path, access: int = os.O_WRONLY) -> int:
+    """A second descriptor of ``path`` with O_DIRECT (``access``: its read/write mode), or -1
+    where there is none."""
     if not direct_io_enabled():
         return -1
     try:
-        return os.open(path, os.O_WRONLY | os.O_DIRECT)
+        return os.open(path, access | os.O_DIRECT)
     except OSError:
         return -1
 
