@@ -1,9 +1,10 @@
 """Driver: stream a planned merge from the input shards through the op into the writer.
 
 Three stages overlap: a reader thread loads the next tensor pairs while the current one is merged,
-and a writer thread writes the previous results. On CPU, pairs are read ahead into the page cache
-only (up to the budget's worth, so the disk never waits for the merge) and mapped into the
-process when their turn comes; up to two results wait for the writer. Memory holds a few tensors
+and a writer thread writes the previous results. On CPU (transfer.py), the next pair is read
+from disk straight into reused buffers and one result waits for the writer; where direct reads
+are off, pairs are read ahead into the page cache only (up to the budget's worth) and mapped into
+the process when their turn comes, and up to two results wait. Memory holds a few tensors
 whatever the model size. A tensor too large for the memory budget streams in chunks of rows
 (chunks.py) through a reader thread of its own and the same writer. Such tensors go first: after
 their first pass they are read again from the page cache, and while those passes compute, the
