@@ -14,9 +14,9 @@ import pytest
 from conftest import cached_pair
 
 from fusion_kernels.demo import PairSpec
+from fusion_kernels.io.reader import Checkpoint
 from fusion_kernels.locate import locate_checkpoints
 from fusion_kernels.ops import available_backends
-from fusion_kernels.reader import Checkpoint
 
 SPEC = PairSpec(hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=32000, layers=2)
 _results: dict[str, dict] = {}

@@ -17,8 +17,8 @@ import time
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from fusion_kernels import chunks, directio, merge, pipeline, transfer, writer
 from fusion_kernels.ops import cpp
+from fusion_kernels.streaming import chunks, directio, merge, pipeline, transfer, writer
 
 EVENTS: list[tuple[str, float, float]] = []
 _lock = threading.Lock()

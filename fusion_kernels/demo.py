@@ -17,10 +17,10 @@ import torch
 
 from .dtypes import safetensors_name
 from .errors import ParameterError
+from .io.reader import INDEX_NAME
+from .io.writer import ShardFile
 from .neurons import default_axis
-from .planner import ShardPlan
-from .reader import INDEX_NAME
-from .writer import ShardFile
+from .plan.planner import ShardPlan
 
 PLANTED_NAME = "planted_neurons.json"
 
@@ -191,7 +191,7 @@ def planted_restored(tuned_dir: Path, merged_dir: Path) -> tuple[int, int]:
     With ``restore=replace`` every restored neuron equals tuned, so this is how many of the
     planted large-change neurons the merge located.
     """
-    from .reader import Checkpoint
+    from .io.reader import Checkpoint
 
     planted = json.loads((Path(tuned_dir) / PLANTED_NAME).read_text())
     tuned, merged = Checkpoint(tuned_dir), Checkpoint(merged_dir)

@@ -21,14 +21,14 @@ import torch
 from tqdm import tqdm
 
 from .errors import FusionError, NonFiniteDeltaError
+from .io.outputs import check_output_path
 from .neurons import NeuronRules, parse_rule
 from .ops import change_scores
 from .ops.contract import count
-from .outputs import check_output_path
 from .params import check_pattern
 from .pipeline import plan_merge
 from .process import run_cli
-from .transfer import parse_device
+from .streaming.transfer import parse_device
 
 TOP_PERCENTS = (1, 5, 10, 30)
 DENSITIES = (0.05, 0.1, 0.2, 0.3, 0.5)

@@ -13,11 +13,10 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
-from .chunks import return_freed_memory_promptly
 from .errors import FusionError, ParameterError
+from .io.outputs import check_output_path
 from .neurons import NeuronRules, parse_rule
 from .ops import registered_backends
-from .outputs import check_output_path
 from .params import (
     PRESETS,
     RESCALE_MODES,
@@ -29,8 +28,9 @@ from .params import (
     parse_override,
 )
 from .pipeline import merge_checkpoints, plan_merge
-from .planner import parse_size
+from .plan.planner import parse_size
 from .process import run_cli
+from .streaming.chunks import return_freed_memory_promptly
 
 DEFAULT_METHOD = "neuron_fusion"
 DEMO_DIR = "fusion_demo"
@@ -223,8 +223,8 @@ _METHOD_FLAGS = (
 
 def _from_config(args: argparse.Namespace) -> tuple[TensorParams, NeuronRules]:
     """Models, parameters and neuron rules from a mergekit YAML file (``--config``)."""
+    from .io.sources import open_checkpoint
     from .mergekit.config import load_merge_config
-    from .sources import open_checkpoint
 
     given = [f"--{n.replace('_', '-')}" for n in _METHOD_FLAGS if getattr(args, n) is not None]
     given += ["--method"] * (args.method is not None)
@@ -327,8 +327,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _check_text_out(args: argparse.Namespace) -> None:
     """Refuse a --text-model-out that exists or overlaps an input or --out, before any work."""
-    from .sources import open_checkpoint
-    from .writer import check_target
+    from .io.sources import open_checkpoint
+    from .io.writer import check_target
 
     flag = "--text-model-out"
     check_output_path(args.text_model_out, [args.out], flag, "--out")

@@ -15,9 +15,9 @@ from collections import defaultdict
 from typing import Any
 
 from .errors import FusionError
+from .io.safeload import parse_yaml
 from .neurons import DEFAULT_RULES
 from .params import PRESETS, params_for
-from .safeload import parse_yaml
 
 CARD_NAME = "README.md"
 TUNED_CARD_HEADING = "## The tuned model's card"

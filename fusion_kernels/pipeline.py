@@ -25,23 +25,23 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .chunks import DEFAULT_MEMORY_BUDGET, Budget, merge_task_in_chunks, row_origin
 from .errors import BackendUnavailableError, CheckpointError, FusionError
-from .layermap import layer_map_for
+from .io.outputs import check_output_path
+from .io.reader import Checkpoint
+from .io.safeload import MAX_INDEX_BYTES, read_bytes
+from .io.sources import open_checkpoint
+from .io.writer import CheckpointWriter, check_side_files
 from .modelcard import CARD_NAME, model_card
-from .namemap import detect, layer_prefix, user_map
 from .neurons import NeuronRules
 from .ops import TensorStats, merge_tensor, select_backend
 from .ops.cpp import ChunkedMergeCpp
-from .outputs import check_output_path
 from .params import MergeParams, TensorParams
-from .planner import MergePlan, TensorTask, build_plan
-from .reader import Checkpoint
-from .safeload import MAX_INDEX_BYTES, read_bytes
-from .sources import open_checkpoint
-from .transfer import HostTransport, make_transport, parse_device
+from .plan.layermap import layer_map_for
+from .plan.namemap import detect, layer_prefix, user_map
+from .plan.planner import MergePlan, TensorTask, build_plan
+from .streaming.chunks import DEFAULT_MEMORY_BUDGET, Budget, merge_task_in_chunks, row_origin
+from .streaming.transfer import HostTransport, make_transport, parse_device
 from .version import __version__
-from .writer import CheckpointWriter, check_side_files
 
 log = logging.getLogger("fusion_kernels")
 
@@ -118,9 +118,9 @@ def merge_checkpoints(
             a GPU (default 256 MiB on CUDA, at most a quarter of the memory budget; on CPU,
             giving it streams through staging too).
         memory_budget: the most bytes of tensor data held at once (default
-            :data:`~fusion_kernels.chunks.DEFAULT_MEMORY_BUDGET`); larger tensors stream
-            through the cpp backend in chunks (see :mod:`fusion_kernels.chunks`). The torch
-            and triton backends merge whole tensors (triton's host memory stays within the
+            :data:`~fusion_kernels.streaming.chunks.DEFAULT_MEMORY_BUDGET`); larger tensors
+            stream through the cpp backend in chunks (see :mod:`fusion_kernels.streaming.chunks`).
+            The torch and triton backends merge whole tensors (triton's host memory stays within the
             staging buffers; the tensors themselves are on the GPU).
         model_card: write ``README.md``, the merged model's card (see :mod:`.modelcard`).
     """
@@ -326,7 +326,7 @@ class _ReadAhead:
 
 def _rows_readable(task: TensorTask, base_ckpt, tuned_ckpt) -> bool:
     """Whether the task's inputs can be read in rows; a tensor a LoRA adapter updates is
-    computed whole (:meth:`~fusion_kernels.lora.LoraCheckpoint.row_origin` says why), so its
+    computed whole (:meth:`~fusion_kernels.io.lora.LoraCheckpoint.row_origin` says why), so its
     merge is whole too, over the budget."""
     readable = row_origin(tuned_ckpt, task.tuned) is not None
     if task.action == "merge":

@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable
 
 from .errors import FusionError
-from .outputs import remove_live_workspaces
+from .io.outputs import remove_live_workspaces
 
 #: Exit status of an interrupted command (128 + SIGINT, what shells report for Ctrl-C).
 INTERRUPTED = 130

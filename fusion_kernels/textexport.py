@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PlanError
-from .planner import MergePlan, ShardPlan, TensorTask, _regroup
-from .reader import TensorInfo
-from .writer import CheckpointWriter
+from .io.reader import TensorInfo
+from .io.writer import CheckpointWriter
+from .plan.planner import MergePlan, ShardPlan, TensorTask, _regroup
 
 #: Shard size of the export (transformers' own default).
 TEXT_SHARD_BYTES = 5 * 10**9

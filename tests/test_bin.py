@@ -11,10 +11,10 @@ import pytest
 import torch
 from checkpoints import tiny_pair, tree_digest
 
-from fusion_kernels.binreader import BinCheckpoint, output_shard_name
 from fusion_kernels.errors import CheckpointError
+from fusion_kernels.io.binreader import BinCheckpoint, output_shard_name
+from fusion_kernels.io.reader import Checkpoint
 from fusion_kernels.merge import main
-from fusion_kernels.reader import Checkpoint
 
 
 def to_bin(source, target, legacy=False):

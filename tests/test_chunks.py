@@ -17,11 +17,11 @@ import torch
 from checkpoints import tiny_pair, write_single
 
 from fusion_kernels import merge_checkpoints, params_for
-from fusion_kernels.chunks import BRACKET_KEY_BYTES, BUFFERS_IN_FLIGHT, Budget
 from fusion_kernels.errors import NonFiniteDeltaError, ParameterError
+from fusion_kernels.io.reader import TensorInfo
 from fusion_kernels.params import PRESETS
-from fusion_kernels.planner import TensorTask
-from fusion_kernels.reader import TensorInfo
+from fusion_kernels.plan.planner import TensorTask
+from fusion_kernels.streaming.chunks import BRACKET_KEY_BYTES, BUFFERS_IN_FLIGHT, Budget
 
 pytest.importorskip("fusion_kernels._cpp", reason="the C++ extension is not built")
 
@@ -177,7 +177,7 @@ def test_the_cli_takes_a_memory_budget(tmp_path, odd_pair):
 
 _HELD_AFTER_FREE = """
 import ctypes, sys
-from fusion_kernels.chunks import return_freed_memory_promptly
+from fusion_kernels.streaming.chunks import return_freed_memory_promptly
 if sys.argv[1] == "prompt":
     return_freed_memory_promptly()
 libc = ctypes.CDLL(None)

@@ -14,7 +14,7 @@ import types
 import pytest
 import torch
 
-from fusion_kernels import transfer
+from fusion_kernels.streaming import transfer
 
 DEVICE = torch.device("cuda", 1)
 

@@ -10,8 +10,8 @@ from checkpoints import tiny_pair
 
 from fusion_kernels import merge_checkpoints, params_for
 from fusion_kernels.errors import CheckpointError
-from fusion_kernels.reader import DIRECT_SLACK, Checkpoint
-from fusion_kernels.transfer import HostTransport, _InputBuffers, make_transport
+from fusion_kernels.io.reader import DIRECT_SLACK, Checkpoint
+from fusion_kernels.streaming.transfer import HostTransport, _InputBuffers, make_transport
 
 NAME = "model.embed_tokens.weight"
 #: Embeddings of 512 KiB: a tensor of a page or two shares the page of the header, which

@@ -12,8 +12,8 @@ import torch
 from checkpoints import tiny_pair
 
 from fusion_kernels import merge_checkpoints, params_for
-from fusion_kernels.directio import ENV_DIRECT_IO, PAGE, OffsetFile, page_offset
-from fusion_kernels.transfer import HostTransport
+from fusion_kernels.io.directio import ENV_DIRECT_IO, PAGE, OffsetFile, page_offset
+from fusion_kernels.streaming.transfer import HostTransport
 
 SIZE = 7 * PAGE + 123
 

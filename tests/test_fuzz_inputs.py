@@ -12,8 +12,8 @@ from checkpoints import tree_digest, write_single
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fusion_kernels.io.reader import Checkpoint
 from fusion_kernels.merge import main
-from fusion_kernels.reader import Checkpoint
 
 FUZZ = settings(
     max_examples=30,

@@ -9,16 +9,16 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from fusion_kernels.errors import ParameterError, PlanError
-from fusion_kernels.layermap import (
+from fusion_kernels.io.reader import Checkpoint
+from fusion_kernels.plan.layermap import (
     LayerMap,
     format_layers,
     from_config,
     layer_map_for,
     parse_layers,
 )
-from fusion_kernels.namemap import NameMap
-from fusion_kernels.planner import build_plan
-from fusion_kernels.reader import Checkpoint
+from fusion_kernels.plan.namemap import NameMap
+from fusion_kernels.plan.planner import build_plan
 
 # Llama-3.2-11B-Vision: 40 text layers, cross-attention every fifth from layer 3.
 CROSS_11B = [3, 8, 13, 18, 23, 28, 33, 38]

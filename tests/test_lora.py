@@ -10,9 +10,9 @@ from checkpoints import tree_digest
 from safetensors.torch import load_file, save_file
 
 from fusion_kernels.errors import CheckpointError
-from fusion_kernels.lora import LoraCheckpoint
+from fusion_kernels.io.lora import LoraCheckpoint
+from fusion_kernels.io.sources import open_checkpoint
 from fusion_kernels.merge import main
-from fusion_kernels.sources import open_checkpoint
 
 transformers = pytest.importorskip("transformers", reason="installed by the test extra")
 peft = pytest.importorskip("peft", reason="installed by the test extra")

@@ -7,8 +7,8 @@ import torch
 from checkpoints import write_single
 
 from fusion_kernels.errors import ParameterError, PlanError
-from fusion_kernels.namemap import NameMap, detect, parse_map, user_map
-from fusion_kernels.reader import Checkpoint
+from fusion_kernels.io.reader import Checkpoint
+from fusion_kernels.plan.namemap import NameMap, detect, parse_map, user_map
 
 
 def checkpoint(path, names: dict[str, tuple[int, ...]]) -> Checkpoint:

@@ -7,10 +7,10 @@ import torch
 from checkpoints import write_single
 
 from fusion_kernels.errors import ParameterError, PlanError
-from fusion_kernels.namemap import NameMap
+from fusion_kernels.io.reader import Checkpoint
 from fusion_kernels.neurons import NeuronRule, NeuronRules
-from fusion_kernels.planner import build_plan, parse_size
-from fusion_kernels.reader import Checkpoint
+from fusion_kernels.plan.namemap import NameMap
+from fusion_kernels.plan.planner import build_plan, parse_size
 
 
 def checkpoint(path, tensors: dict[str, torch.Tensor]) -> Checkpoint:

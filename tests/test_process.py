@@ -69,7 +69,7 @@ run_cli(command)
 
 
 def test_a_workspace_left_by_an_interrupt_is_removed_when_the_command_ends(tmp_path, capsys):
-    from fusion_kernels.outputs import create_workspace, live_workspaces
+    from fusion_kernels.io.outputs import create_workspace, live_workspaces
 
     def interrupted_between_calls(argv):
         # As a Ctrl-C that lands after the writer's handlers, before abort() runs.

@@ -8,10 +8,10 @@ import torch
 from checkpoints import tiny_pair
 
 from fusion_kernels import merge_checkpoints, params_for
-from fusion_kernels.planner import build_plan
-from fusion_kernels.reader import Checkpoint
-from fusion_kernels.transfer import HostTransport, StagedTransport
-from fusion_kernels.writer import CheckpointWriter
+from fusion_kernels.io.reader import Checkpoint
+from fusion_kernels.io.writer import CheckpointWriter
+from fusion_kernels.plan.planner import build_plan
+from fusion_kernels.streaming.transfer import HostTransport, StagedTransport
 
 
 @pytest.mark.parametrize("staging_bytes", [1, 1000, 4099, 1 << 20])
@@ -86,7 +86,7 @@ def test_a_shard_is_synced_and_closed_once_its_last_tensor_is_written(tmp_path):
 
 
 def test_staging_buffers_share_the_memory_budget():
-    from fusion_kernels.transfer import DEFAULT_STAGING_BYTES, PAGE, staging_size
+    from fusion_kernels.streaming.transfer import DEFAULT_STAGING_BYTES, PAGE, staging_size
 
     assert staging_size(None) == DEFAULT_STAGING_BYTES
     assert staging_size(672 * 2**20) == 168 * 2**20  # four buffers: the whole budget

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FusionError, ParameterError
+from ..io.safeload import MAX_INDEX_BYTES, load_json
 from ..params import convert_field
-from ..safeload import MAX_INDEX_BYTES, load_json
 
 PREFIX = "lm-eval:"
 LA_NAME = "LA"

@@ -36,9 +36,9 @@ import torch
 
 from ..dtypes import MERGE_DTYPE_NAMES, MERGE_DTYPES, dtype_from_name
 from ..errors import ParameterError
+from ..io.safeload import load_yaml
 from ..neurons import NeuronRules
 from ..params import FIELD_TYPES, MergeParams, TensorParams, convert_field
-from ..safeload import load_yaml
 from .method import METHOD_PARAMETERS, neuron_rules_from_text
 
 _MISSING = object()
@@ -165,7 +165,7 @@ def referenced_paths(data: Any) -> list[Path]:
     ``models`` and ``slices`` alike), each read as ``--base``/``--tuned`` read a reference: a
     ``MODEL+LORA`` names both, and a Hub id names its folder in the Hugging Face cache when it is
     there (nothing is downloaded)."""
-    from ..sources import reference_paths
+    from ..io.sources import reference_paths
 
     found: list[Path] = []
     if isinstance(data, Mapping):
@@ -236,7 +236,7 @@ def _model_path(reference: Any, where: str) -> Path:
         raise ParameterError(
             f"{where} must be a model (a directory, Hub id or MODEL+LORA), got {reference!r}"
         )
-    # A path, a Hub id (org/name@rev) or MODEL+LORA; fusion_kernels.sources opens each.
+    # A path, a Hub id (org/name@rev) or MODEL+LORA; fusion_kernels.io.sources opens each.
     return Path(reference)
 
 

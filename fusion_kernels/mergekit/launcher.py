@@ -66,8 +66,8 @@ def check_paths(command, argv: list[str]) -> None:
     must stay clear of it and of every local model it names."""
     from pathlib import Path
 
-    from ..outputs import check_output_path
-    from ..safeload import load_yaml
+    from ..io.outputs import check_output_path
+    from ..io.safeload import load_yaml
     from .config import referenced_paths
 
     context = command.make_context(PROG, list(argv), resilient_parsing=True)

@@ -14,8 +14,8 @@ from ..errors import FusionError
 from ..evaluation.hooks import load_evaluator, split_specs
 from ..evaluation.lm_eval_scorer import TEXT_EXPORT_NAME, is_lm_eval, is_multimodal
 from ..evaluation.objective import parse_objective
+from ..io.sources import open_checkpoint
 from ..pipeline import merge_checkpoints
-from ..sources import open_checkpoint
 from ..textexport import export_text_model
 from .grid import GridPoint
 from .results import RESERVED

@@ -14,8 +14,8 @@ from typing import Any
 
 from ..errors import ParameterError
 from ..evaluation.objective import OBJECTIVE_NAME
+from ..io.safeload import MAX_INDEX_BYTES, read_text
 from ..params import FIELD_TYPES
-from ..safeload import MAX_INDEX_BYTES, read_text
 from .grid import GridPoint
 
 RESULTS_NAME = "results.csv"

@@ -19,9 +19,9 @@ from safetensors.torch import load_file, save_file
 
 from fusion_kernels import merge_tensor, params_for
 from fusion_kernels.errors import PlanError
+from fusion_kernels.io.reader import Checkpoint
 from fusion_kernels.locate import locate_checkpoints
 from fusion_kernels.merge import main
-from fusion_kernels.reader import Checkpoint
 
 # save_original_format, get_image_features and the newer families (Gemma3, Mistral3, InternVL).
 transformers = pytest.importorskip("transformers", minversion="5.0", reason="needs transformers 5")

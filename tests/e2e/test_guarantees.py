@@ -15,12 +15,12 @@ from commands import cli, merge, one_error_line, partials, refused, run
 from safetensors.torch import load_file, save_file
 
 from fusion_kernels import merge_checkpoints, params_for
-from fusion_kernels import outputs as outputs_module
 from fusion_kernels.errors import CheckpointError, OutputExistsError, ParameterError
+from fusion_kernels.io import outputs as outputs_module
+from fusion_kernels.io.outputs import MARKER_NAME, PREVIOUS_NAME
+from fusion_kernels.io.reader import Checkpoint
+from fusion_kernels.io.writer import CheckpointWriter
 from fusion_kernels.merge import main as merge_main
-from fusion_kernels.outputs import MARKER_NAME, PREVIOUS_NAME
-from fusion_kernels.reader import Checkpoint
-from fusion_kernels.writer import CheckpointWriter
 
 PARAMS = params_for("ties")
 

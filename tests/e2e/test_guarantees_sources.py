@@ -15,8 +15,8 @@ from checkpoints import cache_repo, tiny_pair, tree_digest
 from commands import merge, partials, refused, run
 from safetensors.torch import save_file
 
-from fusion_kernels.outputs import MARKER_NAME
-from fusion_kernels.reader import Checkpoint
+from fusion_kernels.io.outputs import MARKER_NAME
+from fusion_kernels.io.reader import Checkpoint
 
 
 @pytest.fixture
@@ -273,7 +273,7 @@ def test_text_model_out_stale_workspaces_are_cleaned_by_marker_only(pair, tmp_pa
 TRUNCATE_DURING_MERGE = textwrap.dedent(
     """
     import sys
-    from fusion_kernels import reader
+    from fusion_kernels.io import reader
 
     view, seen = reader.Checkpoint.view, []
 

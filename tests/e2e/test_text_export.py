@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
+from fusion_kernels.io.reader import Checkpoint
 from fusion_kernels.merge import main
-from fusion_kernels.reader import Checkpoint
 
 transformers = pytest.importorskip("transformers", reason="installed by the test extra")
 

@@ -6,8 +6,8 @@ import torch
 from conftest import assert_tensors_equal
 
 from fusion_kernels import merge_tensor, params_for
+from fusion_kernels.io.reader import Checkpoint
 from fusion_kernels.merge import main
-from fusion_kernels.reader import Checkpoint
 
 transformers = pytest.importorskip("transformers", reason="installed by the test extra")
 

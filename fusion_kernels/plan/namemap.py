@@ -14,8 +14,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from .errors import ParameterError, PlanError
-from .reader import Checkpoint
+from ..errors import ParameterError, PlanError
+from ..io.reader import Checkpoint
 
 _LAYER = re.compile(r"^(.*?)(layers\.\d+\..*)$")
 

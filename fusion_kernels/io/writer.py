@@ -22,9 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..dtypes import SAFETENSORS_DTYPES
+from ..errors import CheckpointError, OutputExistsError
+from ..plan.planner import MergePlan
 from .directio import OffsetFile
-from .dtypes import SAFETENSORS_DTYPES
-from .errors import CheckpointError, OutputExistsError
 from .outputs import (
     PAYLOAD_NAME,
     create_workspace,
@@ -34,7 +35,6 @@ from .outputs import (
     remove_tree,
     uninterruptible,
 )
-from .planner import MergePlan
 from .reader import INDEX_NAME, Checkpoint
 from .safeload import describe_mode
 

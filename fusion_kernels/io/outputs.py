@@ -30,7 +30,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from .errors import OutputExistsError, ParameterError
+from ..errors import OutputExistsError, ParameterError
 
 #: The marker file inside every temporary directory a run creates.
 MARKER_NAME = ".fusion_kernels-partial.json"

@@ -25,12 +25,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import FusionError, NonFiniteDeltaError, ParameterError
-from .ops import KernelStats, TensorStats
-from .ops.contract import matrix_shape, plan_tensor
-from .params import MergeParams
-from .planner import TensorTask
-from .reader import Checkpoint, TensorInfo
+from ..errors import FusionError, NonFiniteDeltaError, ParameterError
+from ..io.reader import Checkpoint, TensorInfo
+from ..ops import KernelStats, TensorStats
+from ..ops.contract import matrix_shape, plan_tensor
+from ..params import MergeParams
+from ..plan.planner import TensorTask
 
 #: Default ``--memory-budget``: exactly six buffers of Llama-3-8B's largest matrix (4096 x 14336
 #: bf16, 112 MiB), so such a model merges every matrix whole; its embeddings and
@@ -106,7 +106,7 @@ def _numel(task: TensorTask) -> int:
 
 def row_origin(ckpt, info: TensorInfo) -> tuple | None:
     """``(checkpoint, TensorInfo)`` holding the rows of tensor ``info`` of ``ckpt``, or None
-    when it can only be read whole (see :meth:`~fusion_kernels.lora.LoraCheckpoint.row_origin`).
+    when it can only be read whole (see :meth:`~fusion_kernels.io.lora.LoraCheckpoint.row_origin`).
     """
     origin = getattr(ckpt, "row_origin", None)
     return origin(info.name) if origin else (ckpt, info)

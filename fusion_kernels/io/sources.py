@@ -1,9 +1,9 @@
 """What ``--base`` and ``--tuned`` may name, opened as one checkpoint interface.
 
 A reference is a local path (a directory or a single weights file; safetensors or ``.bin``), a
-Hugging Face Hub id (``org/name`` or ``org/name@revision``, see :mod:`fusion_kernels.hub`), or
+Hugging Face Hub id (``org/name`` or ``org/name@revision``, see :mod:`fusion_kernels.io.hub`), or
 ``MODEL+ADAPTER``: MODEL (either of the above) with a PEFT LoRA adapter merged in as it is read
-(see :mod:`fusion_kernels.lora`). A path that exists always wins over the other readings.
+(see :mod:`fusion_kernels.io.lora`). A path that exists always wins over the other readings.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..errors import CheckpointError
 from .binreader import BinCheckpoint, is_bin_checkpoint
-from .errors import CheckpointError
 from .hub import cached_repo_folder, is_hub_id, resolve
 from .lora import LoraCheckpoint, is_adapter
 from .reader import INDEX_NAME, Checkpoint

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import FusionError
+from ..errors import FusionError
 
 #: Deeper nesting than this is refused; real index files, headers and configs nest 2–6 deep.
 MAX_DEPTH = 64

@@ -1,6 +1,6 @@
 """A model with a PEFT LoRA adapter merged in, read a tensor at a time (``--tuned MODEL+ADAPTER``).
 
-:class:`LoraCheckpoint` has the :class:`~fusion_kernels.reader.Checkpoint` interface; a tensor
+:class:`LoraCheckpoint` has the :class:`~fusion_kernels.io.reader.Checkpoint` interface; a tensor
 the adapter touches is computed when it is read, as PEFT's ``merge_and_unload`` computes it:
 
 - a LoRA pair (``lora_A``/``lora_B``, or ``lora_embedding_A``/``_B``) adds
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from .dtypes import MERGEABLE
-from .errors import CheckpointError
-from .params import check_pattern, float32_finite
+from ..dtypes import MERGEABLE
+from ..errors import CheckpointError
+from ..params import check_pattern, float32_finite
 from .safeload import MAX_INDEX_BYTES, load_json
 
 ADAPTER_CONFIG = "adapter_config.json"

@@ -15,9 +15,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import ParameterError, PlanError
-from .reader import Checkpoint
-from .safeload import MAX_INDEX_BYTES, load_json
+from ..errors import ParameterError, PlanError
+from ..io.reader import Checkpoint
+from ..io.safeload import MAX_INDEX_BYTES, load_json
 
 IDENTITY = "identity"
 NEW = "new"

@@ -1,7 +1,7 @@
 """Pairing (part of planning): each tuned tensor's base tensor, and the one-to-one check.
 
-A tuned name is rewritten into base names by the :class:`~fusion_kernels.namemap.NameMap`, then
-its layer index by the :class:`~fusion_kernels.layermap.LayerMap`. The tuned language model is
+A tuned name is rewritten into base names by the :class:`~fusion_kernels.plan.namemap.NameMap`, then
+its layer index by the :class:`~fusion_kernels.plan.layermap.LayerMap`. The tuned language model is
 the part of tuned that pairs with base's layers (its prefix, ``language_model.model.`` or
 ``model.language_model.``, and the tensors the name map rewrites); the rest (vision tower,
 projector, image newline, connector) is copied. Strict pairing, the default, requires every base
@@ -16,10 +16,10 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .errors import PlanError
+from ..errors import PlanError
+from ..io.reader import Checkpoint
 from .layermap import LayerMap
 from .namemap import NameMap
-from .reader import Checkpoint
 
 _LAYER = re.compile(r"^(.*?)layers\.(\d+)\.(.+)$")
 # How many unpaired names the error spells out.

@@ -1,10 +1,10 @@
 """Planner: decide, before any output is written, what happens to every tensor and where it goes.
 
-Each tuned tensor is paired with its base tensor (:mod:`~fusion_kernels.pairing`: same name, or
-the name under the checkpoints' :class:`~fusion_kernels.namemap.NameMap` and
-:class:`~fusion_kernels.layermap.LayerMap`): ``merge`` (float in both, same shape and dtype; with
-its neuron axis), or ``copy`` (outside the language model, a new layer, or not a float dtype). An
-embedding or lm_head whose vocabulary grew in tuned merges its leading rows and copies the rest.
+Each tuned tensor is paired with its base tensor (:mod:`~fusion_kernels.plan.pairing`: same name,
+or the name under the checkpoints' :class:`~fusion_kernels.plan.namemap.NameMap` and
+:class:`~fusion_kernels.plan.layermap.LayerMap`): ``merge`` (float in both, same shape and dtype;
+with its neuron axis), or ``copy`` (outside the language model, a new layer, or not a float dtype).
+An embedding or lm_head whose vocabulary grew in tuned merges its leading rows and copies the rest.
 Pairing is one to one or the plan fails; with ``strict=False``, base-only tensors are skipped with
 a warning and unpaired tuned ones copied. Output shards keep tuned's grouping, or are regrouped by
 ``max_shard_size``.
@@ -15,14 +15,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .binreader import output_shard_name
-from .dtypes import MERGEABLE
-from .errors import ParameterError, PlanError
+from ..dtypes import MERGEABLE
+from ..errors import ParameterError, PlanError
+from ..io.binreader import output_shard_name
+from ..io.reader import Checkpoint, TensorInfo
+from ..neurons import NeuronRules
 from .layermap import LayerMap, layer_map_for
 from .namemap import NameMap, layer_prefix
-from .neurons import NeuronRules
 from .pairing import Structure, pair_all
-from .reader import Checkpoint, TensorInfo
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
+from ..dtypes import SAFETENSORS_DTYPES, safetensors_name
+from ..errors import CheckpointError
 from . import faults
-from .dtypes import SAFETENSORS_DTYPES, safetensors_name
-from .errors import CheckpointError
 from .reader import TensorInfo, TensorTable, advise, populate_range
 from .safeload import MAX_INDEX_BYTES, load_json, open_regular
 
@@ -88,7 +88,7 @@ def _first_line(exc: Exception) -> str:
 
 
 class BinCheckpoint(TensorTable):
-    """A ``.bin`` checkpoint with the :class:`~fusion_kernels.reader.Checkpoint` interface.
+    """A ``.bin`` checkpoint with the :class:`~fusion_kernels.io.reader.Checkpoint` interface.
 
     ``TensorInfo.begin``/``end`` are positions in the order tensors were saved (the bytes live
     inside the zip archive); reads go through the mapped tensors, never through offsets.

@@ -25,10 +25,10 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
+from ..dtypes import SAFETENSORS_DTYPES
+from ..errors import CheckpointError
 from . import faults
 from .directio import open_direct_reader, pread_direct
-from .dtypes import SAFETENSORS_DTYPES
-from .errors import CheckpointError
 from .safeload import MAX_INDEX_BYTES, load_json, open_regular, parse_json
 
 INDEX_NAME = "model.safetensors.index.json"

@@ -21,10 +21,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from .directio import PAGE, direct_io_enabled, page_offset
-from .errors import ParameterError
-from .reader import DIRECT_SLACK, Checkpoint, TensorInfo
-from .writer import CheckpointWriter, checksum
+from ..errors import ParameterError
+from ..io.directio import PAGE, direct_io_enabled, page_offset
+from ..io.reader import DIRECT_SLACK, Checkpoint, TensorInfo
+from ..io.writer import CheckpointWriter, checksum
 
 DEFAULT_STAGING_BYTES = 256 * 2**20
 #: Read ahead up to this many output buffers' worth of later tensors (into the page cache).
@@ -59,7 +59,7 @@ class HostTransport:
         #: Output buffers in the ring: up to ``outputs - 1`` results may wait for the writer.
         self.outputs = outputs
         #: Read tensors with O_DIRECT into reused buffers where the checkpoint can
-        #: (:meth:`~fusion_kernels.reader.Checkpoint.read_direct`).
+        #: (:meth:`~fusion_kernels.io.reader.Checkpoint.read_direct`).
         self.direct = direct
         #: Bytes of later tasks the driver may load ahead: the page cache holds them, but a
         #: direct read holds its buffers, so then only the next task is loaded ahead.
@@ -86,7 +86,7 @@ class HostTransport:
 
     def _read_direct(self, ckpt: Checkpoint, info: TensorInfo) -> torch.Tensor | None:
         """The tensor read direct into one of the input buffers, or None (see
-        :meth:`~fusion_kernels.reader.Checkpoint.read_direct`)."""
+        :meth:`~fusion_kernels.io.reader.Checkpoint.read_direct`)."""
         buffer = self._inputs.take(ckpt.direct_bytes(info.name))
         try:
             tensor = ckpt.read_direct(info.name, buffer)
@@ -444,8 +444,8 @@ def make_transport(device: torch.device, staging_bytes: int | None, budget: int 
 
     ``budget``: the memory budget in bytes. The staging buffers (four) default to a quarter of
     it, at most :data:`DEFAULT_STAGING_BYTES`; the host path keeps buffers of up to a sixth of
-    it (see :mod:`fusion_kernels.chunks`): with direct reads (``FUSION_KERNELS_DIRECT_IO=0``
-    turns them off) four inputs and two outputs, else three outputs.
+    it (see :mod:`fusion_kernels.streaming.chunks`): with direct reads
+    (``FUSION_KERNELS_DIRECT_IO=0`` turns them off) four inputs and two outputs, else three outputs.
     """
     if device.type == "cuda" or staging_bytes is not None:
         return StagedTransport(device, staging_bytes or staging_size(budget))
