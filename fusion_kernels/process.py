@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -30,6 +31,27 @@ INTERRUPTED = 130
 BAD_INPUT = 2
 
 Command = Callable[[list[str] | None], int]
+
+#: glibc's ``mallopt`` parameters (malloc.h).
+_M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8
+
+
+def return_freed_memory_promptly() -> None:
+    """Make this process's C allocator (glibc) give freed blocks of 1 MiB or more back at
+    once, and serve all threads from two heaps at most.
+
+    By default glibc raises its threshold for separate mappings as large blocks come and go
+    and keeps freed memory in a heap per thread: tens of MB held past the budget. Process-wide,
+    so for processes this package owns (the command line), not a library's caller.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_MMAP_THRESHOLD, 2**20)
+        libc.mallopt(_M_ARENA_MAX, 2)
+    except (OSError, AttributeError):
+        return  # not glibc: its own policy stands
 
 
 def interrupt_on_sigterm() -> None:

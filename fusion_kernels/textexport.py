@@ -16,12 +16,35 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PlanError
+from .io.outputs import check_output_path, check_target
 from .io.reader import TensorInfo
-from .io.writer import CheckpointWriter
+from .io.sources import open_checkpoint
+from .io.writer import MERGE_KIND, REPORT_NAME, CheckpointWriter
 from .plan.planner import MergePlan, ShardPlan, TensorTask, _regroup
 
 #: Shard size of the export (transformers' own default).
 TEXT_SHARD_BYTES = 5 * 10**9
+
+FLAG = "--text-model-out"
+
+
+def check_text_model_out(
+    out: str | os.PathLike,
+    inputs: list[str | os.PathLike],
+    merged: str | os.PathLike,
+    overwrite: bool = False,
+) -> None:
+    """Refuse, before any work, a ``--text-model-out`` that overlaps the merge's ``inputs`` (its
+    references) or its output ``merged``, or that exists (without ``overwrite``, or when it is
+    not an earlier output of ours)."""
+    check_output_path(out, [merged], FLAG, "--out")
+    roots = []
+    for reference in inputs:
+        checkpoint = open_checkpoint(reference)
+        roots += checkpoint.roots
+        checkpoint.close()
+    check_output_path(out, roots, FLAG)
+    check_target(Path(os.path.abspath(out)), overwrite, FLAG, REPORT_NAME, MERGE_KIND)
 
 
 def export_text_model(
@@ -48,7 +71,7 @@ def export_text_model(
     try:
         sources = _sources(pairing)
         plan = _plan(base_ckpt, merged_ckpt, sources)
-        with CheckpointWriter(out, plan, overwrite, "--text-model-out") as writer:
+        with CheckpointWriter(out, plan, overwrite, FLAG) as writer:
             for name in base_ckpt.names():
                 source, shape = sources.get(name), base_ckpt.info(name).shape
                 tensor = merged_ckpt.read(source) if source else base_ckpt.read(name)

@@ -177,7 +177,7 @@ def test_the_cli_takes_a_memory_budget(tmp_path, odd_pair):
 
 _HELD_AFTER_FREE = """
 import ctypes, sys
-from fusion_kernels.streaming.chunks import return_freed_memory_promptly
+from fusion_kernels.process import return_freed_memory_promptly
 if sys.argv[1] == "prompt":
     return_freed_memory_promptly()
 libc = ctypes.CDLL(None)

@@ -10,7 +10,8 @@ from fusion_kernels.errors import ParameterError, PlanError
 from fusion_kernels.io.reader import Checkpoint
 from fusion_kernels.neurons import NeuronRule, NeuronRules
 from fusion_kernels.plan.namemap import NameMap
-from fusion_kernels.plan.planner import build_plan, parse_size
+from fusion_kernels.plan.planner import build_plan
+from fusion_kernels.sizes import parse_size
 
 
 def checkpoint(path, tensors: dict[str, torch.Tensor]) -> Checkpoint:

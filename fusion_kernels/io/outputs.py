@@ -111,6 +111,33 @@ def check_writable(out: Path, flag: str = "--out") -> None:
             raise ParameterError(f"{flag} {out}: {directory} is not writable")
 
 
+def check_target(out: Path, overwrite: bool, flag: str, marker: str, kind: str) -> None:
+    """An output directory (given as ``flag``) may be written: it does not exist, or
+    ``overwrite`` is given and it is an earlier ``kind`` output, one holding the file ``marker``
+    every such output has (:func:`check_replaceable`). Checked again, atomically, when the
+    finished output is renamed into place."""
+    if not os.path.lexists(out):
+        return
+    if not overwrite:
+        raise OutputExistsError(
+            f"{out}: output already exists; pass --overwrite or choose another {flag}"
+        )
+    check_replaceable(out, flag, marker, kind)
+
+
+def check_replaceable(out: Path, flag: str, marker: str, kind: str) -> None:
+    """``--overwrite`` replaces only an empty directory or an earlier output of the command (a
+    real directory holding its ``marker`` file): anything else, a model, a home directory or one
+    that holds the working directory, is not this tool's to remove."""
+    real_dir = not out.is_symlink() and out.is_dir()
+    if real_dir and ((out / marker).is_file() or not any(out.iterdir())):
+        return
+    raise OutputExistsError(
+        f"{out}: exists and is not an earlier {kind} output (no {marker}); "
+        f"--overwrite replaces only those: remove it yourself or choose another {flag}"
+    )
+
+
 # --- our temporary directories --------------------------------------------------------------------
 
 

@@ -23,11 +23,13 @@ import numpy as np
 import torch
 
 from ..dtypes import SAFETENSORS_DTYPES
-from ..errors import CheckpointError, OutputExistsError
+from ..errors import CheckpointError
 from ..plan.planner import MergePlan
 from .directio import OffsetFile
 from .outputs import (
     PAYLOAD_NAME,
+    check_replaceable,
+    check_target,
     create_workspace,
     held_interrupts,
     move_into_place,
@@ -39,6 +41,8 @@ from .reader import INDEX_NAME, Checkpoint
 from .safeload import describe_mode
 
 REPORT_NAME = "fusion_report.json"
+#: What an output holding REPORT_NAME is called in messages.
+MERGE_KIND = "merge"
 # Files of the tuned directory that are weights (ours or another format) and are not copied.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 _WEIGHT_NAMES = (INDEX_NAME, "pytorch_model.bin.index.json", REPORT_NAME)
@@ -165,7 +169,7 @@ class CheckpointWriter:
         # abspath, not Path.absolute: '..' and '.' must name the directory, not a link to it.
         self.out_dir = Path(os.path.abspath(out_dir))
         self.overwrite, self.flag = overwrite, flag
-        check_target(self.out_dir, overwrite, flag)
+        check_target(self.out_dir, overwrite, flag, REPORT_NAME, MERGE_KIND)
         with _write_errors(self.out_dir.parent):
             self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_workspaces(self.out_dir)
@@ -305,7 +309,9 @@ class CheckpointWriter:
                 self.out_dir,
                 self.overwrite,
                 self.flag,
-                functools.partial(check_replaceable, flag=self.flag),
+                functools.partial(
+                    check_replaceable, flag=self.flag, marker=REPORT_NAME, kind=MERGE_KIND
+                ),
             )
             # What is left is ours: the marker, and with --overwrite the replaced output.
             remove_tree(self.workspace)
@@ -323,32 +329,6 @@ class CheckpointWriter:
             except KeyboardInterrupt:
                 # A second Ctrl-C that landed before the handlers were set aside: start over.
                 continue
-
-
-def check_target(out_dir: Path, overwrite: bool, flag: str = "--out") -> None:
-    """An output directory (given as ``flag``) may be written: it does not exist, or
-    ``overwrite`` is given and it is an earlier output of ours (:func:`check_replaceable`).
-    Checked again, atomically, when the finished output is renamed into place."""
-    if not os.path.lexists(out_dir):
-        return
-    if not overwrite:
-        raise OutputExistsError(
-            f"{out_dir}: output already exists; pass --overwrite or choose another {flag}"
-        )
-    check_replaceable(out_dir, flag)
-
-
-def check_replaceable(out_dir: Path, flag: str = "--out") -> None:
-    """``--overwrite`` replaces only an empty directory or an earlier merge output (a real
-    directory holding the report every merge writes): anything else, a model, a home directory
-    or one that holds the working directory, is not this tool's to remove."""
-    real_dir = not out_dir.is_symlink() and out_dir.is_dir()
-    if real_dir and ((out_dir / REPORT_NAME).is_file() or not any(out_dir.iterdir())):
-        return
-    raise OutputExistsError(
-        f"{out_dir}: exists and is not an earlier merge output (no {REPORT_NAME}); --overwrite "
-        f"replaces only those: remove it yourself or choose another {flag}"
-    )
 
 
 def check_side_files(directory: Path, replaced: tuple[str, ...] = ()) -> None:

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..dtypes import MERGEABLE
-from ..errors import ParameterError, PlanError
+from ..errors import PlanError
 from ..io.binreader import output_shard_name
 from ..io.reader import Checkpoint, TensorInfo
 from ..neurons import NeuronRules
@@ -190,27 +190,7 @@ def _regroup(names: list[str], tuned: Checkpoint, max_bytes: int) -> list[ShardP
     ]
 
 
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-_SIZE_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
-
-
 def _copy_reason(info: TensorInfo) -> str:
     if info.torch_dtype.is_floating_point:
         return f"{info.dtype} is not a merge dtype ({', '.join(MERGEABLE)})"
     return f"{info.dtype} is not a float dtype"
-
-
-def parse_size(text: str) -> int:
-    """``"5GB"``, ``"500MB"``, ``"2GiB"`` or a byte count → bytes."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    unit = match.group(2).upper() if match else None
-    if match is None or unit not in _SIZE_UNITS:
-        raise ParameterError(f"size {text!r} must look like 5GB, 500MB, 2GiB or a byte count")
-    value = float(match.group(1)) * _SIZE_UNITS[unit]
-    # A size is used as a file offset and a buffer length: both are int64.
-    if not value < 2**63:
-        raise ParameterError(f"size {text!r} is too large; at most 8EiB")
-    size = int(value)
-    if size <= 0:
-        raise ParameterError(f"size {text!r} must be positive")
-    return size

@@ -14,9 +14,7 @@ the next. The bytes are those of a whole-tensor merge.
 
 from __future__ import annotations
 
-import ctypes
 import math
-import sys
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -71,28 +69,6 @@ class Budget:
         per_row = cols * (BUFFERS_IN_FLIGHT * width + _scratch(task, params))
         room = self.nbytes - cuts * BRACKET_KEY_BYTES
         return max(1, room // max(per_row, 1))
-
-
-#: glibc's ``mallopt`` parameters (malloc.h).
-_M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8
-
-
-def return_freed_memory_promptly() -> None:
-    """Make this process's C allocator (glibc) give freed blocks of 1 MiB or more back at
-    once, and serve all threads from two heaps at most.
-
-    By default glibc raises its threshold for separate mappings as large blocks come and go
-    and keeps freed memory in a heap per thread: tens of MB held past the budget. Process-wide,
-    so for processes this package owns (the command line), not a library's caller.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(_M_MMAP_THRESHOLD, 2**20)
-        libc.mallopt(_M_ARENA_MAX, 2)
-    except (OSError, AttributeError):
-        return  # not glibc: its own policy stands
 
 
 def _scratch(task: TensorTask, params: MergeParams) -> int:
