@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import os
 import re
@@ -20,8 +21,20 @@ from typing import Any, NoReturn
 import torch
 from tqdm import tqdm
 
+from .cli import options
 from .errors import FusionError, NonFiniteDeltaError
-from .io.outputs import check_output_path
+from .io.outputs import (
+    PAYLOAD_NAME,
+    check_output_path,
+    check_replaceable,
+    check_target,
+    create_workspace,
+    held_interrupts,
+    move_into_place,
+    remove_stale_workspaces,
+    remove_tree,
+    uninterruptible,
+)
 from .neurons import NeuronRules, parse_rule
 from .ops import change_scores
 from .ops.contract import count
@@ -32,6 +45,9 @@ from .streaming.transfer import parse_device
 
 TOP_PERCENTS = (1, 5, 10, 30)
 DENSITIES = (0.05, 0.1, 0.2, 0.3, 0.5)
+#: The file every locate report holds: what ``--overwrite`` recognises one by.
+REPORT_NAME = "locate.json"
+LOCATE_KIND = "locate"
 _LAYER_MODULE = re.compile(r"layers\.(\d+)\.(.+?)(?:\.weight)?$")
 
 
@@ -197,7 +213,7 @@ def _write_outputs(result, out: Path, plot_pattern, merge_report) -> list[Path]:
     from .plots import write_page
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "locate.json").write_text(json.dumps(result) + "\n")
+    (out / REPORT_NAME).write_text(json.dumps(result) + "\n")
     with open(out / "neurons.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(
@@ -235,25 +251,26 @@ def _write_outputs(result, out: Path, plot_pattern, merge_report) -> list[Path]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = options.Parser(
         prog="python -m fusion_kernels.locate",
         description="Where did fine-tuning change the model? Neuron change scores, tables, plots.",
     )
-    parser.add_argument("--base", type=Path, required=True, help="base checkpoint")
-    parser.add_argument("--tuned", type=Path, required=True, help="fine-tuned checkpoint")
-    parser.add_argument("--out", type=Path, required=True, help="directory for the report")
-    parser.add_argument("--map", action="append", default=[], metavar="TUNED_PREFIX=BASE_PREFIX")
-    parser.add_argument("--layer-map", metavar="0,new,1-2|identity", help="as for merge")
-    parser.add_argument("--allow-unpaired", action="store_true", help="as for merge")
-    parser.add_argument("--neuron-rule", action="append", default=[], metavar="REGEX=row|col|none")
+    options.add_models(parser, required=True)
+    options.add_output(
+        parser,
+        "directory for the report (appears only when complete)",
+        overwrite="an earlier locate report",
+        required=True,
+    )
+    options.add_pairing(parser)
+    options.add_neuron_rules(parser)
     parser.add_argument(
         "--plot-tensors",
         metavar="REGEX",
         help="tensors whose C(j) is plotted (default: first and last layer's q_proj and up_proj)",
     )
-    parser.add_argument("--backend", default=None, help="auto, torch, cpp or triton")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    options.add_execution(parser)
+    options.add_quiet(parser)
     return parser
 
 
@@ -261,19 +278,43 @@ def command(argv: list[str] | None = None) -> int:
     """The locate command; raises :class:`FusionError` on bad input (see :func:`run_cli`).
 
     Everything is computed before the first file is written, so an interrupt during the
-    (long) scoring leaves nothing behind.
+    (long) scoring leaves nothing behind; the report is written beside ``--out`` and renamed
+    into place when complete, like a merge's output.
     """
     args = build_parser().parse_args(argv)
     rules = NeuronRules([parse_rule(r) for r in args.neuron_rule])
     if args.plot_tensors is not None:
         check_pattern(args.plot_tensors, f"--plot-tensors {args.plot_tensors!r}")
+    out = Path(os.path.abspath(args.out))
+    check_target(out, args.overwrite, "--out", REPORT_NAME, LOCATE_KIND)
     result = locate_from_args(args, rules)
-    plots = write_outputs(result, args.out, args.plot_tensors)
+    plots = publish_outputs(result, out, args.overwrite, args.plot_tensors)
     print(
         f"located change in {len(result['tensors'])} tensors; {len(plots)} plots; "
         f"open {args.out / 'index.html'}"
     )
     return 0
+
+
+def publish_outputs(
+    result: dict[str, Any], out: Path, overwrite: bool, plot_pattern: str | None = None
+) -> list[Path]:
+    """:func:`write_outputs` into a new directory ``out`` (or, with ``overwrite``, in place of
+    an earlier locate report), which appears complete in one step: nothing of an earlier
+    report is left in it. Returns the PNG paths."""
+    remove_stale_workspaces(out)
+    with held_interrupts():
+        workspace = create_workspace(out)
+    try:
+        pngs = write_outputs(result, workspace / PAYLOAD_NAME, plot_pattern)
+        replaceable = functools.partial(
+            check_replaceable, flag="--out", marker=REPORT_NAME, kind=LOCATE_KIND
+        )
+        with uninterruptible():
+            move_into_place(workspace, out, overwrite, "--out", replaceable)
+    finally:
+        remove_tree(workspace)
+    return [out / png.name for png in pngs]
 
 
 def main(argv: list[str] | None = None) -> int:

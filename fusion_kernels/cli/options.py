@@ -51,10 +51,10 @@ def add_models(group, *, required: bool) -> None:
     group.add_argument("--tuned", required=required, help=TUNED_HELP)
 
 
-def add_output(group, help: str, *, overwrite: str | None) -> None:
+def add_output(group, help: str, *, overwrite: str | None, required: bool = False) -> None:
     """``--out DIR`` and, where the command replaces an earlier output of its own, ``--overwrite``
     (``overwrite``: what may be replaced)."""
-    group.add_argument("--out", type=Path, metavar="DIR", help=help)
+    group.add_argument("--out", type=Path, metavar="DIR", required=required, help=help)
     if overwrite is not None:
         group.add_argument(
             "--overwrite",

@@ -206,3 +206,38 @@ locate.cli()
     assert done.returncode == 130, done.stderr
     assert done.stderr.strip().splitlines() == ["interrupted: no output written"]
     assert not out.exists()
+
+
+def test_out_is_new_or_an_earlier_report_replaced_whole_with_overwrite(tmp_path, capsys):
+    base_dir, tuned_dir = tiny_pair(tmp_path / "in")
+    out = tmp_path / "report"
+    args = ["--base", str(base_dir), "--tuned", str(tuned_dir), "--out", str(out), "--quiet"]
+    # Any other existing directory is not locate's to write into, even with --overwrite.
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    for extra in ([], ["--overwrite"]):
+        assert main([*args, *extra]) == 2
+        assert "error: " in capsys.readouterr().err
+        assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    (out / "notes.txt").unlink()
+    assert main([*args, "--overwrite"]) == 0  # an empty directory, as merge's --out allows
+    # An earlier report: refused without --overwrite, replaced whole with it.
+    assert main(args) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    stale = out / "scores_stale.png"
+    stale.write_bytes(b"old picture")
+    assert main([*args, "--overwrite", "--plot-tensors", "layers.0.self_attn.q_proj"]) == 0
+    assert not stale.exists()
+    assert len(list(out.glob("scores_*.png"))) == 1
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+def test_demo_replaces_its_merged_model_only_with_overwrite(tmp_path, capsys):
+    demo = tmp_path / "demo"
+    assert merge_main(["--demo", str(demo), "--quiet"]) == 0
+    (demo / "merged" / "kept.txt").write_text("from the first run")
+    assert merge_main(["--demo", str(demo), "--quiet"]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert (demo / "merged" / "kept.txt").exists()
+    assert merge_main(["--demo", str(demo), "--quiet", "--overwrite"]) == 0
+    assert not (demo / "merged" / "kept.txt").exists()
