@@ -117,7 +117,9 @@ def add_execution(group, *, device_default: str | None = "cpu") -> None:
         default=None,
         help="kernel backend (default auto, or $FUSION_KERNELS_BACKEND)",
     )
-    default = f"default {device_default}" if device_default else "default cpu, cuda with GPUs"
+    default = f"default {device_default}"
+    if device_default is None:  # the sweep's: it follows the trial's resources
+        default = "default cpu; cuda with --gpus-per-trial"
     group.add_argument("--device", default=device_default, help=f"cpu, cuda or cuda:N ({default})")
 
 

@@ -6,9 +6,9 @@ Exit status: 0 done, 2 bad input (one line on stderr), 130 interrupted.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import NoReturn
 
+from ..cli import options
 from ..process import run_cli
 from .results import KEEP_MODES
 from .run import run_sweep
@@ -17,13 +17,18 @@ INTERRUPTED = "interrupted: the points done so far are in results.csv"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = options.Parser(
         prog="python -m fusion_kernels.sweep",
         description="Merge at every point of a grid, evaluate each merged model, keep the best.",
     )
-    parser.add_argument("--base", type=Path, required=True, help="base model directory")
-    parser.add_argument("--tuned", type=Path, required=True, help="fine-tuned model directory")
-    parser.add_argument("--out", type=Path, required=True, help="sweep directory (resumable)")
+    options.add_models(parser, required=True)
+    options.add_output(
+        parser,
+        "sweep directory: new, or one to resume (a sweep that has no point done yet may be "
+        "rerun with other options)",
+        overwrite=None,
+        required=True,
+    )
     parser.add_argument(
         "--grid",
         required=True,
@@ -97,9 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--cpus-per-trial", type=float, default=1, help="ray: CPUs per point")
     parser.add_argument("--gpus-per-trial", type=float, default=0, help="ray: GPUs per point")
-    parser.add_argument("--backend", help="merge backend (auto, torch, cpp, triton)")
-    parser.add_argument("--device", help="merge device (default cpu; cuda with GPUs per trial)")
+    _add_merge_options(parser.add_argument_group("merging each point (as for merge)"))
     return parser
+
+
+def _add_merge_options(group) -> None:
+    options.add_overrides(group)
+    options.add_neuron_rules(group)
+    options.add_pairing(group)
+    options.add_execution(group, device_default=None)
+    options.add_sizes(group, staging=False)
+    options.add_model_card(group)
 
 
 def command(argv: list[str] | None = None) -> int:
@@ -124,6 +137,14 @@ def command(argv: list[str] | None = None) -> int:
         gpus_per_trial=args.gpus_per_trial,
         backend=args.backend,
         device=args.device,
+        overrides=args.set,
+        neuron_rules=args.neuron_rule,
+        name_map=args.map,
+        layer_map=args.layer_map,
+        allow_unpaired=args.allow_unpaired,
+        memory_budget=args.memory_budget,
+        max_shard_size=args.max_shard_size,
+        model_card=args.model_card,
     )
     return 0
 

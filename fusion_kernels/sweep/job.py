@@ -15,6 +15,8 @@ from ..evaluation.hooks import load_evaluator, split_specs
 from ..evaluation.lm_eval_scorer import TEXT_EXPORT_NAME, is_lm_eval, is_multimodal
 from ..evaluation.objective import parse_objective
 from ..io.sources import open_checkpoint
+from ..neurons import NeuronRules, parse_rule
+from ..params import TensorParams, parse_override
 from ..pipeline import merge_checkpoints
 from ..textexport import export_text_model
 from .grid import GridPoint
@@ -48,6 +50,33 @@ class SweepJob:
     #: ``--eval-arg KEY=VALUE`` items for the lm-eval scorer, and ``--objective``.
     eval_args: tuple[str, ...] = ()
     objective: str | None = None
+    #: The merge options every point shares, as on merge's command line: ``--set`` overrides,
+    #: ``--neuron-rule`` rules, ``--map`` rules, ``--layer-map``, ``--allow-unpaired``,
+    #: ``--memory-budget`` and ``--max-shard-size`` in bytes, and the model card.
+    overrides: tuple[str, ...] = ()
+    neuron_rules: tuple[str, ...] = ()
+    name_map: tuple[str, ...] = ()
+    layer_map: str | None = None
+    allow_unpaired: bool = False
+    memory_budget: int | None = None
+    max_shard_size: int | None = None
+    model_card: bool = True
+
+    def params(self, point: GridPoint) -> TensorParams:
+        """The point's parameters, with the ``--set`` overrides for the tensors they match."""
+        return TensorParams(point.params(), [parse_override(text) for text in self.overrides])
+
+    def rules(self) -> NeuronRules:
+        """The neuron rules: ``--neuron-rule`` before the defaults."""
+        return NeuronRules([parse_rule(text) for text in self.neuron_rules])
+
+    def pairing(self) -> dict[str, Any]:
+        """How tuned tensors pair with base ones, as keyword arguments of a merge or an export."""
+        return {
+            "name_map": list(self.name_map),
+            "layer_map": self.layer_map,
+            "allow_unpaired": self.allow_unpaired,
+        }
 
 
 def merge_point(job: SweepJob, point: GridPoint) -> Path:
@@ -57,11 +86,16 @@ def merge_point(job: SweepJob, point: GridPoint) -> Path:
         job.base,
         job.tuned,
         model_dir,
-        point.params(),
+        job.params(point),
+        rules=job.rules(),
         backend=job.backend,
         device=job.device,
+        max_shard_size=job.max_shard_size,
+        memory_budget=job.memory_budget,
+        model_card=job.model_card,
         overwrite=True,
         progress=False,
+        **job.pairing(),
     )
     export_language_model(job, model_dir, model_dir / TEXT_EXPORT_NAME)
     return model_dir
@@ -79,7 +113,7 @@ def export_language_model(job: SweepJob, model: str | os.PathLike, out: Path) ->
     if not is_multimodal(checkpoint.directory):
         return None
     out.parent.mkdir(parents=True, exist_ok=True)
-    export_text_model(job.base, model, out, overwrite=True)
+    export_text_model(job.base, model, out, overwrite=True, **job.pairing())
     return out
 
 

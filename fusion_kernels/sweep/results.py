@@ -27,13 +27,16 @@ RESERVED = frozenset({"point", "method", *FIELD_TYPES, *TAIL_COLUMNS})
 
 
 class Results:
-    """``results.csv``: rows by point key, columns in first-seen order; every change rewrites the
+    """``results.csv``: rows by point key, in grid order (``order``: the grid's point keys; rows
+    of points outside it, from an earlier grid, follow in the order they were read or came),
+    whatever order the points finish in; columns in first-seen order. Every change rewrites the
     file atomically, so an interrupted sweep leaves a valid table to resume from."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, order: list[str] | tuple[str, ...] = ()):
         self.path = path
         self.rows: dict[str, dict[str, Any]] = {}
         self.columns: list[str] = []
+        self._rank = {key: i for i, key in enumerate(order)}
         if path.exists():
             self._load(read_text(path, MAX_INDEX_BYTES, ParameterError))
 
@@ -56,7 +59,12 @@ class Results:
     def put(self, row: dict[str, Any]) -> None:
         self.columns += [c for c in row if c not in self.columns and c not in TAIL_COLUMNS]
         self.rows[row["point"]] = row
+        ranked = sorted(enumerate(self.rows), key=lambda item: self._position(*item))
+        self.rows = {key: self.rows[key] for _, key in ranked}
         self.write()
+
+    def _position(self, arrival: int, key: str) -> tuple[int, int]:
+        return (self._rank.get(key, len(self._rank)), arrival)
 
     def write(self) -> None:
         tmp = self.path.with_name(f".{self.path.name}.tmp")
@@ -101,6 +109,8 @@ class Keeper:
         return value if self.maximize else -value
 
     def best(self) -> dict[str, Any] | None:
+        """The row with the best score; of equal ones, the first in grid order (``max`` keeps
+        the first maximum, and the rows are in grid order)."""
         rows = list(self.results.rows.values())
         return max(rows, key=self.score) if rows and self.metric else None
 
@@ -113,7 +123,7 @@ class Keeper:
         if self.mode == "none":
             self._drop(row)
         elif self.mode == "best" and previous is not None:
-            self._drop(previous if self.score(row) > self.score(previous) else row)
+            self._drop(previous if self.best() is row else row)
 
     def finish(self, points: list[GridPoint], merge: Callable[[GridPoint], Path]) -> None:
         """Leave on disk exactly what ``--keep`` asks for, whatever earlier runs kept: ``best``

@@ -19,6 +19,7 @@ from ..evaluation.report import write_report
 from ..evaluation.tradeoff import parse_tradeoff
 from ..io.outputs import check_output_path
 from ..io.safeload import MAX_CONFIG_BYTES, load_json
+from ..io.sources import split_adapter
 from ..pipeline import plan_merge
 from ..streaming.transfer import parse_device
 from .grid import GridPoint, parse_grid
@@ -49,12 +50,22 @@ def run_sweep(
     gpus_per_trial: float = 0,
     backend: str | None = None,
     device: str | None = None,
+    overrides: tuple[str, ...] | list[str] = (),
+    neuron_rules: tuple[str, ...] | list[str] = (),
+    name_map: tuple[str, ...] | list[str] = (),
+    layer_map: str | None = None,
+    allow_unpaired: bool = False,
+    memory_budget: int | None = None,
+    max_shard_size: int | None = None,
+    model_card: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run (or resume) a sweep into ``out``; returns ``{"rows", "best", "plots", "skipped",
     "references", "tradeoff", "page", "scored_models"}``.
 
     Args:
+        base, tuned: any reference merge takes (a directory or weights file, a Hub id,
+            ``MODEL+ADAPTER`` for tuned).
         grid: ``name=v1,v2;name=...`` (see :func:`parse_grid`) or parsed points.
         evaluate: ``MODULE:FUNCTION``, ``lm-eval:TASK[,TASK...]``, a list of them (their metrics
             are combined), or a function: merged model directory -> {metric: number}. The ray
@@ -67,77 +78,145 @@ def run_sweep(
         score_inputs: also score base and tuned once, as the scatter's reference points.
         keep: merged models left in ``out/models``: ``best``, ``all`` or ``none``.
         metric, maximize: what "best" means (default: the largest ``OA``, else the largest first
-            metric returned).
+            metric returned); of equal points, the first in grid order is the best.
         executor: ``local`` (one point at a time, here) or ``ray`` (see :mod:`.ray_executor`).
         ray_address, cpus_per_trial, gpus_per_trial: the ray executor's cluster and resources.
         backend, device: how each merge runs (device default: ``cuda`` with GPUs per trial).
+        overrides, neuron_rules, name_map, layer_map, allow_unpaired, memory_budget,
+            max_shard_size, model_card: merge's ``--set``, ``--neuron-rule``, ``--map``,
+            ``--layer-map``, ``--allow-unpaired``, ``--memory-budget``, ``--max-shard-size`` and
+            ``--no-model-card``, the same for every point.
         log: where progress lines go.
 
-    Points already in ``out/results.csv`` are skipped; ``out`` must be new, empty, or a sweep of
-    the same base, tuned and eval function (and ``eval_args`` and ``objective``, when given). A
-    bad grid, eval name or path raises
+    Points already in ``out/results.csv`` are skipped; ``out`` must be new, empty, a sweep with
+    no point done yet, or a sweep of the same base, tuned, eval function and merge options (and
+    ``eval_args`` and ``objective``, when given). ``results.csv`` lists the points in grid order,
+    whatever order they finish in. A bad grid, eval name, option or path raises
     :class:`FusionError` before any merge.
     """
     points = parse_grid(grid) if isinstance(grid, str) else list(grid)
-    if keep not in KEEP_MODES:
-        raise ParameterError(f"--keep must be one of {', '.join(KEEP_MODES)}, got {keep!r}")
-    if executor not in ("local", "ray"):
-        raise ParameterError(f"--executor must be local or ray, got {executor!r}")
+    _check_choices(keep, executor)
     named = isinstance(evaluate, str | list | tuple)
     spec = join_specs(evaluate) if named else eval_spec_of(evaluate)
     eval_args = tuple(eval_args)
     function = load_eval(spec, eval_args) if named else evaluate
-    target = parse_objective(objective)
-    axes = parse_tradeoff(tradeoff)
+    target, axes = parse_objective(objective), parse_tradeoff(tradeoff)
     out_dir = Path(out).resolve()
-    base_path, tuned_path = Path(base).resolve(), Path(tuned).resolve()
-    # Unreadable or unmergeable inputs, and a bad device, fail before any work.
-    base_ckpt, tuned_ckpt, _ = plan_merge(base_path, tuned_path)
-    device = device or ("cuda" if gpus_per_trial > 0 else "cpu")
-    parse_device(device)
-    check_output_path(out_dir, [*base_ckpt.roots, *tuned_ckpt.roots])
-    base_ckpt.close()
-    tuned_ckpt.close()
-    identity = {"base": str(base_path), "tuned": str(tuned_path), "eval": spec}
-    # Options that change the scores are part of the sweep's identity, when given.
-    identity.update(
-        {k: v for k, v in [("eval_args", " ".join(eval_args)), ("objective", objective)] if v}
-    )
-    _claim(out_dir, identity)
     job = SweepJob(
-        str(base_path),
-        str(tuned_path),
+        absolute_reference(base),
+        absolute_reference(tuned),
         str(out_dir / "models"),
         spec,
         backend,
-        device,
+        device or ("cuda" if gpus_per_trial > 0 else "cpu"),
         eval_args,
         objective,
+        tuple(overrides),
+        tuple(neuron_rules),
+        tuple(name_map),
+        layer_map,
+        allow_unpaired,
+        memory_budget,
+        max_shard_size,
+        model_card,
     )
-    results = Results(out_dir / RESULTS_NAME)
+    _check_job(job, points, out_dir)
+    identity = sweep_identity(job)
+    _claim(out_dir, identity)
+    results = Results(out_dir / RESULTS_NAME, [p.key for p in points])
     keeper = Keeper(results, keep, metric, maximize, out_dir / "models")
     todo = [p for p in points if p.key not in results.rows]
     log(f"sweep: {len(points)} points, {len(points) - len(todo)} already in {results.path}")
+    runner = (ray_address, cpus_per_trial, gpus_per_trial) if executor == "ray" else None
+    _run_points(job, todo, function, keeper, runner, log)
+    keeper.finish(points, functools.partial(merge_point, job))
+    report = _report(
+        job, points, results, keeper, identity, function, target, axes, score_inputs, log
+    )
+    return {**report, "skipped": len(points) - len(todo)}
+
+
+def absolute_reference(reference: str | os.PathLike) -> str:
+    """A checkpoint reference with each local path in it made absolute (the Ray workers and the
+    sweep record must find the same files from anywhere); Hub ids stay as written."""
+    text = os.fspath(reference)
+    parts = split_adapter(text) or (text,)
+    return "+".join(str(Path(p).resolve()) if Path(p).exists() else p for p in parts)
+
+
+def sweep_identity(job: SweepJob) -> dict[str, Any]:
+    """What a sweep directory is a sweep of: inputs, scorer, and every option that changes the
+    merged models or their scores (those left at their defaults are not listed, so adding an
+    option here keeps older sweeps resumable)."""
+    identity: dict[str, Any] = {"base": job.base, "tuned": job.tuned, "eval": job.eval_spec}
+    optional = {
+        "eval_args": " ".join(job.eval_args),
+        "objective": job.objective,
+        "set": list(job.overrides),
+        "neuron_rule": list(job.neuron_rules),
+        "map": list(job.name_map),
+        "layer_map": job.layer_map,
+        "allow_unpaired": job.allow_unpaired,
+    }
+    identity.update({k: v for k, v in optional.items() if v})
+    return identity
+
+
+def _check_choices(keep: str, executor: str) -> None:
+    if keep not in KEEP_MODES:
+        raise ParameterError(f"--keep must be one of {', '.join(KEEP_MODES)}, got {keep!r}")
+    if executor not in ("local", "ray"):
+        raise ParameterError(f"--executor must be local or ray, got {executor!r}")
+
+
+def _check_job(job: SweepJob, points: list[GridPoint], out_dir: Path) -> None:
+    """Unreadable or unmergeable inputs, bad merge options, a bad device and an ``out`` that
+    overlaps an input fail before any work."""
+    base_ckpt, tuned_ckpt, plan = plan_merge(
+        job.base, job.tuned, job.rules(), job.max_shard_size, **job.pairing()
+    )
+    try:
+        parse_device(job.device)
+        merged = [name for name, task in plan.tasks.items() if task.action == "merge"]
+        for point in points:
+            try:
+                job.params(point).check(merged)
+            except ParameterError as exc:
+                raise ParameterError(f"--grid point {point.key} with --set: {exc}") from None
+        check_output_path(out_dir, [*base_ckpt.roots, *tuned_ckpt.roots])
+    finally:
+        base_ckpt.close()
+        tuned_ckpt.close()
+
+
+def _run_points(job, todo, function, keeper: Keeper, ray: tuple | None, log) -> None:
+    """Merge and score every point still to do, here or (``ray``: address, CPUs and GPUs per
+    trial) as Ray Tune trials; each row is recorded as it arrives."""
     done = []
 
     def record(row: dict[str, Any]) -> None:
         keeper.add(row)
         done.append(row["point"])
-        log(f"[{len(done)}/{len(todo)}] {row['point']}: {_metrics_text(row, results.metrics())}")
+        metrics = keeper.results.metrics()
+        log(f"[{len(done)}/{len(todo)}] {row['point']}: {_metrics_text(row, metrics)}")
 
-    if executor == "ray":
-        from .ray_executor import run_ray
-
-        if todo and not _importable(spec, function, eval_args):
-            raise ParameterError(
-                f"--executor ray: the eval function {spec} cannot be imported by other "
-                "processes; define it at the top level of a module and pass MODULE:FUNCTION"
-            )
-        run_ray(job, todo, record, ray_address, cpus_per_trial, gpus_per_trial)
-    else:
+    if ray is None:
         for point in todo:
             record(run_point(job, point, function))
-    keeper.finish(points, functools.partial(merge_point, job))
+        return
+    from .ray_executor import run_ray
+
+    if todo and not _importable(job.eval_spec, function, job.eval_args):
+        raise ParameterError(
+            f"--executor ray: the eval function {job.eval_spec} cannot be imported by other "
+            "processes; define it at the top level of a module and pass MODULE:FUNCTION"
+        )
+    run_ray(job, todo, record, *ray)
+
+
+def _report(job, points, results, keeper, identity, function, target, axes, score_inputs, log):
+    """Plots, the reference points, the page; returns :func:`run_sweep`'s result."""
+    out_dir = results.path.parent
     names = [name for name, _ in points[0].values] if points else []
     rows = [results.rows[p.key] for p in points if p.key in results.rows]
     plots = write_plots(rows, names, results.metrics(), out_dir / "plots", log)
@@ -146,7 +225,7 @@ def run_sweep(
     references = reference_points.score_inputs(
         inputs,
         function,
-        spec,
+        job.eval_spec,
         target,
         out_dir / reference_points.REFERENCES_NAME,
         log,
@@ -169,14 +248,7 @@ def run_sweep(
     )
     if best is not None:
         log(f"best {keeper.metric}: {best[keeper.metric]} at {best['point']} {best['model']}")
-    return {
-        "rows": rows,
-        "best": best,
-        "plots": plots,
-        "skipped": len(points) - len(todo),
-        "references": references,
-        **report,
-    }
+    return {"rows": rows, "best": best, "plots": plots, "references": references, **report}
 
 
 def _importable(spec: str, function: Callable, eval_args: tuple[str, ...]) -> bool:
@@ -189,18 +261,26 @@ def _importable(spec: str, function: Callable, eval_args: tuple[str, ...]) -> bo
         return False
 
 
-def _claim(out_dir: Path, identity: dict[str, str]) -> None:
+def _claim(out_dir: Path, identity: dict[str, Any]) -> None:
+    """Make ``out_dir`` the sweep ``identity`` names: new, empty, a sweep with no point done
+    yet (one that failed on its first point is taken over, whatever it was run with), or a
+    sweep of the same identity (resumed)."""
     marker = out_dir / SWEEP_NAME
     if marker.exists():
         previous = load_json(marker, MAX_CONFIG_BYTES, ParameterError)
         if not isinstance(previous, dict):
             raise ParameterError(f"{marker} is not a sweep record; choose another --out")
         changed = [k for k in {**previous, **identity} if previous.get(k) != identity.get(k)]
-        if changed:
+        done = len(Results(out_dir / RESULTS_NAME).rows)
+        if changed and done:
             raise ParameterError(
                 f"--out {out_dir} holds a sweep with another {', '.join(changed)} "
-                f"({', '.join(str(previous.get(k)) for k in changed)}); choose another --out"
+                f"({'; '.join(str(previous.get(k)) for k in changed)}) and {done} points done; "
+                "rerun with its options to resume it, or choose another --out"
             )
+        if changed:
+            # Nothing scored under the old identity survives it: its reference scores neither.
+            (out_dir / reference_points.REFERENCES_NAME).unlink(missing_ok=True)
     elif out_dir.exists() and any(out_dir.iterdir()):
         raise ParameterError(f"--out {out_dir} exists and is not a sweep; choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True)

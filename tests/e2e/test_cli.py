@@ -129,6 +129,24 @@ def test_bad_parameters_exit_2_with_one_line(pair, capsys, flags, fragment):
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "flags,fragment",
+    [
+        (["--memory-budget", "12XB"], "argument --memory-budget: size '12XB' must look like 5GB"),
+        (["--staging-size", "-1"], "argument --staging-size: size '-1' must look like"),
+        (["--max-shard-size", "0"], "argument --max-shard-size: size '0' must be positive"),
+        (["--backend", "fortran"], "argument --backend: invalid choice: 'fortran'"),
+    ],
+)
+def test_bad_options_are_one_line_not_a_usage_block(pair, capsys, flags, fragment):
+    base, tuned, out = pair
+    assert run_cli("--base", base, "--tuned", tuned, "--out", out, *flags) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], err
+    assert "(see python -m fusion_kernels.merge --help)" in err[0]
+    assert not out.exists()
+
+
 def test_bad_inputs_exit_2_and_leave_nothing(tmp_path, capsys):
     base, tuned = tiny_pair(tmp_path / "in")
     before = tree_digest(tmp_path / "in")
