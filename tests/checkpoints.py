@@ -17,6 +17,27 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 TINY = PairSpec(hidden=32, intermediate=48, layers=2, heads=4, kv_heads=2, vocab=64, shards=2)
 
 
+#: The tiny Llama text model the transformers-based tests build (vocabulary aside).
+TINY_TEXT = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+)
+TINY_VOCAB = 128
+
+
+def tiny_llama_config(**changes):
+    """A ``transformers.LlamaConfig`` of :data:`TINY_TEXT` with a :data:`TINY_VOCAB` vocabulary,
+    fields in ``changes`` replaced."""
+    import transformers
+
+    return transformers.LlamaConfig(**{**TINY_TEXT, "vocab_size": TINY_VOCAB, **changes})
+
+
 def tiny_pair(root: Path, **changes) -> tuple[Path, Path]:
     """A two-shard Llama-layout pair small enough for many tests."""
     spec = PairSpec(**{**TINY.__dict__, **changes})

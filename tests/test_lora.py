@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from checkpoints import tree_digest
+from checkpoints import tiny_llama_config, tree_digest
 from safetensors.torch import load_file, save_file
 
 from fusion_kernels.errors import CheckpointError
@@ -19,17 +19,7 @@ peft = pytest.importorskip("peft", reason="installed by the test extra")
 
 
 def llama(dtype):
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    return transformers.LlamaForCausalLM(config).to(dtype)
+    return transformers.LlamaForCausalLM(tiny_llama_config()).to(dtype)
 
 
 def gpt2(dtype):

@@ -5,6 +5,7 @@ merges through the staged transport on every visible device write the CPU merge'
 
 import pytest
 import torch
+from backends import needs_cuda
 from checkpoints import tiny_pair
 
 from fusion_kernels import merge_checkpoints, params_for
@@ -95,7 +96,7 @@ def test_staging_buffers_share_the_memory_budget():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_cuda
 @pytest.mark.parametrize("method", ["neu-s-ties", "della", "dare"])
 @pytest.mark.parametrize("staging_bytes", [4099, None])
 def test_staged_gpu_merge_writes_the_cpu_merge_files(tmp_path, method, staging_bytes):

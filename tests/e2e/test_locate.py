@@ -2,7 +2,6 @@
 and the plots and page it writes."""
 
 import csv
-import importlib.util
 import json
 import math
 import signal
@@ -12,13 +11,13 @@ import sys
 import matplotlib.image
 import pytest
 import torch
+from backends import needs_cpp, needs_interpreter
 from checkpoints import tiny_pair
 
 from fusion_kernels import available_backends
 from fusion_kernels.io.reader import Checkpoint
 from fusion_kernels.locate import locate_checkpoints, main
 from fusion_kernels.merge import main as merge_main
-from fusion_kernels.ops.triton import interpreting
 
 
 def plain_summary(base: torch.Tensor, tuned: torch.Tensor, axis: str) -> dict:
@@ -90,16 +89,11 @@ def assert_same_figures(got, want, where: str = "") -> None:
     [
         pytest.param(
             "cpp",
-            marks=pytest.mark.skipif(
-                importlib.util.find_spec("fusion_kernels._cpp") is None, reason="cpp not built"
-            ),
+            marks=needs_cpp,
         ),
         pytest.param(
             "triton",
-            marks=pytest.mark.skipif(
-                not interpreting() or importlib.util.find_spec("triton") is None,
-                reason="CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1",
-            ),
+            marks=needs_interpreter,
         ),
     ],
 )

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from checkpoints import TINY_TEXT, tiny_llama_config
 from conftest import assert_tensors_equal
 from safetensors.torch import load_file, save_file
 
@@ -26,18 +27,9 @@ NEWER_LAYOUT = [
 
 
 def text_config(kind: str):
-    common = dict(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
     if kind == "mistral":
-        return transformers.MistralConfig(vocab_size=VOCAB, sliding_window=16, **common)
-    return transformers.LlamaConfig(vocab_size=VOCAB, **common)
+        return transformers.MistralConfig(vocab_size=VOCAB, sliding_window=16, **TINY_TEXT)
+    return tiny_llama_config(vocab_size=VOCAB)
 
 
 def build_pair(root, kind: str, layout: str):

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from checkpoints import TINY_TEXT
 
 from fusion_kernels.io.reader import Checkpoint
 from fusion_kernels.merge import main
@@ -12,15 +13,7 @@ from fusion_kernels.merge import main
 transformers = pytest.importorskip("transformers", reason="installed by the test extra")
 
 VOCAB, ADDED = 128, 2
-TEXT = dict(
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    tie_word_embeddings=False,
-)
+TEXT = TINY_TEXT
 
 
 def llava(text_config):

@@ -3,6 +3,7 @@ loaded back with from_pretrained and run."""
 
 import pytest
 import torch
+from checkpoints import tiny_llama_config
 from conftest import assert_tensors_equal
 
 from fusion_kernels import merge_tensor, params_for
@@ -13,16 +14,7 @@ transformers = pytest.importorskip("transformers", reason="installed by the test
 
 
 def tiny_llama_pair(root, dtype=torch.bfloat16):
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
+    config = tiny_llama_config()
     torch.manual_seed(0)
     base = transformers.LlamaForCausalLM(config).to(dtype)
     base.save_pretrained(root / "base")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoints import tiny_llama_config
 from conftest import assert_tensors_equal, assert_within_ulp, make_pair
 
 from fusion_kernels import merge_checkpoints, merge_tensor, params_for
@@ -71,15 +72,10 @@ def build_llama(root: Path, dtype: torch.dtype, *, untied: bool, size: int = 64,
     2^-16, so every |Δ| of a tensor is distinct and exact (any correct top-k picks one set).
     Otherwise: transformers' init, small dense changes and a few large up_proj neurons.
     """
-    config = transformers.LlamaConfig(
+    config = tiny_llama_config(
         hidden_size=size,
         intermediate_size=size * 3 // 2 if size == 64 else size * 2,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         vocab_size=size * 2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)

@@ -15,10 +15,9 @@ row, one column, primes, non-multiples of the block sizes, a 3-D tensor) in ever
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
+from backends import needs_cpp, needs_cuda, needs_interpreter
 from conftest import (
     AWKWARD_SHAPES,
     DTYPES,
@@ -31,25 +30,13 @@ from conftest import (
 
 from fusion_kernels.errors import NonFiniteDeltaError
 from fusion_kernels.ops import merge_tensor
-from fusion_kernels.ops.triton import interpreting
 from fusion_kernels.params import params_for
 
 NAME = "model.layers.0.mlp.up_proj.weight"
 AXES = ("row", "col", "none")
 DTYPE_IDS = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
-cpp_built = pytest.mark.skipif(
-    importlib.util.find_spec("fusion_kernels._cpp") is None,
-    reason="the C++ extension is not built (run `pip install -e .` with a C++ compiler)",
-)
-interpreted = pytest.mark.skipif(
-    not interpreting() or importlib.util.find_spec("triton") is None,
-    reason="runs Triton's interpreter on the CPU: set TRITON_INTERPRET=1 (and install triton)",
-)
-cuda = pytest.mark.skipif(
-    not torch.cuda.is_available() or interpreting(),
-    reason="needs a CUDA device (and no TRITON_INTERPRET: these sizes are too large for it)",
-)
+cpp_built, interpreted, cuda = needs_cpp, needs_interpreter, needs_cuda
 # (backend, device, marks) of each fast backend this suite checks.
 TARGETS = {
     "cpp": ("cpp", "cpu", [cpp_built]),

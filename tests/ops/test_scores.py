@@ -10,11 +10,11 @@ with a GPU.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import pytest
 import torch
+from backends import needs_cpp, needs_cuda, needs_interpreter
 from conftest import (
     AWKWARD_SHAPES,
     DTYPE_PAIRS,
@@ -32,15 +32,7 @@ from fusion_kernels.ops.registry import _REGISTRY
 NAME = "model.layers.0.mlp.gate_proj.weight"
 AXES = ["row", "col", "none"]
 
-cpp_built = pytest.mark.skipif(
-    importlib.util.find_spec("fusion_kernels._cpp") is None,
-    reason="the C++ extension is not built (run `pip install -e .` with a C++ compiler)",
-)
-interpreted = pytest.mark.skipif(
-    not triton_backend.interpreting() or importlib.util.find_spec("triton") is None,
-    reason="runs Triton's interpreter on the CPU: set TRITON_INTERPRET=1 (and install triton)",
-)
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+cpp_built, interpreted, cuda = needs_cpp, needs_interpreter, needs_cuda
 
 
 def _layouts(shapes):

@@ -21,6 +21,7 @@ import importlib.util
 
 import pytest
 import torch
+from backends import needs_cpp, needs_cuda, needs_interpreter
 from conftest import (
     DTYPES,
     METHOD_CASES,
@@ -33,7 +34,6 @@ from conftest import (
 
 from fusion_kernels.ops.contract import magnitude_window, plan_tensor
 from fusion_kernels.ops.reference import merge_reference
-from fusion_kernels.ops.triton import interpreting
 from fusion_kernels.params import params_for
 
 if importlib.util.find_spec("triton") is None:
@@ -44,13 +44,7 @@ from fusion_kernels.ops.triton import select as selection
 
 NAME = "model.layers.0.mlp.down_proj.weight"
 
-interpreted = pytest.mark.skipif(
-    not interpreting(), reason="runs Triton's interpreter on the CPU: set TRITON_INTERPRET=1"
-)
-cuda = pytest.mark.skipif(
-    not torch.cuda.is_available() or interpreting(),
-    reason="needs a CUDA device (and no TRITON_INTERPRET: these sizes are too large for it)",
-)
+interpreted, cuda = needs_interpreter, needs_cuda
 
 
 def check(base, tuned, axis, case, what=""):
@@ -202,9 +196,7 @@ def test_cuda_dtypes_and_approx(dtype):
 
 
 # ------------------------------------------------------------------ on a GPU, against cpp's bytes
-cpp_built = pytest.mark.skipif(
-    importlib.util.find_spec("fusion_kernels._cpp") is None, reason="the C++ extension is not built"
-)
+cpp_built = needs_cpp
 
 
 def against_cpp(base, tuned, axis, case, what=""):
