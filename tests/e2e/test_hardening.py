@@ -2,14 +2,19 @@
 word on what went wrong."""
 
 import contextlib
+import io
 import json
 import os
 import random
 import resource
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,17 +106,16 @@ def test_duplicate_names_across_shards_and_bad_index_entries(tmp_path):
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(data=st.data())
-def test_fuzzed_headers_read_correctly_or_raise_checkpoint_error(tmp_path, data):
+def test_fuzzed_headers_read_back_what_they_describe_or_raise_checkpoint_error(tmp_path, data):
     path = tmp_path / "model.safetensors"
-    save_file(
-        {
-            "a": torch.arange(12, dtype=torch.float32).reshape(3, 4),
-            "b": torch.ones(5, dtype=torch.bfloat16),
-        },
-        str(path),
-    )
+    originals = {
+        "a": torch.arange(12, dtype=torch.float32).reshape(3, 4),
+        "b": torch.ones(5, dtype=torch.bfloat16),
+    }
+    save_file(originals, str(path))
     raw = bytearray(path.read_bytes())
     length = int.from_bytes(raw[:8], "little")
+    untouched = json.loads(raw[8 : 8 + length])
     if data.draw(st.booleans()):
         for _ in range(data.draw(st.integers(1, 4))):
             raw[data.draw(st.integers(0, 8 + length - 1))] = data.draw(st.integers(0, 255))
@@ -132,11 +136,20 @@ def test_fuzzed_headers_read_correctly_or_raise_checkpoint_error(tmp_path, data)
     path.write_bytes(bytes(raw))
     try:
         ckpt = Checkpoint(path)
-        for name in ckpt.names():
-            ckpt.read(name)
+        read = {name: ckpt.read(name).clone() for name in ckpt.names()}
         ckpt.close()
     except CheckpointError:
-        pass
+        return
+    # Opened: the header is JSON that lists exactly the tensors read, each of the shape it
+    # says, and a tensor whose entry the fuzzing left alone reads back bit for bit (the data
+    # bytes are never changed).
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    assert set(read) == set(header) - {"__metadata__"}
+    for name, tensor in read.items():
+        assert list(tensor.shape) == header[name]["shape"], name
+        if header[name] == untouched.get(name) and size == length:
+            assert torch.equal(tensor, originals[name]), name
 
 
 @settings(
@@ -151,13 +164,15 @@ def test_fuzzed_headers_read_correctly_or_raise_checkpoint_error(tmp_path, data)
         max_leaves=8,
     )
 )
-def test_fuzzed_index_files_raise_checkpoint_error(tmp_path, index):
+def test_fuzzed_index_files_never_crash_the_reader(tmp_path, index):
+    # Any index: either a CheckpointError (a clear message) or a checkpoint of the one tensor
+    # the shard holds; never another exception.
     root = tmp_path / "idx"
     root.mkdir(exist_ok=True)
     save_file({"w": torch.zeros(2)}, str(root / "model-1.safetensors"))
     (root / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
     with contextlib.suppress(CheckpointError):
-        Checkpoint(root)
+        assert set(Checkpoint(root).names()) <= {"w"}
 
 
 # --- what gets copied ----------------------------------------------------------------------
@@ -326,13 +341,53 @@ def test_verify_passes_and_catches_a_bad_write(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "bad").exists() and leftovers(tmp_path) == []
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere, so nothing is unwritable")
-def test_unwritable_output_parent_is_a_clear_error(tmp_path, capsys):
-    base, tuned = tiny_pair(tmp_path / "in")
-    locked = tmp_path / "locked"
-    locked.mkdir(mode=0o555)
-    assert (
-        main(["--base", str(base), "--tuned", str(tuned), "--out", str(locked / "o"), "--quiet"])
-        == 2
-    )
-    assert "not writable" in capsys.readouterr().err
+#: Whom the unwritable-directory test runs as when the suite runs as root (root writes anywhere).
+NOBODY = 65534
+
+
+def _merge_in_child(argv: list[str], uid: int | None) -> tuple[int, str]:
+    """Run the merge command in a forked child, as ``uid`` when given; its status and stderr.
+    Forked, not executed: the interpreter and every module are already loaded, so the child
+    needs no access to where Python lives, only to the checkpoints."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        status, err = 1, io.StringIO()
+        try:
+            os.close(read_end)
+            if uid is not None:
+                os.setgroups([])
+                os.setgid(uid)
+                os.setuid(uid)
+            with contextlib.redirect_stderr(err):
+                status = main(argv)
+        except BaseException:
+            err.write(traceback.format_exc())
+        finally:
+            os.write(write_end, err.getvalue().encode())
+            os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        text = pipe.read()
+    _, wait = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(wait), text
+
+
+def test_unwritable_output_parent_is_a_clear_error():
+    # Outside pytest's directories (only their owner may enter them), so that nobody can read
+    # the inputs when the suite runs as root.
+    work = Path(tempfile.mkdtemp(prefix="fusion-unwritable-"))
+    try:
+        work.chmod(0o755)
+        base, tuned = tiny_pair(work / "in")
+        args = ["--base", str(base), "--tuned", str(tuned), "--quiet", "--out"]
+        assert main([*args, str(work / "warm-up")]) == 0  # loads what the command imports
+        locked = work / "locked"
+        locked.mkdir(mode=0o555)
+        uid = NOBODY if os.geteuid() == 0 else None
+        status, err = _merge_in_child([*args, str(locked / "o")], uid)
+        assert status == 2, err
+        assert err.splitlines() == [f"error: --out {locked / 'o'}: {locked} is not writable"]
+        assert not (locked / "o").exists()
+    finally:
+        shutil.rmtree(work)
