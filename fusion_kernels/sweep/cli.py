@@ -29,6 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
         overwrite=None,
         required=True,
     )
+    _add_grid_and_scoring(parser)
+    _add_executor(parser.add_argument_group("where points run"))
+    _add_merge_options(parser.add_argument_group("merging each point (as for merge)"))
+    return parser
+
+
+def _add_grid_and_scoring(parser) -> None:
     parser.add_argument(
         "--grid",
         required=True,
@@ -91,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="the best point has the smallest --metric",
     )
+
+
+def _add_executor(parser) -> None:
     parser.add_argument(
         "--executor",
         choices=("local", "ray"),
@@ -102,8 +112,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--cpus-per-trial", type=float, default=1, help="ray: CPUs per point")
     parser.add_argument("--gpus-per-trial", type=float, default=0, help="ray: GPUs per point")
-    _add_merge_options(parser.add_argument_group("merging each point (as for merge)"))
-    return parser
 
 
 def _add_merge_options(group) -> None:
