@@ -26,7 +26,7 @@ $(VENV)/.test: $(VENV)/.core
 	touch $@
 
 demo: $(VENV)/.core
-	$(PY) -m fusion_kernels.merge --demo
+	$(PY) -m fusion_kernels.merge --demo --overwrite  # a rerun replaces its own earlier demo
 
 test: $(VENV)/.test
 	TRITON_INTERPRET=1 $(PY) -m pytest -q
