@@ -6,12 +6,11 @@ import pytest
 import torch
 from checkpoints import write_single
 
-from fusion_kernels.errors import ParameterError, PlanError
+from fusion_kernels.errors import PlanError
 from fusion_kernels.io.reader import Checkpoint
 from fusion_kernels.neurons import NeuronRule, NeuronRules
 from fusion_kernels.plan.namemap import NameMap
 from fusion_kernels.plan.planner import build_plan
-from fusion_kernels.sizes import parse_size
 
 
 def checkpoint(path, tensors: dict[str, torch.Tensor]) -> Checkpoint:
@@ -100,16 +99,3 @@ def test_name_map_pairs_renamed_tensors(tmp_path):
     )
     task = plan.tasks["language_model.model.layers.0.mlp.up_proj.weight"]
     assert task.base.name == "model.layers.0.mlp.up_proj.weight" and task.axis == "row"
-
-
-@pytest.mark.parametrize(
-    "text,size", [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2GiB", 2 * 2**30), ("123", 123)]
-)
-def test_parse_size(text, size):
-    assert parse_size(text) == size
-
-
-@pytest.mark.parametrize("text", ["", "5XB", "-1GB", "0"])
-def test_parse_size_rejects_nonsense(text):
-    with pytest.raises(ParameterError, match="size"):
-        parse_size(text)
