@@ -13,7 +13,11 @@ for.
   ``--eval-arg KEY=VALUE``). Repeat ``--eval`` to combine scorers (language and visual ability);
   ``--objective`` makes their ``OA`` (see :mod:`fusion_kernels.evaluation`).
 - ``O/results.csv``: one row per point (parameters, metrics, merge and eval seconds, kept model),
-  rewritten after every point, so re-running the same command skips the points already done.
+  in grid order whatever order points finish in, rewritten after every point, so re-running the
+  same command skips the points already done.
+- Merge options shared with ``merge`` (``--set``, ``--neuron-rule``, ``--map``, ``--layer-map``,
+  ``--allow-unpaired``, ``--memory-budget``, ``--max-shard-size``, ``--no-model-card``,
+  ``--backend``, ``--device``) apply to every point.
 - ``O/plots/``: each metric against each swept numeric parameter, one line per method, and the
   LA-vs-VA trade-off; ``O/index.html`` shows them with the table.
 - ``--keep best|all|none``: which merged models stay in ``O/models/``; each carries its scores.
