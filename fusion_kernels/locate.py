@@ -131,10 +131,13 @@ def locate_checkpoints(
     device: str = "cpu",
     progress: bool = True,
     out: str | os.PathLike | None = None,
+    overwrite: bool | None = None,
 ) -> dict[str, Any]:
     """Change statistics of every mergeable tensor; streams one tensor pair at a time.
 
-    ``out``, where the caller will write the results, is checked against the inputs first.
+    ``out``, where the caller will write the results, is checked against the inputs first; with
+    ``overwrite`` given it must also be new, or (``overwrite=True``) an earlier locate report,
+    as :func:`publish_outputs` requires.
     """
     parse_device(device)
     base_ckpt, tuned_ckpt, plan = plan_merge(
@@ -142,6 +145,8 @@ def locate_checkpoints(
     )
     if out is not None:
         check_output_path(out, [*base_ckpt.roots, *tuned_ckpt.roots])
+        if overwrite is not None:
+            check_target(Path(os.path.abspath(out)), overwrite, "--out", REPORT_NAME, LOCATE_KIND)
     tasks = [t for t in plan.tasks.values() if t.action == "merge"]
     entries, backends = [], set()
     # On the CPU the scores pass reads the shards in place; elsewhere tensors are copied over.
@@ -177,7 +182,9 @@ def locate_checkpoints(
     }
 
 
-def locate_from_args(args: argparse.Namespace, rules: NeuronRules) -> dict[str, Any]:
+def locate_from_args(
+    args: argparse.Namespace, rules: NeuronRules, overwrite: bool | None = None
+) -> dict[str, Any]:
     """:func:`locate_checkpoints` with the options locate and merge share (base, tuned, map,
     layer map, allow-unpaired, backend, device, quiet)."""
     return locate_checkpoints(
@@ -191,6 +198,7 @@ def locate_from_args(args: argparse.Namespace, rules: NeuronRules) -> dict[str, 
         device=args.device,
         progress=not args.quiet,
         out=args.out,
+        overwrite=overwrite,
     )
 
 
@@ -285,9 +293,8 @@ def command(argv: list[str] | None = None) -> int:
     rules = NeuronRules([parse_rule(r) for r in args.neuron_rule])
     if args.plot_tensors is not None:
         check_pattern(args.plot_tensors, f"--plot-tensors {args.plot_tensors!r}")
+    result = locate_from_args(args, rules, overwrite=args.overwrite)
     out = Path(os.path.abspath(args.out))
-    check_target(out, args.overwrite, "--out", REPORT_NAME, LOCATE_KIND)
-    result = locate_from_args(args, rules)
     plots = publish_outputs(result, out, args.overwrite, args.plot_tensors)
     print(
         f"located change in {len(result['tensors'])} tensors; {len(plots)} plots; "
