@@ -63,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-shard-size",
         type=_size,
         metavar="SIZE",
-        help="regroup output shards (e.g. 5GB); default: tuned's shard layout",
+        help="regroup output shards of at most SIZE (e.g. 5GB) with an index; a model that fits "
+        "in one is one model.safetensors, without index (as transformers saves it); default: "
+        "tuned's shard layout",
     )
     io.add_argument(
         "--map",
@@ -125,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     method.add_argument("--epsilon", type=float, help="della: probability spread (0.15)")
     method.add_argument(
-        "--rescale", choices=RESCALE_MODES, help="random/della: kept-entry scaling (l1)"
+        "--rescale",
+        choices=RESCALE_MODES,
+        help="random/della: kept-entry scaling (default l1 for random and della, none otherwise)",
     )
     method.add_argument("--weight", type=float, help="α: scale of the suppressed delta (1.0)")
     method.add_argument(
