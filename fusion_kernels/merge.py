@@ -28,7 +28,7 @@ from .params import (
     parse_override,
 )
 from .pipeline import merge_checkpoints, plan_merge
-from .plan.planner import parse_size
+from .plan.planner import format_size, parse_size
 from .process import run_cli
 from .streaming.chunks import return_freed_memory_promptly
 
@@ -356,12 +356,12 @@ def _write_plots(args, rules, report, out: Path) -> None:
 def summary(report: dict, out: Path) -> str:
     """One paragraph on what a finished merge did."""
     t = report["totals"]
-    rate = t["bytes"] / max(t["seconds"], 1e-9) / 1e9
+    rate = format_size(t["bytes"] / max(t["seconds"], 1e-3), "/s")
+    seconds = f"{t['seconds']:{'.3g' if t['seconds'] < 100 else '.0f'}} s"
     kept = 100.0 * t["kept"] / max(t["numel_merged"], 1)
     lines = [
-        f"merged {t['merged']} tensors, copied {t['copied']} ({t['bytes'] / 1e9:.3f} GB) in "
-        f"{t['seconds']:.2f} s ({rate:.2f} GB/s) with backend "
-        f"{', '.join(report['backends']) or '-'}",
+        f"merged {t['merged']} tensors, copied {t['copied']}: {format_size(t['bytes'])} in "
+        f"{seconds} ({rate}) with backend {', '.join(report['backends']) or '-'}",
         f"kept {t['kept']} of {t['numel_merged']} merged entries ({kept:.1f} %), restored "
         f"{t['restored_neurons']} neurons ({t['fallbacks']} rescale fallbacks to replace)",
     ]

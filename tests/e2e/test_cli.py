@@ -2,6 +2,7 @@
 no output directory, inputs untouched."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from conftest import assert_within_ulp
 from fusion_kernels import available_backends
 from fusion_kernels.io.reader import Checkpoint
 from fusion_kernels.merge import build_parser, main
+from fusion_kernels.plan.planner import format_size
 
 
 def run_cli(*args: str) -> int:
@@ -340,3 +342,15 @@ def test_max_shard_size_writes_an_index_exactly_when_documented(pair):
     index = json.loads((merged / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == {"model-00001-of-00001.safetensors"}
     assert sorted(Checkpoint(merged).names()) == sorted(Checkpoint(tuned).names())
+
+
+def test_small_sizes_print_in_a_unit_that_fits(pair, capsys):
+    base, tuned, out = pair
+    assert run_cli("--base", base, "--tuned", tuned, "--dry-run") == 0
+    assert "2 shard(s), 39.2 kB" in capsys.readouterr().out
+    assert run_cli("--base", base, "--tuned", tuned, "--out", out) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("merged 21 tensors, copied 0: 39.2 kB in ")
+    assert re.search(r" s \([0-9.]+ [kM]B/s\) with backend", first), first
+    assert format_size(3 * 10**9, "/s") == "3 GB/s" and format_size(999) == "999 B"
+    assert format_size(1_234_567) == "1.23 MB" and format_size(5 * 10**15) == "5000 TB"
