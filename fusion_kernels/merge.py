@@ -30,7 +30,12 @@ from .params import (
 from .pipeline import merge_checkpoints, plan_merge
 from .plan.planner import format_size, parse_size
 from .process import run_cli
-from .streaming.chunks import return_freed_memory_promptly
+from .streaming.chunks import (
+    DEFAULT_MEMORY_BUDGET,
+    Budget,
+    describe_chunks,
+    return_freed_memory_promptly,
+)
 
 DEFAULT_METHOD = "neuron_fusion"
 DEMO_DIR = "fusion_demo"
@@ -278,6 +283,9 @@ def run(args: argparse.Namespace) -> int:
         )
         params.check(name for name, task in plan.tasks.items() if task.action == "merge")
         print(plan.describe())
+        budget = Budget(args.memory_budget or DEFAULT_MEMORY_BUDGET)
+        for line in describe_chunks(budget, list(plan.tasks.values()), params):
+            print(line)
         print(f"params: {params.default.as_dict()}")
         for entry in params.describe():
             if "pattern" in entry:
