@@ -45,9 +45,11 @@ def _closest_preset(params: dict[str, Any]) -> str | None:
     exact = method_names(params)
     if exact:
         return exact[0]
-    same = (n for n, p in PRESETS.items() if params_for(n).suppress == params["suppress"]
-            and params_for(n).restore == params["restore"])  # fmt: skip
-    return next(same, None)
+    for name in PRESETS:
+        preset = params_for(name)
+        if (preset.suppress, preset.restore) == (params["suppress"], params["restore"]):
+            return name
+    return None
 
 
 def split_front_matter(text: str) -> tuple[dict[str, Any], str]:
@@ -217,7 +219,7 @@ def _yaml(text: str) -> str:
     return '"' + "".join(_yaml_char(char) for char in text) + '"'
 
 
-#: Plain words YAML 1.1 (what the Hub's older tools read) resolves to booleans or null.
+#: Plain words that YAML 1.1 readers (PyYAML among them) resolve to booleans or null.
 _YAML_WORDS = ("y", "n", "yes", "no", "on", "off", "true", "false", "null")
 _YAML_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 

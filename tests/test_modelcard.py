@@ -101,6 +101,15 @@ def test_front_matter_parses_back_to_every_value(report, license, base, tuned):
 
 
 @pytest.mark.parametrize(
+    "value", ["true", "Yes", "on", "N", "null", "~", "1.0", "0x1F", "1e3", "12:30", "apache-2.0"]
+)
+def test_front_matter_keeps_words_yaml_would_read_as_other_types(report, value):
+    card = model_card({**report, "base_model": value}, "out", f"---\nlicense: '{value}'\n---\n")
+    meta, _ = split_front_matter(card)
+    assert meta["base_model"][0] == value and meta["license"] == value
+
+
+@pytest.mark.parametrize(
     "module",
     ["a|b", "back`tick", "two\nlines", "crlf\r\nend", "back\\|slash", "<b>&amp;", " pad "],
 )

@@ -349,7 +349,7 @@ def merge_task_in_chunks(
         action=action,
         seconds=time.perf_counter() - start,
     )
-    return stats.streamed(step, tuned.rows, chunked.passes), chunked.crc
+    return stats.streamed(step, rows, chunked.passes), chunked.crc
 
 
 @dataclass
@@ -361,6 +361,7 @@ class ChunkedStats(TensorStats):
     passes: list[str] = field(default_factory=list)
 
     def streamed(self, step: int, rows: int, passes: list[str]) -> ChunkedStats:
+        """These stats, with ``rows`` read ``step`` at a time in each of ``passes``."""
         self.rows_per_chunk, self.chunks, self.passes = step, -(-rows // step), passes
         return self
 
