@@ -85,6 +85,8 @@ class PairSpec:
             "rms_norm_eps": 1e-5,
             "hidden_act": "silu",
             "tie_word_embeddings": False,
+            "bos_token_id": SPECIAL_TOKENS.index(BOS),
+            "eos_token_id": SPECIAL_TOKENS.index(EOS),
             "torch_dtype": str(self.dtype).removeprefix("torch."),
         }
 
@@ -106,6 +108,8 @@ def generate_pair(directory: str | Path, spec: PairSpec = PairSpec()) -> tuple[P
         d.mkdir(parents=True, exist_ok=True)
         (d / "config.json").write_text(json.dumps(spec.config(), indent=2) + "\n")
     (tuned_dir / "generation_config.json").write_text(json.dumps({"do_sample": False}) + "\n")
+    for d in (base_dir, tuned_dir):
+        write_tokenizer(d, spec.vocab)
     gen = torch.Generator().manual_seed(spec.seed)
     planted: dict[str, list[int]] = {}
     files = {
@@ -128,6 +132,56 @@ def generate_pair(directory: str | Path, spec: PairSpec = PairSpec()) -> tuple[P
             (d / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     (tuned_dir / PLANTED_NAME).write_text(json.dumps(planted) + "\n")
     return base_dir, tuned_dir
+
+
+UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
+SPECIAL_TOKENS = (UNK, BOS, EOS, PAD)
+#: The demo tokenizer's words, space-separated, those of short prompts first (a tiny vocabulary
+#: keeps the first ones): enough for a prompt or a small local task; other words are <unk>.
+WORDS = (
+    "the a cat dog bird sat ran flew on to over mat park tree sky grass sea sun moon is red blue "
+    "green yellow what color of where did . , ? ! ' 0 1 2 3 4 5 6 7 8 9 an and in it that was for "
+    "are as with his they at be this from have or by one had not but all were when we there can "
+    "your which their said if do will each about how up out them then she many some so these "
+    "would other into has more her two like him see time could no make than first been its who "
+    "now people my made down only way find use may water long little very after words called "
+    "just most know black white fish"
+)
+
+
+def write_tokenizer(directory: Path, vocab: int) -> None:
+    """A word-level tokenizer of at most ``vocab`` tokens, as transformers saves a fast one
+    (``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json``), built here:
+    ``AutoTokenizer`` loads it, so the pair works with lm-eval, mergekit and ``generate``."""
+    tokens = [*SPECIAL_TOKENS, *WORDS.split()][: max(vocab, len(SPECIAL_TOKENS))]
+    added = [
+        {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+         "normalized": False, "special": True}
+        for i, t in enumerate(SPECIAL_TOKENS)
+    ]  # fmt: skip
+    tokenizer = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": {"type": "Lowercase"},
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": None,
+        "decoder": None,
+        "model": {
+            "type": "WordLevel",
+            "vocab": {t: i for i, t in enumerate(tokens)},
+            "unk_token": UNK,
+        },
+    }
+    specials = {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "pad_token": PAD}
+    config = {**specials, "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 2048}
+    for name, payload in (
+        ("tokenizer.json", tokenizer),
+        ("tokenizer_config.json", config),
+        ("special_tokens_map.json", specials),
+    ):
+        (directory / name).write_text(json.dumps(payload, indent=2) + "\n")
 
 
 def check_demo_dir(directory: str | Path) -> None:

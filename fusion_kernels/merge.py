@@ -22,6 +22,7 @@ from .io.outputs import check_target
 from .io.writer import MERGE_KIND, REPORT_NAME
 from .pipeline import merge_checkpoints
 from .process import return_freed_memory_promptly, run_cli
+from .sizes import format_size
 
 __all__ = ["build_parser", "cli", "command", "main", "run", "summary"]
 
@@ -100,12 +101,12 @@ def _write_plots(args, rules, report, out: Path) -> None:
 def summary(report: dict, out: Path) -> str:
     """One paragraph on what a finished merge did."""
     t = report["totals"]
-    rate = t["bytes"] / max(t["seconds"], 1e-9) / 1e9
+    rate = format_size(t["bytes"] / max(t["seconds"], 1e-3), "/s")
+    seconds = f"{t['seconds']:{'.3g' if t['seconds'] < 100 else '.0f'}} s"
     kept = 100.0 * t["kept"] / max(t["numel_merged"], 1)
     lines = [
-        f"merged {t['merged']} tensors, copied {t['copied']} ({t['bytes'] / 1e9:.3f} GB) in "
-        f"{t['seconds']:.2f} s ({rate:.2f} GB/s) with backend "
-        f"{', '.join(report['backends']) or '-'}",
+        f"merged {t['merged']} tensors, copied {t['copied']}: {format_size(t['bytes'])} in "
+        f"{seconds} ({rate}) with backend {', '.join(report['backends']) or '-'}",
         f"kept {t['kept']} of {t['numel_merged']} merged entries ({kept:.1f} %), restored "
         f"{t['restored_neurons']} neurons ({t['fallbacks']} rescale fallbacks to replace)",
     ]

@@ -9,6 +9,7 @@ merge. A tuned model's own card is not dropped: its text follows under a heading
 
 from __future__ import annotations
 
+import html
 import re
 import shlex
 from collections import defaultdict
@@ -23,7 +24,7 @@ CARD_NAME = "README.md"
 TUNED_CARD_HEADING = "## The tuned model's card"
 _FLAGS = ("suppress", "density", "gamma", "epsilon", "rescale", "weight", "restore")
 _FLAGS += ("top_neurons", "seed", "select")
-_LAYER_MODULE = re.compile(r"layers\.\d+\.(.+?)(?:\.weight)?$")
+_LAYER_MODULE = re.compile(r"layers\.\d+\.(.+?)(?:\.weight)?$", re.DOTALL)
 
 
 def method_names(params: dict[str, Any]) -> list[str]:
@@ -36,6 +37,19 @@ def method_names(params: dict[str, Any]) -> list[str]:
         for name in PRESETS
         if all(params_for(name).as_dict()[k] == params.get(k) for k in keys)
     ]
+
+
+def _closest_preset(params: dict[str, Any]) -> str | None:
+    """The preset these parameters are, else the first with their suppress and restore (the
+    command's explicit flags say the rest), else None."""
+    exact = method_names(params)
+    if exact:
+        return exact[0]
+    for name in PRESETS:
+        preset = params_for(name)
+        if (preset.suppress, preset.restore) == (params["suppress"], params["restore"]):
+            return name
+    return None
 
 
 def split_front_matter(text: str) -> tuple[dict[str, Any], str]:
@@ -52,11 +66,17 @@ def split_front_matter(text: str) -> tuple[dict[str, Any], str]:
 
 
 def reproduce_command(report: dict[str, Any], out: str) -> str:
-    """The merge command line that recomputes this output, every parameter explicit."""
+    """The merge command line that recomputes this output: the preset by name (when the
+    parameters are one), every parameter explicit, and the output's shard size."""
     params = report["params"]
     words = ["python", "-m", "fusion_kernels.merge"]
     words += ["--base", report.get("base_model", report["base"])]
     words += ["--tuned", report.get("tuned_model", report["tuned"]), "--out", out]
+    if report.get("max_shard_size") is not None:
+        words += ["--max-shard-size", str(report["max_shard_size"])]
+    method = _closest_preset(params)
+    if method is not None:
+        words += ["--method", method]
     for key in _FLAGS:
         words += [f"--{key.replace('_', '-')}", str(params[key])]
     if params.get("allow_nonfinite"):
@@ -122,9 +142,9 @@ def _body(report, out, base, tuned, methods) -> list[str]:
     totals = report["totals"]
     preset = " = ".join(f"`{m}`" for m in methods)
     lines = [
-        f"# {out.rstrip('/').rsplit('/', 1)[-1]}",
+        f"# {_code(out.rstrip('/').rsplit('/', 1)[-1])}",
         "",
-        f"This model is `{tuned}` merged back with its base `{base}` by "
+        f"This model is {_code(tuned)} merged back with its base {_code(base)} by "
         "fusion_kernels "
         f"using {f'the preset {preset}' if methods else 'custom parameters'}: "
         f"{totals['merged']} tensors merged, {totals['copied']} copied unchanged from the tuned "
@@ -135,7 +155,7 @@ def _body(report, out, base, tuned, methods) -> list[str]:
         "| parameter | value |",
         "|---|---|",
     ]
-    lines += [f"| {key} | `{value}` |" for key, value in report["params"].items()]
+    lines += [f"| {key} | {_code(str(value))} |" for key, value in report["params"].items()]
     lines += ["", "## Per-tensor rules (`--set`)", ""]
     overrides = report.get("param_overrides", [])
     if overrides:
@@ -151,7 +171,7 @@ def _body(report, out, base, tuned, methods) -> list[str]:
     if rules:
         lines += [f"Prefix rewrites ({how}):", "", "| tuned prefix | base prefix |", "|---|---|"]
         top = "(top level)"
-        lines += [f"| `{r['tuned'] or top}` | `{r['base'] or top}` |" for r in rules]
+        lines += [f"| {_code(r['tuned'] or top)} | {_code(r['base'] or top)} |" for r in rules]
     else:
         lines.append("Identity: tuned and base tensors share names.")
     layer_map = report.get("layer_map") or {}
@@ -159,14 +179,14 @@ def _body(report, out, base, tuned, methods) -> list[str]:
         lines += [
             "",
             f"Layer map ({layer_map['source']}): base layer of each tuned layer, in "
-            f"order (`new`: no base counterpart, copied): `{layer_map['spec']}`.",
+            f"order (`new`: no base counterpart, copied): {_code(layer_map['spec'])}.",
         ]
     else:
         lines += ["", "Layers pair one to one: tuned layer i with base layer i."]
     lines += ["", "## What was kept, per module type", ""]
     lines += ["| module | tensors | kept share | restored neurons |", "|---|---|---|---|"]
     for module, count, kept, restored in module_table(report["tensors"]):
-        lines.append(f"| `{module}` | {count} | {100 * kept:.2f} % | {restored} |")
+        lines.append(f"| {_code(module)} | {count} | {100 * kept:.2f} % | {restored} |")
     lines += [
         "",
         "## Reproduce",
@@ -185,12 +205,63 @@ def _override_row(item: dict[str, Any]) -> str:
     """One ``--set`` rule (a regex) or one mergekit filter (a substring) as a table row."""
     if "pattern" in item:
         changes = ", ".join(f"{k}={v}" for k, v in item.items() if k != "pattern")
-        return f"| matching `{item['pattern']}` | {changes} |"
-    return f"| containing `{item['filter']}` | {item['parameter']}={item['value']} |"
+        return f"| matching {_code(item['pattern'])} | {_cell(changes)} |"
+    change = f"{item['parameter']}={item['value']}"
+    return f"| containing {_code(str(item['filter']))} | {_cell(change)} |"
 
 
 def _yaml(text: str) -> str:
-    """A YAML scalar: plain when safe, else double-quoted."""
-    if re.fullmatch(r"[A-Za-z0-9_][\w./@+-]*", text) and text.lower() not in ("yes", "no", "null"):
+    """A YAML scalar that parses back to ``text``, on one line: plain when that is safe (no
+    word YAML reads as a number, boolean or null), else double-quoted with every line break,
+    control and non-printable character escaped, so no value can end the front matter."""
+    if re.fullmatch(r"[A-Za-z_][\w./@+-]*", text, re.ASCII) and text.lower() not in _YAML_WORDS:
         return text
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return '"' + "".join(_yaml_char(char) for char in text) + '"'
+
+
+#: Plain words that YAML 1.1 readers (PyYAML among them) resolve to booleans or null.
+_YAML_WORDS = ("y", "n", "yes", "no", "on", "off", "true", "false", "null")
+_YAML_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _yaml_char(char: str) -> str:
+    if char in _YAML_ESCAPES:
+        return _YAML_ESCAPES[char]
+    return f"\\u{ord(char):04x}" if _unprintable(char) else char
+
+
+def _unprintable(char: str) -> bool:
+    """Characters a YAML stream may not hold raw (or that YAML reads as a line break), and
+    lone surrogates (which UTF-8 cannot encode)."""
+    code = ord(char)
+    return (
+        code < 0x20
+        or 0x7F <= code <= 0x9F
+        or 0xD800 <= code <= 0xDFFF
+        or code in (0x2028, 0x2029, 0xFEFF, 0xFFFE, 0xFFFF)
+    )
+
+
+#: What cannot appear as it is in a Markdown table cell's inline code: a pipe ends the cell, a
+#: backtick the code span, a backslash escapes what follows (a line break, not printable, ends
+#: the row); ``<``, ``>`` and ``&`` would be read as HTML in the ``<code>`` form.
+_CELL_BREAKERS = re.compile(r"[|`\\<>&]")
+
+
+def _code(text: str) -> str:
+    """``text`` as inline code that stays inside one table cell (or one line of prose): in
+    backticks when it can be, else as ``<code>`` with the troublesome characters as entities."""
+    if text and text.isprintable() and text.strip() == text and not _CELL_BREAKERS.search(text):
+        return f"`{text}`"
+    return f"<code>{_entities(text)}</code>"
+
+
+def _cell(text: str) -> str:
+    """Plain text that stays inside one table cell."""
+    return _entities(text) if _CELL_BREAKERS.search(text) or not text.isprintable() else text
+
+
+def _entities(text: str) -> str:
+    return "".join(
+        html.escape(c) if c.isprintable() and c not in "|`\\" else f"&#{ord(c)};" for c in text
+    )

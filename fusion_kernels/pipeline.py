@@ -154,6 +154,7 @@ def merge_checkpoints(
             transport.close()
         report = _report(plan, params, rules, base_ckpt, tuned_ckpt, stats, device, started)
         report["memory_budget"] = budget.nbytes
+        report["max_shard_size"] = max_shard_size
         report["verified"] = verify
         card = _card(report, out_dir, tuned_ckpt) if model_card else None
         writer.commit(

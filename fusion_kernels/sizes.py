@@ -26,3 +26,14 @@ def parse_size(text: str) -> int:
     if size <= 0:
         raise ParameterError(f"size {text!r} must be positive")
     return size
+
+
+def format_size(nbytes: float, per: str = "") -> str:
+    """A byte count (or rate, with ``per="/s"``) for people: three significant figures in the
+    unit that fits (``41.4 kB``, ``1.23 GB/s``), decimal units as ``--max-shard-size`` reads."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(nbytes) < 999.5 or unit == "TB":
+            break
+        nbytes /= 1000
+    figures = ".0f" if unit == "B" or abs(nbytes) >= 999.5 else ".3g"
+    return f"{nbytes:{figures}} {unit}{per}"

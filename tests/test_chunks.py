@@ -21,7 +21,12 @@ from fusion_kernels.errors import NonFiniteDeltaError, ParameterError
 from fusion_kernels.io.reader import TensorInfo
 from fusion_kernels.params import PRESETS
 from fusion_kernels.plan.planner import TensorTask
-from fusion_kernels.streaming.chunks import BRACKET_KEY_BYTES, BUFFERS_IN_FLIGHT, Budget
+from fusion_kernels.streaming.chunks import (
+    BRACKET_KEY_BYTES,
+    BUFFERS_IN_FLIGHT,
+    MIN_CHUNK_ENTRIES,
+    Budget,
+)
 
 pytest.importorskip("fusion_kernels._cpp", reason="the C++ extension is not built")
 
@@ -47,13 +52,46 @@ def test_budget_holds_six_buffers_whole_and_chunks_the_rest():
     assert not Budget(BUFFERS_IN_FLIGHT * 12_800).whole(task, della)
     assert Budget(BUFFERS_IN_FLIGHT * 128 * 10).chunk_rows(task, ties) == 10
     assert Budget(1).chunk_rows(task, ties) == 1, "a budget below one row still moves a row"
-    # A selection's bracket keys (per cut) come out of the chunks' share.
-    assert (
-        Budget(BUFFERS_IN_FLIGHT * 128 * 10 + 2 * BRACKET_KEY_BYTES).chunk_rows(task, ties, cuts=2)
-        == 10
-    )
+    # A selection's bracket keys (per cut, at most one key an entry) come out of the chunks'
+    # share (rows of 2**18 entries: the floor below is one row).
+    wide = _task((100, 2**18))
+    row = BUFFERS_IN_FLIGHT * 2 * 2**18
+    assert Budget(row * 10 + 2 * BRACKET_KEY_BYTES).chunk_rows(wide, ties, cuts=2) == 10
+    keys = 8 * 100 * 64  # the narrow task has fewer entries than the cap
+    assert Budget(BUFFERS_IN_FLIGHT * 128 * 10 + 2 * keys).chunk_rows(task, ties, cuts=2) >= 10
     with pytest.raises(ParameterError, match="memory-budget"):
         Budget(0)
+
+
+def test_chunks_never_shrink_to_a_few_rows_when_the_keys_crowd_them_out():
+    """A budget smaller than a selection's keys kept chunks of one row (a 4 MiB embedding took
+    2 s instead of 5 ms): chunks hold at least MIN_CHUNK_ENTRIES as long as six fit."""
+    task, ties = _task((1024, 2048)), params_for("ties")  # 4 MiB of bf16, keys 16 MiB a cut
+    assert Budget(8 * 2**20).chunk_rows(task, ties, cuts=1) == MIN_CHUNK_ENTRIES // 2048
+    # Six chunks of that floor do not fit 1 MiB: as many rows as do.
+    assert Budget(2**20).chunk_rows(task, ties, cuts=1) == 2**20 // (BUFFERS_IN_FLIGHT * 4096)
+    step, chunks, passes = Budget(8 * 2**20).chunking(task, ties)
+    assert (step, chunks, passes) == (128, 8, 3)
+    assert Budget(2**30).chunking(task, ties) is None
+
+
+def test_the_report_and_dry_run_say_which_tensors_stream_in_chunks(tmp_path, odd_pair, capsys):
+    from fusion_kernels.merge import main
+
+    base, tuned = odd_pair
+    args = ["--base", str(base), "--tuned", str(tuned), "--method", "ties", "--quiet"]
+    assert main([*args, "--memory-budget", "6000", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "in chunks under --memory-budget 0.00572205MiB" in text
+    report = _merge(base, tuned, tmp_path / "a", params_for("ties"), memory_budget=6_000)
+    streamed = [entry for entry in report["tensors"] if "chunks" in entry]
+    assert streamed and text.count(" rows, read ") == len(streamed)
+    for entry in streamed:
+        step, chunks, passes = entry["rows_per_chunk"], entry["chunks"], entry["passes"]
+        assert passes[0] == "first" and passes[-1] == "write" and len(passes) >= 3
+        assert f"  {entry['name']}: {chunks} chunk(s) of {step} rows, read 3+ times" in text
+    whole = _merge(base, tuned, tmp_path / "b", params_for("ties"))
+    assert not any("chunks" in entry for entry in whole["tensors"])
 
 
 # ---- whole merges under a budget ----

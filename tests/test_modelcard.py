@@ -1,14 +1,27 @@
 """The merged model's README.md: Hub front matter, what was done, the tuned card kept inside it,
 a command that reproduces the merge, and --no-model-card."""
 
+import html
 import json
+import os
+import re
 import shlex
+import subprocess
+import sys
 
+import pytest
 import yaml
 from checkpoints import tiny_pair
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fusion_kernels.merge import main
-from fusion_kernels.modelcard import TUNED_CARD_HEADING, method_names, split_front_matter
+from fusion_kernels.modelcard import (
+    TUNED_CARD_HEADING,
+    method_names,
+    model_card,
+    split_front_matter,
+)
 from fusion_kernels.params import params_for
 
 TUNED_CARD = "---\nlicense: apache-2.0\ntags:\n- vision\n---\n# Tuned\n\nTrained on pictures.\n"
@@ -44,21 +57,83 @@ def test_card_front_matter_and_tables(tmp_path):
 
 
 def test_card_command_reproduces_the_merge(tmp_path):
-    _, _, out = merged(tmp_path, "--method", "dare", "--density", "0.4", "--set", "mlp:seed=3")
+    """The card's command, run as it is written, writes the same files: the preset by name,
+    every parameter and the shard size (here not tuned's layout) included."""
+    _, _, out = merged(
+        tmp_path, "--method", "dare", "--density", "0.4", "--set", "mlp:seed=3",
+        "--max-shard-size", "15KB",
+    )  # fmt: skip
     body = (out / "README.md").read_text()
     command = body.split("```bash\n", 1)[1].split("\n```", 1)[0]
     words = shlex.split(command)
     assert words[:3] == ["python", "-m", "fusion_kernels.merge"]
+    assert words[words.index("--method") + 1] == "dare"
+    assert words[words.index("--max-shard-size") + 1] == "15000"
     again = tmp_path / "again"
-    args = words[3:]
-    args[args.index("--out") + 1] = str(again)
-    assert main([*args, "--quiet"]) == 0
-    assert (again / "model-00001-of-00002.safetensors").read_bytes() == (
-        out / "model-00001-of-00002.safetensors"
-    ).read_bytes()
-    assert (again / "model-00002-of-00002.safetensors").read_bytes() == (
-        out / "model-00002-of-00002.safetensors"
-    ).read_bytes()
+    words[words.index("--out") + 1] = str(again)
+    subprocess.run([sys.executable, *words[1:], "--quiet"], check=True, env=os.environ)
+    weights = sorted(p.name for p in out.glob("model*.safetensors*"))
+    assert len(weights) == 4, weights  # three 15 KB shards and their index
+    assert weights == sorted(p.name for p in again.glob("model*.safetensors*"))
+    for name in weights:
+        assert (again / name).read_bytes() == (out / name).read_bytes(), name
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    _, _, out = merged(tmp_path_factory.mktemp("card"), "--set", "mlp:density=0.3")
+    return json.loads((out / "fusion_report.json").read_text())
+
+
+@settings(max_examples=150, deadline=None)
+@given(license=st.text(min_size=1), base=st.text(), tuned=st.text())
+def test_front_matter_parses_back_to_every_value(report, license, base, tuned):
+    """Whatever the tuned card's license and the inputs' names (line breaks, ``---``, quotes,
+    control characters), the front matter ends where it should and reads back as given."""
+    tuned_card = "---\n" + yaml.safe_dump({"license": license}, default_style='"') + "---\n"
+    assert split_front_matter(tuned_card)[0] == {"license": license}
+    card = model_card({**report, "base_model": base, "tuned_model": tuned}, "out", tuned_card)
+    card.encode("utf-8")
+    meta, body = split_front_matter(card)
+    assert meta["base_model"] == [base, tuned]
+    assert meta["license"] == license
+    assert body.lstrip("\n").startswith("# `out`\n")
+
+
+@pytest.mark.parametrize(
+    "value", ["true", "Yes", "on", "N", "null", "~", "1.0", "0x1F", "1e3", "12:30", "apache-2.0"]
+)
+def test_front_matter_keeps_words_yaml_would_read_as_other_types(report, value):
+    card = model_card({**report, "base_model": value}, "out", f"---\nlicense: '{value}'\n---\n")
+    meta, _ = split_front_matter(card)
+    assert meta["base_model"][0] == value and meta["license"] == value
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["a|b", "back`tick", "two\nlines", "crlf\r\nend", "back\\|slash", "<b>&amp;", " pad "],
+)
+def test_module_table_keeps_awkward_names_in_their_cell(report, module):
+    """Each module row is one line of four cells (GitHub's rule: a pipe not escaped by a
+    backslash ends a cell), and the cell shows the name as it is."""
+    tensors = [dict(t) for t in report["tensors"]]
+    for entry in tensors:
+        entry["name"] = entry["name"].replace("mlp.up_proj", module)
+        entry.pop("base_name", None)
+    card = model_card({**report, "tensors": tensors}, "out")
+    section = card.split("## What was kept, per module type\n\n", 1)[1].split("\n\n", 1)[0]
+    rows = section.splitlines()[2:]
+    cells = [re.findall(r"(?:\\.|[^|\\])+", row) for row in rows]
+    assert all(len(row) == 4 for row in cells), rows
+    shown = {_inline_code(row[0].strip()) for row in cells}
+    assert module in shown and "self_attn.q_proj" in shown
+
+
+def _inline_code(cell: str) -> str:
+    if cell.startswith("<code>"):
+        return html.unescape(cell.removeprefix("<code>").removesuffix("</code>"))
+    assert cell[0] == cell[-1] == "`" and "`" not in cell[1:-1]
+    return cell[1:-1]
 
 
 def test_no_model_card_keeps_the_tuned_readme_as_it_is(tmp_path):

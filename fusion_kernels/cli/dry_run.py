@@ -6,6 +6,7 @@ import argparse
 
 from ..params import TensorParams
 from ..pipeline import plan_merge
+from ..streaming.chunks import DEFAULT_MEMORY_BUDGET, Budget, describe_chunks
 
 
 def print_dry_run(args: argparse.Namespace, params: TensorParams, rules) -> None:
@@ -24,6 +25,9 @@ def print_dry_run(args: argparse.Namespace, params: TensorParams, rules) -> None
     tuned.close()
     params.check(name for name, task in plan.tasks.items() if task.action == "merge")
     print(plan.describe())
+    budget = Budget(args.memory_budget or DEFAULT_MEMORY_BUDGET)
+    for line in describe_chunks(budget, list(plan.tasks.values()), params):
+        print(line)
     print(f"params: {params.default.as_dict()}")
     for line in describe_overrides(params):
         print(line)

@@ -74,7 +74,9 @@ def _add_method(group) -> None:
     )
     group.add_argument("--epsilon", type=float, help="della: probability spread (0.15)")
     group.add_argument(
-        "--rescale", choices=RESCALE_MODES, help="random/della: kept-entry scaling (l1)"
+        "--rescale",
+        choices=RESCALE_MODES,
+        help="random/della: kept-entry scaling (default l1 for random and della, none otherwise)",
     )
     group.add_argument("--weight", type=float, help="α: scale of the suppressed delta (1.0)")
     group.add_argument(

@@ -137,7 +137,9 @@ def add_sizes(group, *, staging: bool = True) -> None:
         "--max-shard-size",
         type=size,
         metavar="SIZE",
-        help="regroup output shards (e.g. 5GB); default: tuned's shard layout",
+        help="regroup output shards of at most SIZE (e.g. 5GB) with an index; a model that fits "
+        "in one is one model.safetensors, without index (as transformers saves it); default: "
+        "tuned's shard layout",
     )
     if staging:
         group.add_argument(

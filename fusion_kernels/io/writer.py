@@ -245,7 +245,9 @@ class CheckpointWriter:
             raise CheckpointError(f"internal error: tensors never written: {unwritten[:5]}")
         for file in set(self.shards.values()):
             file.close()
-        if len(self.plan.shards) > 1:
+        # As transformers: one file needs no index, unless it is named as one shard of several
+        # (``model-00001-of-00001.safetensors``), which loaders find only through an index.
+        if len(self.plan.shards) > 1 or "-of-" in self.plan.shards[0].filename:
             weight_map = {n: s.filename for s in self.plan.shards for n in s.names}
             index = {"metadata": {"total_size": self.plan.nbytes}, "weight_map": weight_map}
             self._write_json(INDEX_NAME, index)

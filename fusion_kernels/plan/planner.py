@@ -20,6 +20,7 @@ from ..errors import PlanError
 from ..io.binreader import output_shard_name
 from ..io.reader import Checkpoint, TensorInfo
 from ..neurons import NeuronRules
+from ..sizes import format_size
 from .layermap import LayerMap, layer_map_for
 from .namemap import NameMap, layer_prefix
 from .pairing import Structure, pair_all
@@ -94,7 +95,7 @@ class MergePlan:
         lines.append(
             f"{len(self.tasks)} tensors: {self.merge_count} merged, "
             f"{len(self.tasks) - self.merge_count} copied, {len(self.skipped)} skipped; "
-            f"{len(self.shards)} shard(s), {self.nbytes / 1e9:.3f} GB"
+            f"{len(self.shards)} shard(s), {format_size(self.nbytes)}"
         )
         return "\n".join(lines)
 

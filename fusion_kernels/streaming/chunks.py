@@ -19,7 +19,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -37,9 +37,17 @@ DEFAULT_MEMORY_BUDGET = 672 * 2**20
 #: Buffers the driver holds at once, each the size of one tensor (or chunk).
 BUFFERS_IN_FLIGHT = 6
 #: What a chunked merge's selection may hold per cut of the SPEC order it selects: the keys
-#: inside the cut's bracket (the kernel's default ``collect_cap``, 2**22 keys of 8 bytes).
-#: The chunks make room for it; a whole tensor's brackets are a small share of its entries.
+#: inside the cut's bracket (the kernel's default ``collect_cap``, 2**22 keys of 8 bytes, and
+#: never more than one key an entry). The chunks make room for it; a whole tensor's brackets
+#: are a small share of its entries.
 BRACKET_KEY_BYTES = 8 * 2**22
+#: The fewest entries a chunk holds when six of them fit the budget. Every chunk costs each
+#: pass a fixed price (the kernel's parallel region on every core, the read-ahead's system
+#: calls): 1-row chunks of a 4 MiB embedding took 2 s where the whole tensor takes 5 ms. At
+#: 2**18 entries (the size below which the whole-tensor kernel does not use threads) that price
+#: is small beside the chunk's work. Under a budget too small for a selection's bracket keys,
+#: the keys then come on top of the chunks, not out of them.
+MIN_CHUNK_ENTRIES = 2**18
 
 
 @dataclass(frozen=True)
@@ -63,12 +71,38 @@ class Budget:
 
     def chunk_rows(self, task: TensorTask, params: MergeParams, cuts: int = 0) -> int:
         """Rows per chunk: as many as the budget holds besides the bracket keys of ``cuts``
-        cuts (:attr:`~fusion_kernels.ops.contract.TensorPlan.active_cuts`), at least one."""
+        cuts (:attr:`~fusion_kernels.ops.contract.TensorPlan.active_cuts`), but never fewer
+        than :data:`MIN_CHUNK_ENTRIES` entries while six such chunks fit the budget, and at
+        least one row."""
         rows, cols = matrix_shape(task.tuned.shape)
         width = task.tuned.nbytes // max(rows * cols, 1)
-        per_row = cols * (BUFFERS_IN_FLIGHT * width + _scratch(task, params))
-        room = self.nbytes - cuts * BRACKET_KEY_BYTES
-        return max(1, room // max(per_row, 1))
+        per_row = max(cols * (BUFFERS_IN_FLIGHT * width + _scratch(task, params)), 1)
+        keys = cuts * min(BRACKET_KEY_BYTES, 8 * rows * cols)
+        floor = min(-(-MIN_CHUNK_ENTRIES // max(cols, 1)), self.nbytes // per_row)
+        return max(1, (self.nbytes - keys) // per_row, floor)
+
+    def chunking(self, task: TensorTask, params: MergeParams) -> tuple[int, int, int] | None:
+        """For a task merged in chunks: ``(rows per chunk, chunks, passes at least)``; None
+        for a task merged whole. The passes: the first and the write pass, a selection's
+        (one when its sampled bracket holds, more when it falls back to a radix select) and,
+        for restore=rescale, the pass that sums the kept change per neuron."""
+        if self.whole(task, params):
+            return None
+        rows, _ = matrix_shape(task.tuned.shape)
+        if task.action != "merge":
+            step = self.chunk_rows(task, params)
+            return step, -(-rows // step), 1
+        shape = (
+            task.tuned.shape
+            if task.merge_rows is None
+            else (task.merge_rows, *task.tuned.shape[1:])
+        )
+        plan = plan_tensor(params, shape, task.axis, task.name)
+        step = self.chunk_rows(task, params, plan.active_cuts)
+        passes = (
+            2 + (plan.active_cuts > 0) + (plan.restored_neurons > 0 and params.restore == "rescale")
+        )
+        return step, -(-rows // step), passes
 
 
 def _scratch(task: TensorTask, params: MergeParams) -> int:
@@ -164,6 +198,7 @@ class ChunkedTask:
         self.reader: Executor = reader
         self.writer: Executor = writer
         self.crc: int | None = 0 if want_crc else None
+        self.passes: list[str] = []  # the passes run over the chunks, in order
 
     def ranges(self, first: int, stop: int) -> list[tuple[int, int]]:
         return [(r, min(r + self.step, stop)) for r in range(first, stop, self.step)]
@@ -201,6 +236,7 @@ class ChunkedTask:
 
     def copy_rows(self, first: int, stop: int) -> None:
         """Copy tuned's rows ``[first, stop)`` to the output as they are."""
+        self.passes.append("copy")
         in_flight: Future | None = None
         for row, _, _, tuned in self.stream(self.ranges(first, stop), with_base=False):
             in_flight = self.store(row, tuned, in_flight)
@@ -214,6 +250,7 @@ class ChunkedTask:
         rows ``[0, rows)``, writing the merged rows in the write pass."""
         dtype = self.base.dtype
         for name in op.passes():
+            self.passes.append(name)
             write = name == "write"
             in_flight: Future | None = None
             for first, stop, base, tuned in self.stream(self.ranges(0, rows), with_base=True):
@@ -248,10 +285,11 @@ def merge_task_in_chunks(
     tuned = RowSource(tuned_ckpt, task.tuned)
     base = RowSource(base_ckpt, task.base) if task.action == "merge" else None
     if task.action == "copy":
-        chunked = ChunkedTask(task, (base, tuned), budget.chunk_rows(task, params), **io)
+        step = budget.chunk_rows(task, params)
+        chunked = ChunkedTask(task, (base, tuned), step, **io)
         chunked.copy_rows(0, tuned.rows)
-        stats = TensorStats(kept=0, name=task.name, numel=task.tuned.numel, action="copy")
-        return stats, chunked.crc
+        stats = ChunkedStats(kept=0, name=task.name, numel=task.tuned.numel, action="copy")
+        return stats.streamed(step, tuned.rows, chunked.passes), chunked.crc
     rows = tuned.rows if task.merge_rows is None else task.merge_rows
     shape = task.tuned.shape
     if task.merge_rows is not None:
@@ -278,7 +316,7 @@ def merge_task_in_chunks(
         raise
     if action == "merge" and rows < tuned.rows:
         chunked.copy_rows(rows, tuned.rows)
-    stats = TensorStats(
+    stats = ChunkedStats(
         **vars(kernel_stats),
         name=task.name,
         backend="cpp",
@@ -287,4 +325,36 @@ def merge_task_in_chunks(
         action=action,
         seconds=time.perf_counter() - start,
     )
-    return stats, chunked.crc
+    return stats.streamed(step, rows, chunked.passes), chunked.crc
+
+
+@dataclass
+class ChunkedStats(TensorStats):
+    """A task's stats when it streamed in chunks, with how (the report's per-tensor entry)."""
+
+    rows_per_chunk: int = 0
+    chunks: int = 0
+    passes: list[str] = field(default_factory=list)
+
+    def streamed(self, step: int, rows: int, passes: list[str]) -> ChunkedStats:
+        """These stats, with ``rows`` read ``step`` at a time in each of ``passes``."""
+        self.rows_per_chunk, self.chunks, self.passes = step, -(-rows // step), passes
+        return self
+
+
+def describe_chunks(budget: Budget, tasks: list[TensorTask], params) -> list[str]:
+    """``--dry-run``'s lines on the tasks that stream in chunks under ``budget`` (``params``:
+    a :class:`~fusion_kernels.params.TensorParams`)."""
+    lines = []
+    for task in tasks:
+        found = budget.chunking(task, params.for_tensor(task.name))
+        if found is not None:
+            step, chunks, passes = found
+            lines.append(f"  {task.name}: {chunks} chunk(s) of {step} rows, read {passes}+ times")
+    if lines:
+        lines.insert(
+            0,
+            f"in chunks under --memory-budget {budget.nbytes / 2**20:g}MiB (cpp backend on CPU; "
+            "torch and triton merge whole):",
+        )
+    return lines

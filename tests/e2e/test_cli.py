@@ -2,8 +2,10 @@
 no output directory, inputs untouched."""
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +14,8 @@ from conftest import assert_within_ulp
 
 from fusion_kernels import available_backends
 from fusion_kernels.io.reader import Checkpoint
-from fusion_kernels.merge import main
+from fusion_kernels.merge import build_parser, main
+from fusion_kernels.plan.planner import format_size
 
 
 def run_cli(*args: str) -> int:
@@ -292,3 +295,80 @@ def test_cli_merge_on_the_triton_backend_equals_torch(tmp_path):
         assert json.loads((out / "fusion_report.json").read_text())["backends"] == [backend]
     for name in outputs["torch"].names():
         assert_within_ulp(outputs["triton"].read(name), outputs["torch"].read(name), 1, name)
+
+
+def _readme() -> str:
+    return (Path(__file__).parents[2] / "README.md").read_text()
+
+
+def _readme_default_row(flag: str) -> str:
+    """``flag``'s row in the README's flag table."""
+    (row,) = [line for line in _readme().splitlines() if line.startswith(f"| `{flag}`")]
+    return row
+
+
+def _readme_default(flag: str) -> str:
+    """The default column of ``flag``'s row in the README's flag table."""
+    return _readme_default_row(flag).rstrip(" |").rsplit(" | ", 1)[1]
+
+
+def test_rescale_default_agrees_in_help_readme_dry_run_and_report(pair, capsys):
+    """SPEC: rescale defaults to l1 for random and della only; every place that shows it says so."""
+    base, tuned, out = pair
+    help_text = " ".join(build_parser().format_help().split())
+    assert "(default l1 for random and della, none otherwise)" in help_text
+    assert _readme_default("--rescale") == "`l1` for random/della, else `none`"
+    for method, rescale in (("neuron_fusion", "none"), ("dare", "l1")):
+        assert run_cli("--base", base, "--tuned", tuned, "--dry-run", "--method", method) == 0
+        assert f"'rescale': '{rescale}'" in capsys.readouterr().out
+        target = out / method
+        assert run_cli("--base", base, "--tuned", tuned, "--out", target, "--method", method) == 0
+        assert json.loads((target / "fusion_report.json").read_text())["params"]["rescale"] == (
+            rescale
+        )
+        assert f"| rescale | `{rescale}` |" in (target / "README.md").read_text()
+
+
+def test_max_shard_size_writes_an_index_exactly_when_documented(pair):
+    """Regrouped shards come with an index; a model that fits in one is one model.safetensors
+    without index (as transformers saves it); a lone file named as a shard keeps its index."""
+    base, tuned, out = pair
+    assert run_cli("--base", base, "--tuned", tuned, "--out", out, "--max-shard-size", "5GB") == 0
+    assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
+    assert (
+        run_cli(
+            "--base", base, "--tuned", tuned, "--out", out.parent / "s", "--max-shard-size", "15KB"
+        )
+        == 0
+    )
+    index = json.loads((out.parent / "s" / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == sorted(
+        p.name for p in (out.parent / "s").glob("model-*-of-00003.safetensors")
+    )
+    assert "one `model.safetensors` without index" in _readme_default_row("--max-shard-size")
+    one = out.parent / "one"
+    for side, source in (("base", base), ("tuned", tuned)):
+        tensors = Checkpoint(source)
+        write_single(one / side, {n: tensors.read(n) for n in tensors.names()})
+        (one / side / "model.safetensors").rename(one / side / "model-00001-of-00001.safetensors")
+        weight_map = {n: "model-00001-of-00001.safetensors" for n in tensors.names()}
+        (one / side / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map})
+        )
+    merged = one / "merged"
+    assert run_cli("--base", one / "base", "--tuned", one / "tuned", "--out", merged) == 0
+    index = json.loads((merged / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {"model-00001-of-00001.safetensors"}
+    assert sorted(Checkpoint(merged).names()) == sorted(Checkpoint(tuned).names())
+
+
+def test_small_sizes_print_in_a_unit_that_fits(pair, capsys):
+    base, tuned, out = pair
+    assert run_cli("--base", base, "--tuned", tuned, "--dry-run") == 0
+    assert "2 shard(s), 39.2 kB" in capsys.readouterr().out
+    assert run_cli("--base", base, "--tuned", tuned, "--out", out) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("merged 21 tensors, copied 0: 39.2 kB in ")
+    assert re.search(r" s \([0-9.]+ [kM]B/s\) with backend", first), first
+    assert format_size(3 * 10**9, "/s") == "3 GB/s" and format_size(999) == "999 B"
+    assert format_size(1_234_567) == "1.23 MB" and format_size(5 * 10**15) == "5000 TB"

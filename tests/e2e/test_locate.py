@@ -7,6 +7,7 @@ import math
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import matplotlib.image
 import pytest
@@ -151,6 +152,9 @@ def test_cli_writes_tables_plots_and_a_page_referencing_every_plot(tmp_path, cap
     with open(out / "neurons.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == len(Checkpoint(tuned_dir).names())
+    # The README describes the file as it is: one row per tensor, these columns, no scores.
+    readme = " ".join((Path(__file__).parents[2] / "README.md").read_text().split())
+    assert f"one row per tensor (no scores), with the columns `{','.join(rows[0])}`" in readme
     assert "located change in 21 tensors" in capsys.readouterr().out
 
 

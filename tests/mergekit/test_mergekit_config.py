@@ -4,6 +4,8 @@ resolution by name, and every unsupported input."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -298,3 +300,17 @@ def test_values_convert_like_mergekits_lax_types():
     assert (params.density, params.weight) == (0.2, 1.0)
     with pytest.raises(ParameterError, match="parameter normalize cannot be 'perhaps'"):
         parse_merge_config(ties({"parameters": {"weight": 1}}, parameters={"normalize": "perhaps"}))
+
+
+def test_readme_names_every_method_config_takes_and_why_the_launcher_differs():
+    from pathlib import Path
+
+    from fusion_kernels.mergekit.config import SUPPORTED_METHODS
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = " ".join(readme.split("`--config` takes a one-model mergekit config", 1)[1].split())
+    listed = section.split(", with mergekit's defaults", 1)[0]
+    assert sorted(re.findall(r"`(\w+)`", listed.split(" lists) for ", 1)[1])) == sorted(
+        SUPPORTED_METHODS
+    )
+    assert "task arithmetic in the model's dtype" in section and "in float32" in section
