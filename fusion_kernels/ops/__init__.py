@@ -28,6 +28,7 @@ from .registry import (
     available_backends,
     register_backend,
     registered_backends,
+    requested_backend,
     select_backend,
 )
 
@@ -165,6 +166,7 @@ __all__ = [
     "merge_tensor",
     "register_backend",
     "registered_backends",
+    "requested_backend",
     "resolve_axis",
     "select_backend",
 ]
