@@ -158,7 +158,9 @@ def test_tensor_params_from_a_function_of_the_name():
 def test_an_override_matching_no_merged_tensor_is_refused():
     params = TensorParams(params_for("ties"), [parse_override("selfattn:density=0.3")])
     names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight"]
-    with pytest.raises(ParameterError, match="^--set selfattn:density=0.3: the pattern matches no"):
+    with pytest.raises(
+        ParameterError, match=r"^--set selfattn:density=0\.3: the pattern matches no"
+    ):
         params.check(names)
     TensorParams(params_for("ties"), [parse_override("self_attn:density=0.3")]).check(names)
 
