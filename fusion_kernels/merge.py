@@ -18,6 +18,7 @@ from .io.outputs import check_output_path
 from .neurons import NeuronRules, parse_rule
 from .ops import registered_backends
 from .params import (
+    DEFAULT_METHOD,
     PRESETS,
     RESCALE_MODES,
     RESTORE_MODES,
@@ -32,7 +33,6 @@ from .plan.planner import parse_size
 from .process import run_cli
 from .streaming.chunks import return_freed_memory_promptly
 
-DEFAULT_METHOD = "neuron_fusion"
 DEMO_DIR = "fusion_demo"
 
 

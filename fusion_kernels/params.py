@@ -136,6 +136,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+#: The preset a merge uses when none is named: the CLI's ``--method`` default and
+#: :func:`~fusion_kernels.ops.merge_tensor`'s (explicit fields override it, as flags do).
+DEFAULT_METHOD = "neuron_fusion"
+
+
 def params_for(method: str | None = None, **overrides: Any) -> MergeParams:
     """Parameters of a preset (``None``: SPEC defaults) with explicit overrides, validated.
 

@@ -146,9 +146,11 @@ def test_nonfinite_delta_raises_naming_the_tensor_or_copies_tuned(backend, poiso
     tuned[3, 7] = float(poison)
     tuned[10, 0] = float(poison)
     with pytest.raises(NonFiniteDeltaError, match=r"lm_head\.weight.*2 entries"):
-        merge_tensor(base, tuned, "lm_head.weight", backend=backend, suppress="magnitude")
+        merge_tensor(
+            base, tuned, "lm_head.weight", backend=backend, suppress="magnitude", method=None
+        )
     merged, stats = merge_tensor(
-        base, tuned, NAME, backend=backend, suppress="magnitude", allow_nonfinite=True
+        base, tuned, NAME, backend=backend, suppress="magnitude", allow_nonfinite=True, method=None
     )
     assert stats.action == "copy-nonfinite"
     assert_tensors_equal(merged, tuned)
