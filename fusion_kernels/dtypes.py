@@ -51,3 +51,18 @@ def safetensors_name(dtype: torch.dtype) -> str:
 def dtype_from_name(name: str) -> torch.dtype | None:
     """A merge dtype from its plain name (``"bfloat16"``), or None when it is not one."""
     return next((d for d, n in MERGE_DTYPE_NAMES.items() if n == name), None)
+
+
+def dtype_mismatch(
+    name: str, tuned: str | torch.dtype, base: str | torch.dtype, tuned_at="", base_at=""
+) -> str | None:
+    """Why tensor ``name`` of dtype ``tuned`` does not merge with base's of dtype ``base`` (None:
+    it does). The op computes on one dtype and casts neither side: a merge of checkpoints and
+    :func:`~fusion_kernels.ops.merge_tensor` refuse a mixed pair alike. ``tuned_at``/``base_at``
+    say where each lies (`` (file)``)."""
+    if tuned == base:
+        return None
+    return (
+        f"tensor {name!r}: dtype {tuned} in tuned{tuned_at} but {base} in base{base_at}; "
+        "convert one so the dtypes agree"
+    )

@@ -136,6 +136,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+#: The preset a merge uses when none is named: the CLI's ``--method`` default and
+#: :func:`~fusion_kernels.ops.merge_tensor`'s (explicit fields override it, as flags do).
+DEFAULT_METHOD = "neuron_fusion"
+
+
 def params_for(method: str | None = None, **overrides: Any) -> MergeParams:
     """Parameters of a preset (``None``: SPEC defaults) with explicit overrides, validated.
 
@@ -172,7 +177,9 @@ def parse_override(text: str) -> ParamOverride:
         key, eq, value = item.partition("=")
         key = key.strip().replace("-", "_")
         if not eq or key not in FIELD_TYPES:
-            raise ParameterError(f"--set {text!r}: unknown parameter {key!r}")
+            raise ParameterError(
+                f"--set {text!r}: unknown parameter {key!r}; valid: {', '.join(FIELD_TYPES)}"
+            )
         try:
             changes[key] = convert_field(key, value.strip())
         except ParameterError as exc:
@@ -289,9 +296,20 @@ class TensorParams:
         return self._resolved[key]
 
     def check(self, names: Iterable[str]) -> None:
-        """Resolve every name now, so bad parameters fail before any work."""
+        """Resolve every name now, so bad parameters fail before any work; an override whose
+        pattern matches none of the names (a typo: ``selfattn``) would change nothing and is
+        refused."""
+        names = list(names)
         for name in names:
             self.for_tensor(name)
+        for override in self.overrides:
+            if not any(re.search(override.pattern, name) for name in names):
+                changes = ",".join(f"{k}={v}" for k, v in override.changes.items())
+                example = f" (names look like {names[0]!r})" if names else ""
+                raise ParameterError(
+                    f"--set {override.pattern}:{changes}: the pattern matches no tensor this "
+                    f"merge merges{example}; fix the pattern or drop the rule"
+                )
 
     def with_default(self, default: MergeParams) -> TensorParams:
         """The same per-tensor changes on another default."""

@@ -33,7 +33,7 @@ from .io.sources import open_checkpoint
 from .io.writer import CheckpointWriter, check_side_files
 from .modelcard import CARD_NAME, model_card
 from .neurons import NeuronRules
-from .ops import TensorStats, merge_tensor, select_backend
+from .ops import TensorStats, merge_tensor, requested_backend, select_backend
 from .ops.cpp import ChunkedMergeCpp
 from .params import MergeParams, TensorParams
 from .plan.layermap import layer_map_for
@@ -127,6 +127,7 @@ def merge_checkpoints(
     out_dir = Path(out)
     torch_device = parse_device(device)
     params = params if isinstance(params, TensorParams) else TensorParams(params)
+    requested_backend(backend)  # a name no backend has fails now, not at the first tensor
     rules = rules or NeuronRules()
     base_ckpt, tuned_ckpt, plan = plan_merge(
         base, tuned, rules, max_shard_size, name_map, layer_map, allow_unpaired

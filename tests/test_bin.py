@@ -204,3 +204,22 @@ def test_released_bin_pages_read_back_the_file(tmp_path):
         ckpt.read_into(name, offset, staged[offset : offset + 1000])
     assert np.array_equal(staged, want.reshape(-1).view(torch.uint8).numpy())
     assert torch.equal(view, want)
+
+
+@pytest.mark.parametrize(
+    "odd", [lambda t: torch.empty_like(t, device="meta"), lambda t: t.to_sparse()]
+)
+def test_a_meta_or_sparse_tensor_is_one_line_naming_file_and_tensor(tmp_path, capsys, odd):
+    base, tuned = tiny_pair(tmp_path / "st")
+    tuned_bin = to_bin(tuned, tmp_path / "bin")
+    file = sorted(tuned_bin.glob("*.bin"))[0]
+    state = torch.load(file, weights_only=True)
+    name = next(n for n, t in state.items() if t.dim() == 2)
+    state[name] = odd(state[name])
+    torch.save(state, file)
+    capsys.readouterr()
+    out = tmp_path / "out"
+    assert main(["--base", str(base), "--tuned", str(tuned_bin), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and not out.exists()
+    assert err.startswith(f"error: {file}: tensor {name!r}")

@@ -49,7 +49,7 @@ VARIANTS = {
     "gpt2-fan-in-fan-out": (
         gpt2,
         torch.float16,
-        dict(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True),
+        dict(target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True),
     ),
 }
 
@@ -69,15 +69,19 @@ def build(root, variant):
             elif "modules_to_save" in name:
                 param.add_(0.01 * torch.randn_like(param))
     tuned.save_pretrained(root / "adapter")
+    return root / "base", root / "adapter", peft_merge(root, variant, root / "adapter", "full")
+
+
+def peft_merge(root, variant, adapter, out):
+    """``root/out``: PEFT's ``merge_and_unload`` of ``adapter`` into ``root/base``."""
+    make, dtype, _ = VARIANTS[variant]
     fresh = type(make(dtype)).from_pretrained(root / "base", dtype=dtype)
-    merged = peft.PeftModel.from_pretrained(fresh, root / "adapter").merge_and_unload()
-    merged.save_pretrained(root / "full")
-    return root / "base", root / "adapter", root / "full"
+    merged = peft.PeftModel.from_pretrained(fresh, adapter).merge_and_unload()
+    merged.save_pretrained(root / out)
+    return root / out
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_lora_view_equals_merge_and_unload(tmp_path, variant):
-    base, adapter, full = build(tmp_path, variant)
+def assert_view_is_merge_and_unload(base, adapter, full):
     view = open_checkpoint(f"{base}+{adapter}")
     materialized = load_file(full / "model.safetensors")
     assert isinstance(view, LoraCheckpoint) and view.pairs
@@ -86,6 +90,35 @@ def test_lora_view_equals_merge_and_unload(tmp_path, variant):
         got = view.read(name)
         assert got.dtype == expected.dtype and torch.equal(got, expected), name
         assert torch.equal(view.view(name), expected), name
+
+
+def edit_config(adapter, **changes):
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_lora_view_equals_merge_and_unload(tmp_path, variant):
+    assert_view_is_merge_and_unload(*build(tmp_path, variant))
+
+
+# PEFT ignores fan_in_fan_out: it transposes for a Conv1D (GPT-2's c_attn, c_proj, c_fc; the
+# attention's c_proj is square) and never for an nn.Linear (Llama's q_proj is square, v_proj not).
+@pytest.mark.parametrize(
+    "variant,flag",
+    [("llama-bf16", True), ("llama-bf16", "false"), ("gpt2-fan-in-fan-out", False)],
+)
+def test_fan_in_fan_out_follows_the_module_class_as_peft_does(tmp_path, variant, flag):
+    base, adapter, _ = build(tmp_path, variant)
+    edit_config(adapter, fan_in_fan_out=flag)
+    assert_view_is_merge_and_unload(base, adapter, peft_merge(tmp_path, variant, adapter, "peft"))
+
+
+def test_a_square_weight_of_unknown_class_with_fan_in_fan_out_is_refused(tmp_path):
+    base, adapter, _ = build(tmp_path, "gpt2-fan-in-fan-out")
+    (base / "config.json").unlink()
+    with pytest.raises(CheckpointError, match=r"attn\.c_proj.*config\.json"):
+        open_checkpoint(f"{base}+{adapter}")
 
 
 @pytest.mark.parametrize("variant", ["llama-bf16", "gpt2-fan-in-fan-out"])
@@ -207,3 +240,38 @@ def test_config_file_takes_model_plus_adapter(tmp_path):
     assert main([*args, "--out", str(tmp_path / "a"), "--quiet"]) == 0
     a, b = tmp_path / "a" / "model.safetensors", tmp_path / "b" / "model.safetensors"
     assert a.read_bytes() == b.read_bytes()
+
+
+def resave(adapter, change):
+    """Rewrite the adapter's weights with ``change(weights)`` applied."""
+    weights = load_file(adapter / "adapter_model.safetensors")
+    change(weights)
+    save_file(weights, str(adapter / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("shape", [(130, 64), (128, 65)])
+def test_a_saved_module_of_another_shape_is_refused_naming_the_adapter(tmp_path, capsys, shape):
+    base, adapter, _ = build(tmp_path, "llama-bf16")
+
+    def reshape(weights):
+        (key,) = [k for k in weights if "lm_head" in k]  # modules_to_save: the whole lm_head
+        weights[key] = torch.zeros(shape, dtype=weights[key].dtype)
+
+    resave(adapter, reshape)
+    with pytest.raises(RuntimeError, match="size mismatch"):  # PEFT refuses it too
+        peft_merge(tmp_path, "llama-bf16", adapter, "peft")
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["--base", str(base), "--tuned", f"{base}+{adapter}", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and not out.exists()
+    assert err.startswith(f"error: {adapter / 'adapter_model.safetensors'}: ") and "lm_head" in err
+
+
+def test_a_rank_pattern_the_tensors_contradict_is_refused(tmp_path):
+    base, adapter, _ = build(tmp_path, "llama-bf16")
+    edit_config(adapter, rank_pattern={"q_proj": 2})  # the saved q_proj tensors have rank 4
+    with pytest.raises(RuntimeError, match="size mismatch"):  # PEFT refuses it too
+        peft_merge(tmp_path, "llama-bf16", adapter, "peft")
+    with pytest.raises(CheckpointError, match=r"q_proj' has rank 4 but .* rank 2"):
+        open_checkpoint(f"{base}+{adapter}")

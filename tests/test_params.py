@@ -113,7 +113,7 @@ def test_parse_override():
     assert parse_override("a:b:seed=3").pattern == "a:b", "the last colon splits"
     for text, message in [
         ("density=0.3", "must look like"),
-        ("x:densty=0.3", "unknown parameter 'densty'"),
+        ("x:densty=0.3", "unknown parameter 'densty'; valid: suppress, density, gamma, "),
         ("x:density=abc", "--set 'x:density=abc': density cannot be 'abc'"),
     ]:
         with pytest.raises(ParameterError, match=message):
@@ -153,3 +153,28 @@ def test_tensor_params_from_a_function_of_the_name():
     assert (
         reseeded.for_tensor("x.mlp.y").seed == 9 and reseeded.for_tensor("x.mlp.y").density == 0.9
     )
+
+
+def test_an_override_matching_no_merged_tensor_is_refused():
+    params = TensorParams(params_for("ties"), [parse_override("selfattn:density=0.3")])
+    names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight"]
+    with pytest.raises(
+        ParameterError, match=r"^--set selfattn:density=0\.3: the pattern matches no"
+    ):
+        params.check(names)
+    TensorParams(params_for("ties"), [parse_override("self_attn:density=0.3")]).check(names)
+
+
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]])
+def test_the_cli_refuses_a_set_rule_matching_nothing_in_one_line(tmp_path, capsys, dry_run):
+    from checkpoints import tiny_pair
+
+    from fusion_kernels.merge import main
+
+    base, tuned = tiny_pair(tmp_path)
+    out = tmp_path / "out"
+    args = ["--base", str(base), "--tuned", str(tuned), "--out", str(out), "--quiet", *dry_run]
+    capsys.readouterr()
+    assert main([*args, "--set", "selfattn:density=0.3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "selfattn" in err[0] and not out.exists()

@@ -8,8 +8,8 @@ import argparse
 from ..errors import FusionError
 from ..io.outputs import check_output_path
 from ..neurons import NeuronRules, parse_rule
-from ..params import TensorParams, params_for, parse_override
-from .merge_parser import DEFAULT_METHOD, METHOD_FLAGS
+from ..params import DEFAULT_METHOD, TensorParams, params_for, parse_override
+from .merge_parser import METHOD_FLAGS
 
 
 def merge_params(args: argparse.Namespace) -> tuple[TensorParams, NeuronRules]:

@@ -5,10 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..params import PRESETS, RESCALE_MODES, RESTORE_MODES, SELECT_MODES, SUPPRESS_METHODS
+from ..params import (
+    DEFAULT_METHOD,
+    PRESETS,
+    RESCALE_MODES,
+    RESTORE_MODES,
+    SELECT_MODES,
+    SUPPRESS_METHODS,
+)
 from . import options
 
-DEFAULT_METHOD = "neuron_fusion"
 DEMO_DIR = "fusion_demo"
 #: Flags of the method group that give a preset's parameters (``--config`` refuses them).
 METHOD_FLAGS = (

@@ -87,6 +87,21 @@ def _first_line(exc: Exception) -> str:
     return (lines[0] if lines else type(exc).__name__)[:200]
 
 
+def _check_dense(file: Path, name: str, tensor: torch.Tensor) -> None:
+    """Refuse a tensor without plain dense data: a meta tensor holds no values, a sparse (or
+    other non-strided) one is no byte array a weight can be read from."""
+    if tensor.is_meta:
+        raise CheckpointError(
+            f"{file}: tensor {name!r} is a meta tensor (a shape with no values); save the "
+            "checkpoint from a model whose weights are loaded"
+        )
+    if tensor.layout != torch.strided:
+        raise CheckpointError(
+            f"{file}: tensor {name!r} has layout {tensor.layout}, not dense; save it with "
+            ".to_dense() first"
+        )
+
+
 class BinCheckpoint(TensorTable):
     """A ``.bin`` checkpoint with the :class:`~fusion_kernels.io.reader.Checkpoint` interface.
 
@@ -159,6 +174,7 @@ class BinCheckpoint(TensorTable):
                 )
             if tensor.dtype not in {d for d, _ in SAFETENSORS_DTYPES.values()}:
                 raise CheckpointError(f"{file}: tensor {name!r}: unsupported dtype {tensor.dtype}")
+            _check_dense(file, name, tensor)
             nbytes = tensor.numel() * tensor.element_size()
             dtype, shape = safetensors_name(tensor.dtype), tuple(tensor.shape)
             self.tensors[name] = TensorInfo(name, file, dtype, shape, position, position + nbytes)

@@ -6,42 +6,44 @@ the adapter touches is computed when it is read, as PEFT's ``merge_and_unload`` 
 - a LoRA pair (``lora_A``/``lora_B``, or ``lora_embedding_A``/``_B``) adds
   ``transpose(f32(B) @ f32(A)) · scale`` to the weight, accumulated in float32 and rounded once
   to the model's dtype. ``scale`` is ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA), ``alpha``
-  from ``alpha_pattern`` when a key matches the module; the transpose applies with
-  ``fan_in_fan_out`` and always for embeddings. The adapter weights are taken in float32, as
-  PEFT loads them by default (``autocast_adapter_dtype``).
+  from ``alpha_pattern`` when a key matches the module (:mod:`.adapter_config`); the transpose
+  applies where the model stores the weight ``[in, out]`` (a transformers ``Conv1D``, GPT-2
+  style) and always for embeddings; PEFT decides this by the module's class, not by
+  ``fan_in_fan_out``, and so does this view (by the shapes, or by the model's ``config.json``
+  for a square weight). The adapter weights are taken in float32, as PEFT loads them by default
+  (``autocast_adapter_dtype``).
 - a whole tensor in the adapter (``modules_to_save``, or an embedding saved as ``base_layer``)
-  replaces the model's, cast to the model's dtype.
+  replaces the model's, cast to the model's dtype; it must have the model tensor's shape.
 
 The merged model is never held or written whole: each tensor exists only while it is merged.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..dtypes import MERGEABLE
 from ..errors import CheckpointError
-from ..params import check_pattern, float32_finite
-from .safeload import MAX_INDEX_BYTES, load_json
+from .adapter_config import (
+    ADAPTER_CONFIG,
+    MODEL_CONFIG,
+    alpha_for,
+    is_conv1d,
+    model_types,
+    rank_for,
+    read_config,
+)
 
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 _PREFIX = "base_model.model."
 _PAIR = re.compile(r"^(.*)\.(lora_A|lora_B)\.weight$|^(.*)\.(lora_embedding_A|lora_embedding_B)$")
-# Config entries PEFT merges differently from W + scale * B @ A; refused rather than ignored.
-_UNSUPPORTED = {
-    "use_dora": "DoRA",
-    "lora_bias": "LoRA biases",
-    "trainable_token_indices": "trainable tokens",
-    "target_parameters": "LoRA on parameters",
-    "layer_replication": "layer replication",
-}
 
 
 def is_adapter(path: Path) -> bool:
@@ -69,7 +71,7 @@ class LoraCheckpoint:
     def __init__(self, model, adapter_dir: str | os.PathLike):
         self.model = model
         self.adapter_dir = Path(adapter_dir)
-        self.config = _read_config(self.adapter_dir)
+        self.config = read_config(self.adapter_dir)
         self.weights = _open_weights(self.adapter_dir)
         self.path, self.directory = model.path, model.directory
         self.files, self.metadata = model.files, model.metadata
@@ -101,8 +103,13 @@ class LoraCheckpoint:
         target = key[len(_PREFIX) :].replace(".base_layer.", ".").replace(".modules_to_save.", ".")
         info = self._target(target, key)
         shape = self.weights.info(key).shape
-        nbytes = math.prod(shape) * info.torch_dtype.itemsize
-        self.tensors[target] = replace(info, shape=shape, end=info.begin + nbytes)
+        if tuple(shape) != tuple(info.shape):
+            # PEFT loads the saved tensor into the model's module, which refuses another shape.
+            raise CheckpointError(
+                f"{self.weights.path}: {key!r} is {list(shape)} but replaces {target!r} "
+                f"{list(info.shape)} in {self.model.path}; pair the adapter with the model it "
+                "was trained on (resize the model's vocabulary first if training did)"
+            )
         self.replaced[target] = key
 
     def _pair(self, module: str, parts: dict[str, str], embedding: bool) -> None:
@@ -111,26 +118,58 @@ class LoraCheckpoint:
                 f"{self.weights.path}: module {module!r} has only one of lora_A and lora_B"
             )
         target = module + ".weight"
-        self._target(target, parts["A"])
-        info = self.tensors[target]  # replaced by the adapter when it saved the whole tensor too
+        info = self._target(target, parts["A"])
         a, b = self.weights.info(parts["A"]), self.weights.info(parts["B"])
-        transpose = embedding or bool(self.config.get("fan_in_fan_out"))
-        rank = a.shape[0]
+        rank = a.shape[0] if a.shape else 0
         if rank == 0:
             raise CheckpointError(f"{self.weights.path}: LoRA {module!r} has rank 0")
         product = (b.shape[0], a.shape[1]) if len(a.shape) == len(b.shape) == 2 else None
+        transpose = embedding or self._stored_transposed(module, info.shape, product)
         expected = product[::-1] if product and transpose else product
         if b.shape[-1:] != (rank,) or expected != tuple(info.shape):
             raise CheckpointError(
                 f"{self.weights.path}: LoRA {module!r} (A {list(a.shape)}, B {list(b.shape)}) "
                 f"does not fit {target!r} {list(info.shape)} in {self.model.path}"
             )
+        if rank != rank_for(self.config, module):
+            raise CheckpointError(
+                f"{self.weights.path}: LoRA {module!r} has rank {rank} but "
+                f"{self.adapter_dir / ADAPTER_CONFIG} gives it rank "
+                f"{rank_for(self.config, module)} (r / rank_pattern); PEFT refuses to load it: "
+                "fix the config"
+            )
         for half in (a, b):
             if half.dtype not in MERGEABLE:
                 raise CheckpointError(f"{self.weights.path}: {half.name!r} is {half.dtype}")
-        alpha = self._alpha(module)
+        alpha = alpha_for(self.config, module)
         scale = alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
         self.pairs[target] = _Pair(a.name, b.name, scale, transpose)
+
+    def _stored_transposed(self, module: str, shape, product) -> bool:
+        """Whether the model stores ``module``'s weight ``[in, out]``, the transpose of ``B @ A``
+        (``product``: its ``(out, in)``), as a transformers ``Conv1D`` does; PEFT transposes
+        there and nowhere else but embeddings. A weight that is not square says it by its shape;
+        a square one by the module's class, read from the model's ``config.json``."""
+        if product is None:
+            return False
+        if product[0] != product[1]:
+            return tuple(shape) == product[::-1]
+        if self.model_types:
+            return is_conv1d(module, self.model_types)
+        if self.config.get("fan_in_fan_out") in (None, False):
+            return False
+        raise CheckpointError(
+            f"{self.adapter_dir / ADAPTER_CONFIG}: fan_in_fan_out is set, and whether "
+            f"{module!r} is a Conv1D (weight [in, out]) or an nn.Linear module cannot be told "
+            f"from its square weight: {self.model.directory / MODEL_CONFIG} names no model_type; "
+            "add the model's config.json"
+        )
+
+    @functools.cached_property
+    def model_types(self) -> set[str]:
+        """The model's ``model_type`` values (its ``config.json``), which say where PEFT finds a
+        Conv1D."""
+        return model_types(self.model.directory)
 
     def _target(self, target: str, key: str):
         info = self.model.tensors.get(target)
@@ -143,13 +182,6 @@ class LoraCheckpoint:
         if info.dtype not in MERGEABLE:
             raise CheckpointError(f"{info.file}: {target!r} is {info.dtype}, not a float weight")
         return info
-
-    def _alpha(self, module: str) -> float:
-        # PEFT's rule: a pattern key matches a module name that ends with it after a dot.
-        for key, alpha in (self.config.get("alpha_pattern") or {}).items():
-            if re.match(rf"(.*\.)?({key})$", module):
-                return alpha
-        return self.config.get("lora_alpha", 8)
 
     # The Checkpoint interface -----------------------------------------------------------------
 
@@ -237,34 +269,6 @@ class LoraCheckpoint:
         merged = torch.empty(info.shape, dtype=info.torch_dtype)
         merged.copy_(delta)
         return merged
-
-
-def _read_config(adapter_dir: Path) -> dict:
-    path = adapter_dir / ADAPTER_CONFIG
-    config = load_json(path, MAX_INDEX_BYTES, CheckpointError)
-    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
-        kind = config.get("peft_type") if isinstance(config, dict) else config
-        raise CheckpointError(f"{path}: a {kind} adapter; only LoRA adapters merge as tuned")
-    for key, what in _UNSUPPORTED.items():
-        if config.get(key):
-            raise CheckpointError(f"{path}: {what} ({key}) is not supported; merge it with PEFT")
-    _check_alphas(path, config)
-    return config
-
-
-def _check_alphas(path: Path, config: dict) -> None:
-    """``lora_alpha`` and ``alpha_pattern`` are numbers a float32 holds (the scale is applied in
-    float32), and the pattern keys regular expressions; refused here, before any work."""
-    patterns = config.get("alpha_pattern") or {}
-    if not isinstance(patterns, dict):
-        raise CheckpointError(f"{path}: alpha_pattern must map module patterns to numbers")
-    for key, alpha in [("lora_alpha", config.get("lora_alpha", 8)), *patterns.items()]:
-        if key != "lora_alpha":
-            check_pattern(key, f"{path}: alpha_pattern {key!r}")
-        if not float32_finite(alpha):
-            raise CheckpointError(
-                f"{path}: {key} must be a finite number (a float32), got {alpha!r}"
-            )
 
 
 def _open_weights(adapter_dir: Path):

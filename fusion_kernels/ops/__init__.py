@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from ..dtypes import MERGE_DTYPES
+from ..dtypes import MERGE_DTYPES, dtype_mismatch
 from ..errors import NonFiniteDeltaError, ParameterError
 from ..neurons import AXES, default_axis
-from ..params import MergeParams, params_for
+from ..params import DEFAULT_METHOD, MergeParams, params_for
 from .contract import KernelStats
 from .reference import change_scores_reference, merge_reference
 from .registry import (
@@ -28,6 +28,7 @@ from .registry import (
     available_backends,
     register_backend,
     registered_backends,
+    requested_backend,
     select_backend,
 )
 
@@ -72,19 +73,22 @@ def merge_tensor(
     """Merge one tensor pair as SPEC.md defines.
 
     Args:
-        base, tuned: tensors of one shape, dtype (float32, float16, bfloat16) and device.
+        base, tuned: tensors of one shape, dtype (float32, float16, bfloat16) and device (a
+            mixed pair is refused, as a merge of checkpoints refuses it).
         name: the tensor's checkpoint name; seeds the hashes and picks the default neuron axis.
         axis: ``row``, ``col`` or ``none``; default: SPEC's rules for ``name`` (2-D tensors only).
         backend: ``auto`` (default, or ``$FUSION_KERNELS_BACKEND``), ``torch``, ``cpp``, ``triton``.
         out: optional preallocated output (shape of base, dtype of base) to write into.
-        params: a :class:`MergeParams`; or give its fields as keywords (``suppress="magnitude"``,
-            ``density=0.2``, ``restore="replace"``, ...), or ``method="neu-p-ties"`` for a preset.
+        params: a :class:`MergeParams`; or ``method="neu-p-ties"`` for a preset (default
+            :data:`~fusion_kernels.params.DEFAULT_METHOD`, Neuron-Fusion, as the CLI's;
+            ``method=None``: SPEC's field defaults), with fields given as keywords
+            (``suppress="magnitude"``, ``density=0.2``, ...) overriding it, as CLI flags do.
 
     Returns:
         ``(merged, stats)``: merged has base's shape and dtype; stats is a :class:`TensorStats`.
     """
     if params is None:
-        params = params_for(param_fields.pop("method", None), **param_fields)
+        params = params_for(param_fields.pop("method", DEFAULT_METHOD), **param_fields)
     elif param_fields:
         params = params.replace(**param_fields)
     _check_pair(base, tuned, name)
@@ -144,6 +148,9 @@ def _check_pair(base: torch.Tensor, tuned: torch.Tensor, name: str) -> None:
         )
     if base.dtype not in MERGE_DTYPES or tuned.dtype not in MERGE_DTYPES:
         raise ParameterError(f"tensor {name!r}: dtypes {base.dtype}/{tuned.dtype} are not float")
+    mixed = dtype_mismatch(name, tuned.dtype, base.dtype)
+    if mixed:
+        raise ParameterError(mixed)
     if base.device != tuned.device:
         raise ParameterError(f"tensor {name!r}: base on {base.device}, tuned on {tuned.device}")
 
@@ -165,6 +172,7 @@ __all__ = [
     "merge_tensor",
     "register_backend",
     "registered_backends",
+    "requested_backend",
     "resolve_axis",
     "select_backend",
 ]

@@ -92,17 +92,29 @@ def registered_backends() -> list[str]:
     return list(_REGISTRY)
 
 
+def requested_backend(requested: str | None) -> str:
+    """The backend name in force: ``requested``, else ``$FUSION_KERNELS_BACKEND``, else ``auto``;
+    raises :class:`BackendUnavailableError` for a name no backend has, saying where it came from.
+    """
+    source = "backend"
+    if not requested:
+        requested, source = os.environ.get(ENV_BACKEND) or "auto", f"${ENV_BACKEND}"
+    if requested != "auto" and requested not in _REGISTRY:
+        fix = f"; unset ${ENV_BACKEND} or set it to one of them" if source != "backend" else ""
+        raise BackendUnavailableError(
+            f"{source} {requested!r} is not a backend; registered: auto, "
+            f"{', '.join(_REGISTRY)}{fix}"
+        )
+    return requested
+
+
 def select_backend(requested: str | None, device_type: str) -> Backend:
     """The backend to use for tensors on ``device_type``.
 
     ``requested`` None means the env var ``FUSION_KERNELS_BACKEND``, else ``auto``.
     """
-    requested = requested or os.environ.get(ENV_BACKEND) or "auto"
+    requested = requested_backend(requested)
     if requested != "auto":
-        if requested not in _REGISTRY:
-            raise BackendUnavailableError(
-                f"unknown backend {requested!r}; registered: {', '.join(_REGISTRY)}"
-            )
         backend = _REGISTRY[requested]
         backend.kernel()
         if device_type not in backend.devices:
@@ -132,5 +144,6 @@ __all__ = [
     "available_backends",
     "register_backend",
     "registered_backends",
+    "requested_backend",
     "select_backend",
 ]

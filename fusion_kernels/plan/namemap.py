@@ -51,7 +51,10 @@ def parse_map(text: str) -> tuple[str, str]:
     """``TUNED_PREFIX=BASE_PREFIX`` (either side may be empty: the top level)."""
     tuned_prefix, sep, base_prefix = text.partition("=")
     if not sep:
-        raise ParameterError(f"--map {text!r} must look like TUNED_PREFIX=BASE_PREFIX")
+        raise ParameterError(
+            f"--map {text!r} must look like TUNED_PREFIX=BASE_PREFIX (either may be empty: the "
+            "top level, e.g. language_model.= )"
+        )
     return tuned_prefix, base_prefix
 
 

@@ -149,6 +149,14 @@ def _likely_cause(base: Checkpoint, pairs, layer_map: LayerMap, structure: Struc
             f"a different depth (base has {_count(base_layers, 'layer')}, tuned's language model "
             f"{len(tuned_layers)}{new}; use the base it was tuned from, or --layer-map)"
         )
+    unmapped = _unmapped(pairs, structure.unpaired_base)
+    if unmapped:
+        tuned_name, base_name = unmapped
+        prefix = tuned_name.removesuffix(base_name)
+        return (
+            f"a name map that misses some tensors (no rule pairs tuned {tuned_name!r} with base "
+            f"{base_name!r}; add --map {prefix}= : an empty BASE_PREFIX is the top level)"
+        )
     if base_parts != tuned_parts:
         only_base, only_tuned = sorted(base_parts - tuned_parts), sorted(tuned_parts - base_parts)
         detail = (
@@ -158,6 +166,17 @@ def _likely_cause(base: Checkpoint, pairs, layer_map: LayerMap, structure: Struc
         )
         return f"a base of another family ({detail}; use the text model tuned started from)"
     return "a base of another architecture (the layers match but other tensors do not)"
+
+
+def _unmapped(pairs, unpaired_base: list[str]) -> tuple[str, str] | None:
+    """``(tuned, base)``: an unpaired base tensor that an unpaired tuned tensor holds under a
+    prefix no rule rewrites (``language_model.lm_head.weight`` for ``lm_head.weight``)."""
+    unpaired_tuned = [t for t, p in pairs.items() if p.base is None]
+    for base_name in unpaired_base:
+        for tuned_name in unpaired_tuned:
+            if tuned_name.endswith("." + base_name):
+                return tuned_name, base_name
+    return None
 
 
 def _count(items, noun: str) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from ..dtypes import MERGEABLE
+from ..dtypes import MERGEABLE, dtype_mismatch
 from ..errors import PlanError
 from ..io.binreader import output_shard_name
 from ..io.reader import Checkpoint, TensorInfo
@@ -161,11 +161,9 @@ def _task(
                 "an architecture"
             )
         merge_rows = other.shape[0]
-    if other.dtype != info.dtype:
-        raise PlanError(
-            f"tensor {name!r}: dtype {info.dtype} in tuned ({info.file}) but {other.dtype} in "
-            f"base ({other.file}); convert one checkpoint so the dtypes agree"
-        )
+    mixed = dtype_mismatch(name, info.dtype, other.dtype, f" ({info.file})", f" ({other.file})")
+    if mixed:
+        raise PlanError(mixed)
     if info.dtype not in MERGEABLE:
         return TensorTask(name, "copy", info, other, reason=_copy_reason(info))
     axis = rules.axis_for(other.name, info.shape)

@@ -180,6 +180,18 @@ def test_wrong_map_is_a_clear_error(tmp_path, capsys):
     assert status == 0
 
 
+def test_a_partial_map_names_the_tensors_no_rule_pairs(tmp_path, capsys):
+    base_dir, tuned_dir = build_pair(tmp_path, "llama", "classic")
+    args = ["--base", str(base_dir), "--tuned", str(tuned_dir), "--out", str(tmp_path / "o")]
+    capsys.readouterr()
+    assert main([*args, "--map", "language_model.model.=model.", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and not (tmp_path / "o").exists()
+    assert "another architecture" not in err
+    assert "no rule pairs tuned 'language_model.lm_head.weight' with base 'lm_head.weight'" in err
+    assert "--map language_model.= : an empty BASE_PREFIX is the top level" in err
+
+
 def test_base_with_tied_embeddings_merges_tuned_lm_head_against_embed_tokens(tmp_path):
     torch.manual_seed(0)
     config = text_config("llama")

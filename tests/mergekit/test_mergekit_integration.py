@@ -458,7 +458,9 @@ def test_accelerated_mode_inside_mergekits_methods(accelerated):
         name=name,
         parameters={"weight": 1.0, "density": 0.3},
     )
-    expected, _ = merge_tensor(base, tuned, name, suppress="random", density=0.3, axis="none")
+    expected, _ = merge_tensor(
+        base, tuned, name, suppress="random", density=0.3, axis="none", method=None
+    )
     assert_tensors_equal(dare, expected, "dare_linear")
     fk_mergekit.uninstall()
     stock = merge_tensors(

@@ -29,7 +29,7 @@ def untied_pair(shape, seed):
 def test_ties_equals_mergekit_magnitude_on_float32_without_ties(density, shape):
     base, tuned = untied_pair(shape, seed=11)
     delta = tuned - base
-    ours, stats = merge_tensor(base, tuned, "w", suppress="magnitude", density=density)
+    ours, stats = merge_tensor(base, tuned, "w", suppress="magnitude", density=density, method=None)
     theirs = sparsify.magnitude(delta, density=density)
     assert stats.kept == int((theirs != 0).sum())
     assert_tensors_equal(ours, base + theirs, f"ties density {density}")
@@ -41,7 +41,7 @@ def test_breadcrumbs_equals_mergekit_magnitude_outliers(density, gamma, shape):
     base, tuned = untied_pair(shape, seed=12)
     delta = tuned - base
     ours, stats = merge_tensor(
-        base, tuned, "w", suppress="breadcrumbs", density=density, gamma=gamma
+        base, tuned, "w", suppress="breadcrumbs", density=density, gamma=gamma, method=None
     )
     theirs = sparsify.magnitude_outliers(delta, density=density, gamma=gamma)
     assert stats.kept == int((theirs != 0).sum())
@@ -55,11 +55,13 @@ def test_dare_and_della_kept_fraction_and_l1_norm_match_mergekit(method, density
     delta = tuned - base
     torch.manual_seed(0)
     if method == "random":
-        ours, stats = merge_tensor(base, tuned, "w", suppress="random", density=density)
+        ours, stats = merge_tensor(
+            base, tuned, "w", suppress="random", density=density, method=None
+        )
         theirs = sparsify.bernoulli(delta, density=density, rescale_norm=sparsify.RescaleNorm.l1)
     else:
         ours, stats = merge_tensor(
-            base, tuned, "w", suppress="della", density=density, epsilon=0.05
+            base, tuned, "w", suppress="della", density=density, epsilon=0.05, method=None
         )
         theirs = sparsify.della_magprune(
             delta, density=density, epsilon=0.05, rescale_norm=sparsify.RescaleNorm.l1

@@ -27,7 +27,9 @@ def test_reference_equals_independent_oracle(case, axis, dtype):
     for tied in (False, True):
         base, tuned = make_pair(shape, dtype, seed=hash((axis, str(dtype))) % 1000, tied=tied)
         out = poisoned_like(base)
-        merged, stats = merge_tensor(base, tuned, NAME, axis=axis, out=out, backend="torch", **case)
+        merged, stats = merge_tensor(
+            base, tuned, NAME, axis=axis, out=out, backend="torch", **case, method=None
+        )
         expected, kept, restored, fallbacks, l1 = spec_merge(base, tuned, NAME, axis, case)
         assert merged.data_ptr() == out.data_ptr()
         assert_tensors_equal(merged, expected, f"tied={tied}")
@@ -39,7 +41,9 @@ def test_reference_equals_independent_oracle(case, axis, dtype):
 def test_reference_on_awkward_shapes_equals_oracle(shape):
     case = dict(suppress="della", density=0.4, epsilon=0.2, rescale="inverse")
     base, tuned = make_pair(shape, torch.bfloat16, seed=1, tied=True)
-    merged, stats = merge_tensor(base, tuned, NAME, axis="none", backend="torch", **case)
+    merged, stats = merge_tensor(
+        base, tuned, NAME, axis="none", backend="torch", **case, method=None
+    )
     expected, kept, *_ = spec_merge(base, tuned, NAME, "none", case)
     assert_tensors_equal(merged, expected)
     assert stats.kept == kept
@@ -50,7 +54,9 @@ def test_reference_on_awkward_shapes_equals_oracle(shape):
 def test_magnitude_keeps_exact_count(density, shape):
     base, tuned = make_pair(shape, torch.bfloat16, tied=True)
     n = base.numel()
-    merged, stats = merge_tensor(base, tuned, "x", suppress="magnitude", density=density)
+    merged, stats = merge_tensor(
+        base, tuned, "x", suppress="magnitude", density=density, method=None
+    )
     expected = n if density >= 1 else 0 if density <= 0 else max(1, int(density * n))
     assert stats.kept == expected
     changed = (merged.float() != base.float()).sum().item()
@@ -60,7 +66,9 @@ def test_magnitude_keeps_exact_count(density, shape):
 def test_breadcrumbs_drops_the_largest_then_keeps_the_next_k():
     base = torch.zeros(100)
     tuned = torch.arange(1, 101, dtype=torch.float32)
-    merged, stats = merge_tensor(base, tuned, "b", suppress="breadcrumbs", density=0.2, gamma=0.05)
+    merged, stats = merge_tensor(
+        base, tuned, "b", suppress="breadcrumbs", density=0.2, gamma=0.05, method=None
+    )
     assert stats.kept == 20
     kept_values = sorted(merged[merged != 0].tolist())
     assert kept_values == list(range(76, 96)), "the 5 largest are outliers, the next 20 are kept"
@@ -74,7 +82,7 @@ def test_ties_among_equal_magnitudes_follow_the_tie_hash_then_index():
     masks = []
     for seed in (0, 1):
         merged, stats = merge_tensor(
-            base, tuned, NAME, suppress="magnitude", density=0.1, seed=seed
+            base, tuned, NAME, suppress="magnitude", density=0.1, seed=seed, method=None
         )
         expected, kept, *_ = spec_merge(
             base, tuned, NAME, "none", dict(suppress="magnitude", density=0.1, seed=seed)
@@ -109,6 +117,7 @@ def test_replace_restores_neurons_bit_identical_to_tuned(axis, dtype):
         density=0.1,
         restore="replace",
         top_neurons=3 / 40 + 1e-9,
+        method=None,
     )
     assert stats.restored == 3
     view_m, view_t = (merged, tuned) if axis == "row" else (merged.t(), tuned.t())
@@ -129,6 +138,7 @@ def test_rescale_restores_the_change_score_of_restored_neurons(axis):
         density=0.2,
         restore="rescale",
         top_neurons=0.25,
+        method=None,
     )
     dim = 1 if axis == "row" else 0
     change = (tuned - base).abs().double().sum(dim)
@@ -149,6 +159,7 @@ def test_rescale_falls_back_to_replace_when_nothing_was_kept():
         density=0.0,
         restore="rescale",
         top_neurons=0.3,
+        method=None,
     )
     assert stats.kept == 0 and stats.restored == 3 and stats.fallbacks == 3
     top = torch.sort((tuned - base).abs().double().sum(1), descending=True, stable=True).indices[:3]
@@ -159,7 +170,9 @@ def test_rescale_falls_back_to_replace_when_nothing_was_kept():
 def test_l1_rescale_preserves_the_l1_norm(method):
     base, tuned = make_pair((200, 300), torch.float32, seed=8)
     extra = dict(epsilon=0.1) if method == "della" else {}
-    merged, stats = merge_tensor(base, tuned, "w", suppress=method, density=0.3, **extra)
+    merged, stats = merge_tensor(
+        base, tuned, "w", suppress=method, density=0.3, **extra, method=None
+    )
     delta = (tuned - base).abs().double().sum().item()
     new = (merged.double() - base.double()).abs().sum().item()
     assert stats.l1_scale > 1
@@ -169,7 +182,7 @@ def test_l1_rescale_preserves_the_l1_norm(method):
 
 def test_weight_scales_the_suppressed_delta_but_not_replaced_neurons():
     base, tuned = make_pair((20, 16), torch.float32, seed=9)
-    half, _ = merge_tensor(base, tuned, "w", axis="none", suppress="none", weight=0.5)
+    half, _ = merge_tensor(base, tuned, "w", axis="none", suppress="none", weight=0.5, method=None)
     torch.testing.assert_close(half - base, 0.5 * (tuned - base), rtol=1e-5, atol=1e-7)
     merged, stats = merge_tensor(
         base,
@@ -180,6 +193,7 @@ def test_weight_scales_the_suppressed_delta_but_not_replaced_neurons():
         weight=0.0,
         restore="replace",
         top_neurons=0.25,
+        method=None,
     )
     restored = (merged == tuned).all(dim=1)
     assert restored.sum().item() == stats.restored == 5
@@ -190,9 +204,9 @@ def test_nonfinite_delta_is_an_error_naming_the_tensor_or_copied_on_request():
     base, tuned = make_pair((4, 4))
     tuned[1, 2] = float("inf")
     with pytest.raises(NonFiniteDeltaError, match=r"layers\.0\.x"):
-        merge_tensor(base, tuned, "layers.0.x", suppress="magnitude")
+        merge_tensor(base, tuned, "layers.0.x", suppress="magnitude", method=None)
     merged, stats = merge_tensor(
-        base, tuned, "layers.0.x", suppress="magnitude", allow_nonfinite=True
+        base, tuned, "layers.0.x", suppress="magnitude", allow_nonfinite=True, method=None
     )
     assert stats.action == "copy-nonfinite"
     assert torch.equal(merged, tuned)
@@ -215,7 +229,7 @@ def test_nonfinite_delta_is_an_error_naming_the_tensor_or_copied_on_request():
 def test_bad_parameters_are_rejected(bad):
     base, tuned = make_pair((4, 4))
     with pytest.raises(ParameterError):
-        merge_tensor(base, tuned, "x", **bad)
+        merge_tensor(base, tuned, "x", **bad, method=None)
 
 
 def test_default_axis_comes_from_the_name_and_3d_tensors_have_no_neurons():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import subprocess
 import sys
 
@@ -103,9 +104,31 @@ def test_unknown_backend_and_wrong_device_are_clear_errors(monkeypatch):
     monkeypatch.setenv("FUSION_KERNELS_BACKEND", "torch")
     assert merge_tensor(base, tuned, "x")[1].backend == "torch"
     monkeypatch.setenv("FUSION_KERNELS_BACKEND", "fortran")
-    with pytest.raises(BackendUnavailableError, match="unknown backend 'fortran'; registered: "):
+    with pytest.raises(
+        BackendUnavailableError,
+        match=r"^\$FUSION_KERNELS_BACKEND 'fortran' is not a backend; registered: auto, .*unset",
+    ):
         merge_tensor(base, tuned, "x")
+    with pytest.raises(BackendUnavailableError, match=r"^backend 'fortran' is not a backend"):
+        merge_tensor(base, tuned, "x", backend="fortran")
     fake = registry.Backend("cpu-only", lambda: merge_reference, devices=("cpu",))
     monkeypatch.setitem(registry._REGISTRY, "cpu-only", fake)
     with pytest.raises(BackendUnavailableError, match="runs on cpu tensors, not cuda"):
         select_backend("cpu-only", "cuda")
+
+
+def test_a_bad_backend_variable_is_named_before_any_work(tmp_path):
+    from checkpoints import tiny_pair
+
+    base, tuned = tiny_pair(tmp_path)
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "fusion_kernels.merge", "--base", base, "--tuned", tuned,
+         "--out", out, "--quiet"],
+        capture_output=True, text=True, env={**os.environ, "FUSION_KERNELS_BACKEND": "bogus"},
+    )  # fmt: skip
+    assert done.returncode == 2 and not out.exists()
+    assert done.stderr.strip().splitlines() == [
+        "error: $FUSION_KERNELS_BACKEND 'bogus' is not a backend; registered: auto, "
+        f"{', '.join(REGISTERED)}; unset $FUSION_KERNELS_BACKEND or set it to one of them"
+    ]
