@@ -266,7 +266,6 @@ Located locate(const Pair& pair, const MergeConfig& cfg) {
   prepare(run);
   run.first = run_first_pass(run.work, run.plan, run.threads);
   Located located;
-  located.work = run.work;
   if (run.first.nonfinite > 0) {
     located.result.nonfinite = run.first.nonfinite;
     return located;

@@ -61,7 +61,6 @@ MergeResult merge(const Pair& pair, void* out, const MergeConfig& cfg);
 // its mask and neuron plan, under which the write pass's Δ' of an entry is the model's weighted
 // delta W = ω · L (mul is the weight w outside R, C/C' inside; replace: Δ), and ω per neuron.
 struct Located {
-  Pair work;                       // the pair as the mask and the neuron plan see it
   Mask mask;
   NeuronPlan neurons;
   std::vector<float> omega;        // per neuron of `neurons`: 1 in R, else the weight

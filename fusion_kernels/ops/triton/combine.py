@@ -20,7 +20,7 @@ from ..contract import KernelStats, MultiKernelStats, plan_tensor
 from ..reference_multi import merge_multi_reference
 from . import kernels
 from .kernels import N_SCALED, S_KEPT, S_NONFINITE, _delta, _load_f32, _store_f32, _suppress
-from .launcher import _cdiv, _prepare, locate_job
+from .launcher import Located, _cdiv, _prepare, locate_job
 
 CONSENSUS = {"none": 0, "sum": 1, "count": 2}
 
@@ -141,10 +141,33 @@ def merge_multi_triton(
         _prepare(base, t, target, plan_tensor(p, base.shape, axis, name, model), p)
         for model, (t, p) in enumerate(zip(tuned, params, strict=True), start=1)
     ]
+    located, dropped = enqueue_multi(jobs, combine)
+    # The one host sync: every model's counters and l1 scale, and the drops.
+    counters = torch.cat([torch.cat([j.stats.double(), j.scale.double()]) for j in jobs])
+    values = torch.cat([counters, dropped.double()]).tolist()
+    stats = []
+    for loc in located:
+        kept, nonfinite, fallbacks, scale = values[:4]
+        values = values[4:]
+        if nonfinite:
+            raise NonFiniteDeltaError(name, int(nonfinite))
+        stats.append(KernelStats(int(kept), loc.restored, int(fallbacks), scale if loc.l1 else 1.0))
+    if target is not out:
+        out.copy_(target)
+    return MultiKernelStats(models=stats, dropped=int(values[0]))
+
+
+def enqueue_multi(jobs: list, combine: Combine) -> tuple[list[Located], torch.Tensor]:
+    """Launch every model's passes up to its write, then the combining pass into the first
+    job's ``out``, without waiting; returns each model's :class:`Located` and the drop counter."""
     located = [locate_job(job) for job in jobs]
-    dropped = torch.zeros(1, dtype=torch.int64, device=base.device)
+    dropped = torch.zeros(1, dtype=torch.int64, device=jobs[0].state.device)
     first = jobs[0]
     block_r, block_c = first.tile()
+    if len(jobs) > 2:
+        # Each model's tile lives in registers at once (sm_90, 5 models: 255 registers and a
+        # spill at the one-model tile); half the rows keeps them in registers.
+        block_r = max(1, block_r // 2)
     first.launch(
         _combine_kernel, (_cdiv(first.rows, block_r) * _cdiv(first.cols, block_c),),
         first.base, tuple(j.tuned for j in jobs), first.out, first.rows, first.cols,
@@ -160,16 +183,4 @@ def merge_multi_triton(
         CONSENSUS=CONSENSUS[combine.consensus], NORMALIZE=combine.normalize,
         BLOCK_R=block_r, BLOCK_C=block_c,
     )  # fmt: skip
-    # The one host sync: every model's counters and l1 scale, and the drops.
-    counters = torch.cat([torch.cat([j.stats.double(), j.scale.double()]) for j in jobs])
-    values = torch.cat([counters, dropped.double()]).tolist()
-    stats = []
-    for loc in located:
-        kept, nonfinite, fallbacks, scale = values[:4]
-        values = values[4:]
-        if nonfinite:
-            raise NonFiniteDeltaError(name, int(nonfinite))
-        stats.append(KernelStats(int(kept), loc.restored, int(fallbacks), scale if loc.l1 else 1.0))
-    if target is not out:
-        out.copy_(target)
-    return MultiKernelStats(models=stats, dropped=int(values[0]))
+    return located, dropped
