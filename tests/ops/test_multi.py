@@ -11,6 +11,7 @@ cpp kernel also across thread counts and reruns, and with N = 1 against today's 
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import itertools
 
@@ -124,6 +125,24 @@ def test_cpp_mixed_tuned_dtypes_run_as_float32():
     tuned[1] = tuned[1].float()
     params = model_params("ties", 3)
     _check("cpp", base, tuned, "col", params, COMBINES[3], "mixed dtypes")
+
+
+@cpp_built
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpp_every_instruction_set_build(isa, dtype):
+    ext = importlib.import_module("fusion_kernels._cpp")
+    best = ext.isa()
+    if not ext.set_isa(isa):
+        pytest.skip(f"this CPU cannot run the {isa} build")
+    try:
+        params = model_params("", 5, mixed=True)
+        for shape, axis in (((129, 257), "row"), ((257, 129), "col"), ((3, 5, 4099), "none")):
+            base, tuned = make_models(shape, dtype, 5, seed=5, tied=True)
+            for combine in (COMBINES[0], COMBINES[5]):
+                _check("cpp", base, tuned, axis, params, combine, f"{isa} {shape}")
+    finally:
+        ext.set_isa(best)
 
 
 TRITON_CASES = list(itertools.product(METHODS, (1, 2, 3), COMBINES[:4]))[::3]
