@@ -9,6 +9,7 @@
 
 #include "chunked.h"
 #include "merge_kernel.h"
+#include "multi.h"
 #include "passes.h"
 #include "scores.h"
 
@@ -158,6 +159,64 @@ py::dict merge(const py::array& base, const py::array& tuned, py::array out,
   return result_dict(r);
 }
 
+// merge()'s keywords for one model of merge_multi(), from a dict of them.
+fk::MergeConfig config_of(const py::dict& d, int threads) {
+  auto get = [&](const char* key) {
+    FK_CHECK(d.contains(key), std::string("a model's configuration lacks '") + key + "'");
+    return py::object(d[key]);
+  };
+  auto opt = [&](const char* key, py::object fallback) {
+    return d.contains(key) ? py::object(d[key]) : fallback;
+  };
+  return make_config(
+      get("rows").cast<int64_t>(), get("cols").cast<int64_t>(), get("axis").cast<std::string>(),
+      get("suppress").cast<std::string>(), get("rescale").cast<std::string>(),
+      get("restore").cast<std::string>(), get("window_start").cast<int64_t>(),
+      get("window_len").cast<int64_t>(), get("drop_threshold").cast<uint64_t>(),
+      get("random_inverse").cast<float>(), get("density").cast<double>(),
+      get("epsilon").cast<double>(), get("weight").cast<float>(),
+      get("restored_neurons").cast<int64_t>(), get("tensor_seed").cast<uint32_t>(),
+      get("approx").cast<bool>(), get("approx_tolerance").cast<int64_t>(),
+      get("l1_eps").cast<double>(), threads, opt("sample_size", py::int_(-1)).cast<int64_t>(),
+      opt("collect_cap", py::int_(uint64_t(1) << 22)).cast<uint64_t>());
+}
+
+py::dict merge_multi(const py::array& base, const py::list& tuned, py::array out,
+                     const py::list& models, const std::string& dtype, int64_t rows,
+                     int64_t cols, const std::string& consensus, bool normalize, float lambda,
+                     int threads) {
+  FK_CHECK(tuned.size() >= 1 && tuned.size() == models.size(),
+           "one configuration per tuned tensor, and at least one tuned tensor");
+  std::vector<fk::Pair> pairs;
+  std::vector<fk::MergeConfig> cfgs;
+  for (size_t m = 0; m < tuned.size(); ++m) {
+    pairs.push_back(checked_pair(base, tuned[m].cast<py::array>(), dtype, rows, cols));
+    cfgs.push_back(config_of(models[m].cast<py::dict>(), threads));
+    FK_CHECK(cfgs.back().axis == cfgs.front().axis, "every model must have the same axis");
+  }
+  check_buffer(out, "out", pairs[0].n, pairs[0].dtype, true);
+  fk::CombineConfig combine;
+  combine.consensus = choose<fk::Consensus>(
+      "consensus", consensus,
+      {{"none", fk::Consensus::none}, {"sum", fk::Consensus::sum}, {"count", fk::Consensus::count}});
+  combine.normalize = normalize;
+  combine.lambda = lambda;
+  combine.threads = threads;
+  void* dst = out.mutable_data();
+  fk::MultiResult r;
+  {
+    py::gil_scoped_release release;
+    r = fk::merge_multi(pairs, cfgs, dst, combine);
+  }
+  py::dict result;
+  result["nonfinite"] = r.nonfinite;
+  result["dropped"] = r.dropped;
+  py::list per_model;
+  for (const auto& model : r.models) per_model.append(result_dict(model));
+  result["models"] = per_model;
+  return result;
+}
+
 const char* const kPassNames[] = {"first", "bracket", "histogram", "radix",
                                   "kept",  "write",   "done"};
 
@@ -278,6 +337,13 @@ PYBIND11_MODULE(_cpp, m) {
         "C(j) as float64 per row (axis row), per column (col) or none (none).",
         py::arg("base"), py::arg("tuned"), py::kw_only(), py::arg("dtype"), py::arg("rows"),
         py::arg("cols"), py::arg("axis"), py::arg("threads") = 0);
+  m.def("merge_multi", &merge_multi,
+        "Merge base with several tuned tensors into out (SPEC 'Several tuned models'); models "
+        "holds merge()'s keywords per model. Returns nonfinite, dropped and models (a dict "
+        "per model as merge() returns).",
+        py::arg("base"), py::arg("tuned"), py::arg("out"), py::kw_only(), py::arg("models"),
+        py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("consensus"),
+        py::arg("normalize"), py::arg("lambda_"), py::arg("threads") = 0);
   m.def("default_threads", &fk::default_threads,
         "Threads the kernel uses for large tensors by default (1 when built without OpenMP).");
   m.def("isa", &fk::pass_isa, "Instruction set the streaming passes run with here.");

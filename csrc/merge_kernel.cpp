@@ -193,7 +193,8 @@ void prepare(MergeRun& run) {
   // Restored columns are spread over every row, so rewriting them costs a whole write pass:
   // then a first pass that does not write is the cheaper start.
   const bool columns_rewritten = neurons_active(cfg) && cfg.axis == Axis::col;
-  run.fused = known && !columns_rewritten && !overlaps(run.pair, run.out);
+  // No out: the merge only locates (locate()), writing nothing.
+  run.fused = known && !columns_rewritten && run.out != nullptr && !overlaps(run.pair, run.out);
   if (run.fused) {
     plan.out = run.out;
     plan.kept_change = run.rescale_neurons;
@@ -233,10 +234,9 @@ void suppress(MergeRun& run) {
   }
 }
 
-// R, its factors, and the writes still due: everything (unfused), or the restored neurons.
-void restore_and_write(MergeRun& run) {
+// R (into `restored`) and each neuron's treatment in the write pass.
+NeuronPlan plan_restore(MergeRun& run, std::vector<int64_t>& restored) {
   const MergeConfig& cfg = run.cfg;
-  std::vector<int64_t> restored;
   std::vector<double> kept;
   if (neurons_active(cfg)) {
     restored = top_neurons(run.first.change, cfg.restored_neurons);
@@ -246,8 +246,13 @@ void restore_and_write(MergeRun& run) {
                        : run_kept_change(run.work, run.mask, run.plan.per_column,
                                          run.plan.neurons, run.threads);
   }
-  const NeuronPlan neurons =
-      plan_neurons(run.work, cfg, restored, run.first.change, kept, run.result);
+  return plan_neurons(run.work, cfg, restored, run.first.change, kept, run.result);
+}
+
+// R, its factors, and the writes still due: everything (unfused), or the restored neurons.
+void restore_and_write(MergeRun& run) {
+  std::vector<int64_t> restored;
+  const NeuronPlan neurons = plan_restore(run, restored);
   if (!run.fused)
     run_write_pass(run.work, run.mask, neurons, run.out, run.threads);
   else if (!restored.empty())  // fused with neurons: axis=row (see prepare)
@@ -255,6 +260,28 @@ void restore_and_write(MergeRun& run) {
 }
 
 }  // namespace
+
+Located locate(const Pair& pair, const MergeConfig& cfg) {
+  MergeRun run(pair, nullptr, cfg);
+  prepare(run);
+  run.first = run_first_pass(run.work, run.plan, run.threads);
+  Located located;
+  if (run.first.nonfinite > 0) {
+    located.result.nonfinite = run.first.nonfinite;
+    return located;
+  }
+  suppress(run);
+  std::vector<int64_t> restored;
+  located.neurons = plan_restore(run, restored);
+  located.omega.assign(located.neurons.mul.size(), cfg.weight);
+  for (int64_t j : restored) located.omega[j] = 1.0f;
+  located.mask = run.mask;
+  // The buffer moves with the vector, so the mask's pointer into it stays valid.
+  located.entry_scale = std::move(run.entry_scale);
+  located.mask.entry_scale = located.entry_scale.data();
+  located.result = run.result;
+  return located;
+}
 
 MergeResult merge(const Pair& pair, void* out, const MergeConfig& cfg) {
   MergeRun run(pair, out, cfg);

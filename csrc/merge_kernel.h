@@ -57,6 +57,20 @@ struct MergeResult {
 // dimension is the row (della), and for axis row/col the rows/columns are the neurons.
 MergeResult merge(const Pair& pair, void* out, const MergeConfig& cfg);
 
+// One tuned model located alone, nothing written (the merge of several tuned models, multi.h):
+// its mask and neuron plan, under which the write pass's Δ' of an entry is the model's weighted
+// delta W = ω · L (mul is the weight w outside R, C/C' inside; replace: Δ), and ω per neuron.
+struct Located {
+  Mask mask;
+  NeuronPlan neurons;
+  std::vector<float> omega;        // per neuron of `neurons`: 1 in R, else the weight
+  std::vector<float> entry_scale;  // della's per-entry scales, which mask.entry_scale points into
+  MergeResult result;              // nonfinite > 0: nothing else is set
+};
+
+// merge() up to its write pass: selection and restore planning for one model.
+Located locate(const Pair& pair, const MergeConfig& cfg);
+
 // Steps of merge() that the chunked merge (chunked.h) shares.
 bool neurons_active(const MergeConfig& cfg);
 // The mask as far as it is known before any pass.

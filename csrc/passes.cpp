@@ -72,6 +72,12 @@ void run_write_rows(const Pair& p, const Mask& mask, const NeuronPlan& plan,
   FK_DISPATCH(write_rows(p, mask, plan, rows, out, threads))
 }
 
+int64_t run_combine_pass(const Pair& p, const std::vector<Located>& models,
+                         const std::vector<Pair>& pairs, void* out, const CombineConfig& cfg,
+                         int threads) {
+  FK_DISPATCH(combine_pass(p, models, pairs, out, cfg, threads))
+}
+
 const char* pass_isa() { return kIsaNames[int(best_isa())]; }
 
 bool set_pass_isa(const std::string& name) {

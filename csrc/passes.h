@@ -4,6 +4,7 @@
 
 #include <string>
 
+#include "multi.h"
 #include "types.h"
 
 namespace fk {
@@ -22,6 +23,14 @@ void run_write_pass(const Pair& p, const Mask& mask, const NeuronPlan& plan, voi
 // The write pass over the listed rows only (restored neurons after a fused first pass).
 void run_write_rows(const Pair& p, const Mask& mask, const NeuronPlan& plan,
                     const std::vector<int64_t>& rows, void* out, int threads);
+
+// The combining write pass of a merge of several tuned models over whole tensors (p.lo = 0):
+// out = cast(f32(base) + λ·M) from every model's located mask and neuron plan; returns the
+// (model, entry) pairs consensus dropped. p is base as the tiles walk it; pairs[t].tuned the
+// models' tensors.
+int64_t run_combine_pass(const Pair& p, const std::vector<Located>& models,
+                         const std::vector<Pair>& pairs, void* out, const CombineConfig& cfg,
+                         int threads);
 
 // The instruction set the passes run with here ("avx512", "avx2" or "baseline"), for reports.
 const char* pass_isa();

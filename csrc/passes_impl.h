@@ -381,3 +381,5 @@ void write_rows(const Pair& p, const Mask& mask, const NeuronPlan& plan,
 
 }  // namespace FK_ISA
 }  // namespace fk
+
+#include "combine_impl.h"

@@ -3,6 +3,7 @@
 // anywhere; passes.cpp calls one only on a CPU that reports every feature it was built for.
 #pragma once
 
+#include "multi.h"
 #include "types.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -23,6 +24,9 @@
                   int threads);                                                                  \
   void write_rows(const Pair& p, const Mask& mask, const NeuronPlan& plan,                       \
                   const std::vector<int64_t>& rows, void* out, int threads);                     \
+  int64_t combine_pass(const Pair& p, const std::vector<Located>& models,                        \
+                       const std::vector<Pair>& pairs, void* out, const CombineConfig& cfg,      \
+                       int threads);                                                             \
   }                                                                                              \
   }
 FK_DECLARE_PASSES(avx2)

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <exception>
 #include <functional>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -15,5 +16,6 @@
 #include <omp.h>
 #endif
 
+#include "multi.h"
 #include "passes.h"
 #include "types.h"

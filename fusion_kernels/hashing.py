@@ -36,6 +36,12 @@ def tensor_seed(seed: int, name: str) -> int:
     return mix32_int((seed & MASK32) ^ zlib.crc32(name.encode("utf-8")))
 
 
+def model_tensor_seed(seed: int, name: str, model: int = 1) -> int:
+    """Tuned model ``model``'s (1-based) seed: ``mix32((seed mod 2^32) ^ crc32(name) ^
+    mix32(model − 1))`` (SPEC "Several tuned models"); model 1's is :func:`tensor_seed`."""
+    return mix32_int((seed & MASK32) ^ zlib.crc32(name.encode("utf-8")) ^ mix32_int(model - 1))
+
+
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
     # Split the constant into 16-bit halves so no int64 product overflows (each stays < 2^48).
     low = x * (c & 0xFFFF)

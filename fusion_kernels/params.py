@@ -158,6 +158,55 @@ def params_for(method: str | None = None, **overrides: Any) -> MergeParams:
         raise ParameterError(str(exc)) from None
 
 
+# ---------------------------------------------------------------------------------------------
+# Several tuned models (SPEC "Several tuned models"): each model has its own MergeParams, whose
+# ``weight`` is the model's w_t; how the models' weighted deltas combine is one Combine.
+
+CONSENSUS_MODES = ("none", "sum", "count")
+#: Presets that elect signs (consensus sum) when they merge two or more tuned models.
+SIGN_ELECTING_PRESETS = ("ties", "neu-p-ties", "neu-s-ties")
+
+
+@dataclass(frozen=True)
+class Combine:
+    """How the tuned models' weighted deltas combine into one: TIES sign election
+    (``consensus``: none, sum or count), ``normalize`` by the kept entries' weights, and the
+    final scale ``lambda_`` (SPEC's λ). The defaults leave a one-model merge unchanged."""
+
+    consensus: str = "none"
+    normalize: bool = False
+    lambda_: float = 1.0
+
+    def validated(self) -> Combine:
+        """Return self after checking every field; raises :class:`ParameterError`."""
+        _choice("consensus", self.consensus, CONSENSUS_MODES)
+        if not isinstance(self.normalize, bool):
+            raise ParameterError(f"normalize must be true or false, got {self.normalize!r}")
+        if not float32_finite(self.lambda_):
+            raise ParameterError(f"lambda must be a finite float32 number, got {self.lambda_}")
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields under SPEC's names, for reports."""
+        return {"consensus": self.consensus, "normalize": self.normalize, "lambda": self.lambda_}
+
+
+def combine_for(method: str | None, models: int, **overrides: Any) -> Combine:
+    """The :class:`Combine` of a preset merging ``models`` tuned models (SPEC's defaults: with
+    two or more, the TIES presets elect signs by sum; otherwise no consensus), with explicit
+    overrides (``consensus``, ``normalize``, ``lambda_``; ``None`` values are ignored)."""
+    fields: dict[str, Any] = {}
+    if method is not None and method not in PRESETS:
+        raise ParameterError(f"unknown method {method!r}; choose one of {', '.join(PRESETS)}")
+    if models >= 2 and method in SIGN_ELECTING_PRESETS:
+        fields["consensus"] = "sum"
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Combine(**fields).validated()
+    except TypeError as exc:
+        raise ParameterError(str(exc)) from None
+
+
 @dataclass(frozen=True)
 class ParamOverride:
     """Parameter changes for tensors whose name matches ``pattern`` (a regex, searched)."""

@@ -7,11 +7,12 @@ if the reference and this oracle agree, both read SPEC the same way.
 from __future__ import annotations
 
 import math
+import zlib
 
 import numpy as np
 import torch
 
-from fusion_kernels.hashing import STREAM_DROP, STREAM_TIE, entry_hash_int, tensor_seed
+from fusion_kernels.hashing import STREAM_DROP, STREAM_TIE, entry_hash_int, mix32_int
 
 
 def f32(x: float) -> float:
@@ -20,6 +21,15 @@ def f32(x: float) -> float:
 
 def spec_merge(base: torch.Tensor, tuned: torch.Tensor, name: str, axis: str, p: dict):
     """Returns (merged tensor, kept, restored, fallbacks, l1_scale) per SPEC.md."""
+    b, new, _, counts = spec_locate(base, tuned, name, axis, p)
+    merged = torch.tensor([f32(bi + x) for bi, x in zip(b, new, strict=True)], dtype=torch.float32)
+    return (merged.reshape(base.shape).to(base.dtype), *counts)
+
+
+def spec_locate(base, tuned, name: str, axis: str, p: dict, model: int = 1):
+    """(f32 base as a list, Δ' as a list, whether each entry's neuron is restored, (kept,
+    restored, fallbacks, l1_scale)); ``model`` is the tuned model's place in a merge of several
+    (SPEC "Several tuned models": its hashes' seed mixes in mix32(model - 1))."""
     shape = base.shape
     b = base.float().reshape(-1).tolist()
     t = tuned.float().reshape(-1).tolist()
@@ -27,7 +37,7 @@ def spec_merge(base: torch.Tensor, tuned: torch.Tensor, name: str, axis: str, p:
     n = len(d)
     K, seed = p.get("density", 0.2), p.get("seed", 0)
     method = p.get("suppress", "none")
-    ts = tensor_seed(seed, name)
+    ts = mix32_int((seed % 2**32) ^ zlib.crc32(name.encode()) ^ mix32_int(model - 1))
     tie = [entry_hash_int(i, ts, STREAM_TIE) for i in range(n)]
     u = [entry_hash_int(i, ts, STREAM_DROP) / 2**32 for i in range(n)]
     order = sorted(range(n), key=lambda i: (-abs(d[i]), -tie[i], i))
@@ -66,6 +76,7 @@ def spec_merge(base: torch.Tensor, tuned: torch.Tensor, name: str, axis: str, p:
     alpha = f32(p.get("weight", 1.0))
     new = [f32(s * alpha) for s in sub]
     restored = fallbacks = 0
+    in_r = [False] * n
     restore = p.get("restore", "none")
     if restore != "none" and axis != "none":
         rows, cols = shape
@@ -84,6 +95,8 @@ def spec_merge(base: torch.Tensor, tuned: torch.Tensor, name: str, axis: str, p:
         chosen = sorted(range(neurons), key=lambda j: (-change[j], j))[:m]
         restored = m
         for j in chosen:
+            for i in members(j):
+                in_r[i] = True
             kept_change = math.fsum(abs(sub[i]) for i in members(j))
             if restore == "replace" or kept_change == 0:
                 fallbacks += restore == "rescale"
@@ -93,5 +106,4 @@ def spec_merge(base: torch.Tensor, tuned: torch.Tensor, name: str, axis: str, p:
                 factor = f32(change[j] / kept_change)
                 for i in members(j):
                     new[i] = f32(sub[i] * factor)
-    merged = torch.tensor([f32(bi + x) for bi, x in zip(b, new, strict=True)], dtype=torch.float32)
-    return merged.reshape(shape).to(base.dtype), sum(keep), restored, fallbacks, l1
+    return b, new, in_r, (sum(keep), restored, fallbacks, l1)

@@ -33,7 +33,8 @@ from conftest import METHOD_CASES
 
 from fusion_kernels.ops.contract import plan_tensor
 from fusion_kernels.ops.triton import launcher
-from fusion_kernels.params import params_for
+from fusion_kernels.ops.triton.combine import enqueue_multi
+from fusion_kernels.params import Combine, params_for
 
 # Shared memory a block may use (opt-in maximum), by compute capability.
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
@@ -84,7 +85,9 @@ class Launch:
 def _spec(args) -> tuple:
     out = []
     for a in args:
-        if isinstance(a, torch.Tensor):
+        if isinstance(a, tuple):
+            out.append(_spec(a))
+        elif isinstance(a, torch.Tensor):
             out.append(str(a.dtype))
         elif isinstance(a, bool) or not isinstance(a, int):
             out.append(type(a).__name__)
@@ -110,6 +113,39 @@ def record(shape, dtype, case: dict, axis: str) -> list[Launch]:
         params = params_for(**case)
         plan = plan_tensor(params, base.shape, axis, "compile")
         launcher._enqueue(launcher._prepare(base, base, base, plan, params))
+    finally:
+        launcher._tuning, launcher._Job.launch = tuning, launch_fn
+    return launches
+
+
+# Merges of several tuned models (the combining kernel): models of every mask kind, each
+# consensus; recorded on the smaller shapes (the kernel's grid is the write kernel's).
+MULTI_CASES = [
+    (("neu-p-ties", "dare", "della"), Combine("sum", True, 0.7)),
+    (("neu-p-ties", "dare", "della", "neu-s-bread", "task_arithmetic"), Combine("count", True)),
+]
+
+
+def record_multi(shape, dtype, methods, combine: Combine, axis: str) -> list[Launch]:
+    """The launches of one merge of several tuned models, as :func:`record` takes them."""
+    launches = []
+    where = f"{tuple(shape)} {dtype} {methods} {combine} axis={axis}"
+
+    def launch(job, kernel, grid, *args, num_warps=None, **meta):
+        warps = num_warps or job.tuning.num_warps
+        launches.append(Launch(kernel, tuple(grid), args, warps, meta, where))
+
+    tuning, launch_fn = launcher._tuning, launcher._Job.launch
+    launcher._tuning = lambda device: launcher.CUDA_TUNING
+    launcher._Job.launch = launch
+    try:
+        base = torch.empty(shape, dtype=dtype, device="meta")
+        jobs = []
+        for model, method in enumerate(methods, start=1):
+            params = params_for(method)
+            plan = plan_tensor(params, base.shape, axis, "compile", model)
+            jobs.append(launcher._prepare(base, base, base, plan, params))
+        enqueue_multi(jobs, combine)
     finally:
         launcher._tuning, launcher._Job.launch = tuning, launch_fn
     return launches
@@ -141,6 +177,12 @@ def variants(dtypes) -> dict[tuple, Launch]:
         for config in configurations(shapes, dtypes):
             for launch in record(*config):
                 found.setdefault(launch.variant(), launch)
+    for shape in SHAPES_SMALL.values():
+        for dtype in dtypes:
+            for methods, combine in MULTI_CASES:
+                axis = "row" if len(shape) == 2 else "none"
+                for launch in record_multi(shape, dtype, methods, combine, axis):
+                    found.setdefault(launch.variant(), launch)
     return found
 
 
@@ -168,6 +210,8 @@ class StandInDriver:
 
 def _host_arg(a):
     # Compiling reads only a tensor's dtype and alignment: a small aligned host tensor will do.
+    if isinstance(a, tuple):  # the combining kernel's per-model arguments
+        return tuple(map(_host_arg, a))
     return torch.empty(16, dtype=a.dtype) if isinstance(a, torch.Tensor) else a
 
 

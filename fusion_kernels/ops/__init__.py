@@ -1,4 +1,5 @@
-"""The per-tensor merge op, defined once: :func:`merge_tensor` and locate's :func:`change_scores`.
+"""The per-tensor merge op, defined once: :func:`merge_tensor`, its merge of several tuned models
+:func:`merge_tensors`, and locate's :func:`change_scores`.
 
 Backends: ``torch`` (the reference, any device), ``cpp`` (fused C++ kernel, CPU), ``triton``
 (fused Triton kernels, CUDA, or CPU under ``TRITON_INTERPRET=1``); :mod:`.registry` chooses
@@ -18,12 +19,14 @@ import torch
 from ..dtypes import MERGE_DTYPES, dtype_mismatch
 from ..errors import NonFiniteDeltaError, ParameterError
 from ..neurons import AXES, default_axis
-from ..params import DEFAULT_METHOD, MergeParams, params_for
-from .contract import KernelStats
+from ..params import DEFAULT_METHOD, Combine, MergeParams, params_for
+from .contract import KernelStats, MultiKernelStats
 from .reference import change_scores_reference, merge_reference
+from .reference_multi import merge_multi_reference
 from .registry import (
     Backend,
     KernelFn,
+    MultiKernelFn,
     ScoresFn,
     available_backends,
     register_backend,
@@ -91,7 +94,7 @@ def merge_tensor(
         params = params_for(param_fields.pop("method", DEFAULT_METHOD), **param_fields)
     elif param_fields:
         params = params.replace(**param_fields)
-    _check_pair(base, tuned, name)
+    check_pair(base, tuned, name)
     axis = resolve_axis(name, base.shape, axis)
     if out is None:
         out = torch.empty_like(base)
@@ -132,7 +135,7 @@ def change_scores(
     C(j) is on the tensors' device; None for axis none. Raises NonFiniteDeltaError naming the
     tensor when Δ has NaN/Inf. ``axis`` defaults to SPEC's rules for ``name``.
     """
-    _check_pair(base, tuned, name)
+    check_pair(base, tuned, name)
     axis = resolve_axis(name, base.shape, axis)
     chosen = select_backend(backend, base.device.type)
     total, scores = (chosen.scores or change_scores_reference)(base, tuned, axis)
@@ -141,7 +144,8 @@ def change_scores(
     return total, scores, chosen.name
 
 
-def _check_pair(base: torch.Tensor, tuned: torch.Tensor, name: str) -> None:
+def check_pair(base: torch.Tensor, tuned: torch.Tensor, name: str) -> None:
+    """Refuse a pair the op cannot merge: shapes, dtypes or devices that differ."""
     if base.shape != tuned.shape:
         raise ParameterError(
             f"tensor {name!r}: base shape {tuple(base.shape)} != tuned {tuple(tuned.shape)}"
@@ -157,19 +161,28 @@ def _check_pair(base: torch.Tensor, tuned: torch.Tensor, name: str) -> None:
 
 register_backend(
     Backend(
-        "torch", lambda: merge_reference, devices=("cpu", "cuda"), scores=change_scores_reference
+        "torch",
+        lambda: merge_reference,
+        devices=("cpu", "cuda"),
+        scores=change_scores_reference,
+        multi=lambda: merge_multi_reference,
     )
 )
 
 __all__ = [
     "Backend",
+    "Combine",
     "KernelFn",
     "KernelStats",
+    "MultiKernelFn",
+    "MultiKernelStats",
+    "MultiTensorStats",
     "ScoresFn",
     "TensorStats",
     "available_backends",
     "change_scores",
     "merge_tensor",
+    "merge_tensors",
     "register_backend",
     "registered_backends",
     "requested_backend",
@@ -181,3 +194,6 @@ __all__ = [
 # Triton eagerly (their ``load`` does, and keeps the error for when the backend is used).
 from . import cpp as _cpp  # noqa: E402, F401
 from . import triton as _triton  # noqa: E402, F401
+
+# The merge of several tuned models uses resolve_axis and check_pair above.
+from .multi import MultiTensorStats, merge_tensors  # noqa: E402

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..hashing import TWO_POW_M32, tensor_seed
+from ..hashing import TWO_POW_M32, model_tensor_seed
 from ..params import MergeParams
 
 #: Below this, an l1 sum counts as zero and the l1 scale stays 1 (SPEC "rescale").
@@ -31,6 +31,16 @@ class KernelStats:
     restored: int = 0
     fallbacks: int = 0
     l1_scale: float = 1.0
+
+
+@dataclass
+class MultiKernelStats:
+    """What a backend reports for one tensor merged from several tuned models (SPEC "Several
+    tuned models"): each model's :class:`KernelStats`, in model order, and ``dropped``, the
+    entries (model, index) whose weighted delta was not zero and consensus dropped."""
+
+    models: list[KernelStats]
+    dropped: int = 0
 
 
 def count(fraction: float, n: int) -> int:
@@ -129,8 +139,11 @@ def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
     return (math.prod(shape[:-1]), shape[-1]) if shape else (1, 1)
 
 
-def plan_tensor(params: MergeParams, shape: tuple[int, ...], axis: str, name: str) -> TensorPlan:
-    """The :class:`TensorPlan` of merging tensor ``name`` of ``shape`` along ``axis``."""
+def plan_tensor(
+    params: MergeParams, shape: tuple[int, ...], axis: str, name: str, model: int = 1
+) -> TensorPlan:
+    """The :class:`TensorPlan` of merging tensor ``name`` of ``shape`` along ``axis``; ``model``
+    is the tuned model's place (1-based) in a merge of several, which picks its hash seed."""
     rows, cols = matrix_shape(shape)
     n = rows * cols
     method = params.suppress
@@ -151,7 +164,7 @@ def plan_tensor(params: MergeParams, shape: tuple[int, ...], axis: str, name: st
         drop_threshold=random_keep_threshold(params.density) if method == "random" else 0,
         random_scale=random_scale,
         restored_neurons=neuron_count(params.top_neurons, neurons) if restoring else 0,
-        tensor_seed=tensor_seed(params.seed, name),
+        tensor_seed=model_tensor_seed(params.seed, name, model),
         approx_slack=count(APPROX_TOLERANCE, n) if params.select == "approx" else 0,
         weight=float(np.float32(params.weight)),
     )
@@ -162,6 +175,7 @@ __all__ = [
     "L1_EPS",
     "TWO_POW_M32",
     "KernelStats",
+    "MultiKernelStats",
     "TensorPlan",
     "count",
     "della_probability",

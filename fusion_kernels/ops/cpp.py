@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib
 import math
+from collections.abc import Sequence
 from types import ModuleType
 
 import numpy as np
@@ -18,9 +19,16 @@ import torch
 
 from ..dtypes import MERGE_DTYPE_NAMES
 from ..errors import NonFiniteDeltaError
-from ..params import MergeParams
-from .contract import L1_EPS, KernelStats, TensorPlan, matrix_shape, plan_tensor
-from .registry import Backend, KernelFn, register_backend
+from ..params import Combine, MergeParams
+from .contract import (
+    L1_EPS,
+    KernelStats,
+    MultiKernelStats,
+    TensorPlan,
+    matrix_shape,
+    plan_tensor,
+)
+from .registry import Backend, KernelFn, MultiKernelFn, register_backend
 
 
 def load() -> KernelFn:
@@ -73,6 +81,74 @@ def merge_cpp(
         raise NonFiniteDeltaError(name, int(result["nonfinite"]))
     if target is not out:
         out.copy_(target)
+    return KernelStats(
+        kept=int(result["kept"]),
+        restored=int(result["restored"]),
+        fallbacks=int(result["fallbacks"]),
+        l1_scale=float(result["l1_scale"]),
+    )
+
+
+def load_multi() -> MultiKernelFn:
+    """The merge of several tuned models; ImportError when the extension was not built."""
+    return functools.partial(merge_multi_cpp, importlib.import_module("fusion_kernels._cpp"))
+
+
+def merge_multi_cpp(
+    ext: ModuleType,
+    base: torch.Tensor,
+    tuned: Sequence[torch.Tensor],
+    out: torch.Tensor,
+    name: str,
+    axis: str,
+    params: Sequence[MergeParams],
+    combine: Combine,
+    **options: int,
+) -> MultiKernelStats:
+    """SPEC's merge of several tuned models into ``out`` with the C++ kernel: each model located
+    by merge()'s own passes, then one pass that reads base and every tuned tensor once and
+    writes out. Dtypes and layouts as :func:`merge_cpp` takes them (tensors of differing dtypes
+    run as float32 copies); ``options``: ``threads``, ``sample_size``, ``collect_cap``."""
+    for label, t in (("base", base), ("out", out), *(("tuned", t) for t in tuned)):
+        if t.device.type != "cpu":
+            raise ValueError(
+                f"tensor {name!r}: the cpp backend needs CPU tensors, {label} is on {t.device}"
+            )
+    if out.shape != base.shape or out.dtype != base.dtype:
+        raise ValueError(f"tensor {name!r}: out must have base's shape and dtype")
+    if any(t.dtype != base.dtype for t in tuned):
+        wide = torch.empty(base.shape, dtype=torch.float32)
+        tuned32 = [t.float() for t in tuned]
+        stats = merge_multi_cpp(
+            ext, base.float(), tuned32, wide, name, axis, params, combine, **options
+        )
+        out.copy_(wide)
+        return stats
+    base_c = base.detach().contiguous()
+    target = out if out.is_contiguous() else torch.empty_like(base_c)
+    dtype = MERGE_DTYPE_NAMES[base_c.dtype]
+    models = [
+        kernel_args(plan_tensor(p, base_c.shape, axis, name, model), p, dtype)
+        | {k: v for k, v in options.items() if k != "threads"}
+        for model, p in enumerate(params, start=1)
+    ]
+    rows, cols = matrix_shape(base_c.shape)
+    result = ext.merge_multi(
+        _bits(base_c), [_bits(t.detach().contiguous()) for t in tuned], _bits(target),
+        models=models, dtype=dtype, rows=rows, cols=cols, consensus=combine.consensus,
+        normalize=combine.normalize, lambda_=float(np.float32(combine.lambda_)),
+        threads=options.get("threads", 0),
+    )  # fmt: skip
+    if result["nonfinite"]:
+        raise NonFiniteDeltaError(name, int(result["nonfinite"]))
+    if target is not out:
+        out.copy_(target)
+    return MultiKernelStats(
+        models=[_stats(r) for r in result["models"]], dropped=int(result["dropped"])
+    )
+
+
+def _stats(result: dict) -> KernelStats:
     return KernelStats(
         kept=int(result["kept"]),
         restored=int(result["restored"]),
@@ -218,6 +294,7 @@ register_backend(
         load,
         devices=("cpu",),
         scores=scores_cpp,
+        multi=load_multi,
         hint="Build it with `pip install -e .` (needs a C++ compiler with OpenMP); "
         "FUSION_KERNELS_SKIP_CPP_BUILD=1 skips it.",
     )

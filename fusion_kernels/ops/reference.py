@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import NonFiniteDeltaError
-from ..hashing import STREAM_DROP, STREAM_TIE, TWO_POW_M32, entry_hash, tensor_seed
+from ..hashing import STREAM_DROP, STREAM_TIE, TWO_POW_M32, entry_hash, model_tensor_seed
 from ..params import MergeParams
 from .contract import (
     KernelStats,
@@ -38,15 +38,16 @@ def spec_order(keys: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 
 def suppress(
-    delta: torch.Tensor, name: str, params: MergeParams
+    delta: torch.Tensor, name: str, params: MergeParams, model: int = 1
 ) -> tuple[torch.Tensor, KernelStats]:
-    """``Sub(Δ)`` (float32, same shape) and the suppress part of the stats."""
+    """``Sub(Δ)`` (float32, same shape) and the suppress part of the stats; ``model`` (1-based,
+    in a merge of several tuned models) picks the hash seed."""
     flat = delta.reshape(-1)
     n = flat.numel()
     method = params.suppress
     if method == "none" or n == 0:
         return delta.clone(), KernelStats(kept=n)
-    seed_of_tensor = tensor_seed(params.seed, name)
+    seed_of_tensor = model_tensor_seed(params.seed, name, model)
     index = torch.arange(n, dtype=torch.int64, device=delta.device)
     abs_flat = flat.abs()
     scale = torch.ones_like(flat)
@@ -100,18 +101,27 @@ def top_neurons(scores: torch.Tensor, m: int) -> torch.Tensor:
     return chosen
 
 
+def restored_neurons(delta: torch.Tensor, axis: str, params: MergeParams) -> torch.Tensor | None:
+    """R as a bool mask over the neurons (rows, or columns for axis=col); None when nothing is
+    restored (restore or axis none)."""
+    if params.restore == "none" or axis == "none":
+        return None
+    change = (delta.t() if axis == "col" else delta).abs().double().sum(dim=1)
+    return top_neurons(change, neuron_count(params.top_neurons, change.numel()))
+
+
 def restore(
     delta: torch.Tensor, sub: torch.Tensor, axis: str, params: MergeParams, stats: KernelStats
 ) -> torch.Tensor:
     """``Δ'`` from Δ and Sub(Δ): α·Sub outside R, replace/rescale inside R (SPEC "Restore")."""
     alpha = torch.tensor(params.weight, dtype=torch.float32)
     scaled = sub * alpha
-    if params.restore == "none" or axis == "none":
+    restored = restored_neurons(delta, axis, params)
+    if restored is None:
         return scaled
     # Work on rows: for axis=col the neurons are the columns, so transpose views.
     d2, s2, out2 = (t.t() if axis == "col" else t for t in (delta, sub, scaled))
     change = d2.abs().double().sum(dim=1)
-    restored = top_neurons(change, neuron_count(params.top_neurons, change.numel()))
     stats.restored = int(restored.sum())
     if params.restore == "replace":
         result = torch.where(restored[:, None], d2, out2)

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import BackendUnavailableError
-from ..params import MergeParams
-from .contract import KernelStats
+from ..params import Combine, MergeParams
+from .contract import KernelStats, MultiKernelStats
 
 log = logging.getLogger("fusion_kernels")
 
@@ -29,6 +29,13 @@ KernelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, str, str, MergePa
 #: locate. C(j) has one entry per row (axis row) or column (col); a non-finite Δ gives a
 #: non-finite Σ|Δ| (the function has no name to put in an error; change_scores raises).
 ScoresFn = Callable[[torch.Tensor, torch.Tensor, str], tuple[float, "torch.Tensor | None"]]
+#: ``fn(base, [tuned_1 … tuned_N], out, name, axis, [params_1 … params_N], combine) ->
+#: MultiKernelStats`` writes the merge of several tuned models into out (SPEC "Several tuned
+#: models").
+MultiKernelFn = Callable[
+    [torch.Tensor, Sequence[torch.Tensor], torch.Tensor, str, str, Sequence[MergeParams], Combine],
+    MultiKernelStats,
+]
 
 ENV_BACKEND = "FUSION_KERNELS_BACKEND"
 
@@ -49,6 +56,7 @@ class Backend:
     devices: tuple[str, ...]
     hint: str = ""
     scores: ScoresFn | None = None
+    multi: Callable[[], MultiKernelFn] | None = None
     _fn: KernelFn | None = field(default=None, repr=False)
     _error: Exception | None = field(default=None, repr=False)
 
@@ -60,6 +68,17 @@ class Backend:
                 f"Available here: {', '.join(available_backends()) or 'none'}."
             )
         return self._fn
+
+    def multi_kernel(self) -> MultiKernelFn:
+        """The merge of several tuned models; raises BackendUnavailableError when the backend
+        cannot run or has none."""
+        self.kernel()
+        if self.multi is None:
+            raise BackendUnavailableError(
+                f"backend {self.name!r} cannot merge several tuned models; "
+                f"choose {', '.join(n for n, b in _REGISTRY.items() if b.multi) or 'torch'}"
+            )
+        return self.multi()
 
     def is_available(self) -> bool:
         """Load the backend once; remember why it failed."""
@@ -140,6 +159,7 @@ __all__ = [
     "ENV_BACKEND",
     "Backend",
     "KernelFn",
+    "MultiKernelFn",
     "ScoresFn",
     "available_backends",
     "register_backend",

@@ -51,10 +51,17 @@ def scores_triton(
     return _launcher().scores_triton(base, tuned, axis)
 
 
+def load_multi():
+    """The merge of several tuned models (:mod:`.combine`); called once :func:`load` worked."""
+    return importlib.import_module(".combine", __name__).merge_multi_triton
+
+
 def _devices() -> tuple[str, ...]:
     return ("cuda", "cpu") if interpreting() else ("cuda",)
 
 
-register_backend(Backend("triton", load, devices=_devices(), hint=HINT, scores=scores_triton))
+register_backend(
+    Backend("triton", load, devices=_devices(), hint=HINT, scores=scores_triton, multi=load_multi)
+)
 
-__all__ = ["HINT", "interpreting", "load", "scores_triton"]
+__all__ = ["HINT", "interpreting", "load", "load_multi", "scores_triton"]

@@ -306,8 +306,35 @@ def _run(job: _Job, name: str) -> KernelStats:
     )
 
 
+@dataclass
+class Located:
+    """One job's passes up to its write: what the write pass (or the combining pass of several
+    tuned models) reads besides the job's own buffers."""
+
+    restored: int  # m, the neurons restored
+    l1: bool  # whether the l1 rescale applies (job.scale then holds it)
+    neuron_axis: int  # 0: no neurons, 1: rows, 2: columns
+    mode: torch.Tensor  # [neurons] int8 write mode per neuron (kernels.N_*)
+    factor: torch.Tensor  # [neurons] float32 f32(C/C') of rescaled neurons
+
+
 def _enqueue(job: _Job) -> tuple[int, bool]:
     """Launch every pass of the merge, without waiting; returns (restored neurons m, l1)."""
+    located = locate_job(job)
+    block_r, block_c = job.tile()
+    job.launch(
+        kernels._write_kernel, (_cdiv(job.rows, block_r) * _cdiv(job.cols, block_c),),
+        job.base, job.tuned, job.out, job.rows, job.cols, job.seed, *job.method_args(),
+        located.mode, located.factor, job.plan.weight, job.stats,
+        **job.kinds, BLOCK_R=block_r, BLOCK_C=block_c, METHOD=job.method, RESCALE=job.rescale,
+        NEURON=located.neuron_axis,
+    )  # fmt: skip
+    return located.restored, located.l1
+
+
+def locate_job(job: _Job) -> Located:
+    """Launch the passes before the write (sums, selection, della ranks, l1 scale, R), without
+    waiting."""
     params, plan, dev = job.params, job.plan, job.state.device
     m = plan.restored_neurons
     neuron_axis = ({"row": 1, "col": 2}[plan.axis]) if m > 0 else 0
@@ -335,15 +362,7 @@ def _enqueue(job: _Job) -> tuple[int, bool]:
         if params.restore == "rescale":
             kept_change = _sums(job, neuron_axis, sub=True).neurons
         mode, factor = _select_neurons(job, sums.neurons, kept_change, m)
-    block_r, block_c = job.tile()
-    job.launch(
-        kernels._write_kernel, (_cdiv(job.rows, block_r) * _cdiv(job.cols, block_c),),
-        job.base, job.tuned, job.out, job.rows, job.cols, job.seed, *job.method_args(),
-        mode, factor, plan.weight, job.stats,
-        **job.kinds, BLOCK_R=block_r, BLOCK_C=block_c, METHOD=job.method, RESCALE=job.rescale,
-        NEURON=neuron_axis,
-    )  # fmt: skip
-    return m, l1
+    return Located(m, l1, neuron_axis, mode, factor)
 
 
 def merge_triton(
