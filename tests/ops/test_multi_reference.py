@@ -85,10 +85,12 @@ def test_identical_models_with_dare_keep_different_entries():
 def test_consensus_drops_the_minority_sign():
     base = torch.zeros(4)
     tuned = [torch.tensor([1.0, 1.0, -1.0, 0.0]), torch.tensor([-3.0, 2.0, -1.0, 5.0])]
-    out, stats = merge_tensors(base, tuned, "x", backend="torch", combine=Combine("sum"))
+    # method=None: SPEC's field defaults (no suppress, no restore), so only consensus acts.
+    plain = dict(backend="torch", method=None)
+    out, stats = merge_tensors(base, tuned, "x", **plain, combine=Combine("sum"))
     # entry 0: 1 - 3 < 0 elects −, so model 1's +1 is dropped; entry 3: model 1's 0 is no drop.
     assert out.tolist() == [-3.0, 3.0, -2.0, 5.0] and stats.dropped == 1
-    out, stats = merge_tensors(base, tuned, "x", backend="torch", combine=Combine("count", True))
+    out, stats = merge_tensors(base, tuned, "x", **plain, combine=Combine("count", True))
     # entry 0: one vote each, a tie elects +: model 2's −3 is dropped, 1 / w = 1.
     assert out.tolist() == [1.0, 1.5, -1.0, 5.0] and stats.dropped == 1
 
