@@ -112,3 +112,15 @@ def test_parse_size(text, size):
 def test_parse_size_rejects_nonsense(text):
     with pytest.raises(ParameterError, match="size"):
         parse_size(text)
+
+
+def test_a_tie_mismatch_is_named_not_called_another_architecture(tmp_path):
+    # Base keeps lm_head as its own tensor; tuned ties it to the embeddings, so stores none.
+    tuned = {k: v for k, v in BASE.items() if k != "only_in_base"}
+    base = {**tuned, "lm_head.weight": torch.zeros(10, 4)}
+    with pytest.raises(PlanError) as info:
+        build_plan(checkpoint(tmp_path / "b", base), checkpoint(tmp_path / "t", tuned))
+    message = str(info.value)
+    assert "'lm_head.weight'" in message and "a base of another architecture" not in message
+    assert "tie_word_embeddings is false in base" in message and "true in tuned" in message
+    assert "tie_word_embeddings false so that its lm_head is written" in message
