@@ -186,6 +186,7 @@ void prepare(MergeRun& run) {
   if (run.windowed) {
     run.window = plan_window(run.work, run.window_req);
     add_window_work(run.window, run.window_req, plan);
+    plan.histogram = run.window.radix;  // the radix select's first level, in the first pass
   }
   const MaskKind kind = run.mask.kind;
   const bool known = run.windowed ? run.window.brackets > 0 && !run.window.radix
@@ -207,7 +208,9 @@ void suppress(MergeRun& run) {
   double kept_abs = run.first.kept_abs;
   if (run.windowed) {
     Window w{kCutNone, kCutNone, 0};
-    if (run.window.radix || !resolve_brackets(run.window, run.window_req, run.first, w)) {
+    if (run.window.radix) {
+      w = radix_window(run.work, run.first.histogram, run.window_req);
+    } else if (!resolve_brackets(run.window, run.window_req, run.first, w)) {
       run.fused = false;  // what the first pass wrote is overwritten by a full write pass
       w = radix_window(run.work, run.window_req);
     }

@@ -176,35 +176,37 @@ struct RadixState {
   Query queries[2];
   std::vector<Job> jobs;
   int job_of[2] = {-1, -1};
+  int64_t edge[2] = {0, 0};  // the SPEC position each cut lands on
   Window result{kCutNone, kCutNone, 0};
   bool done = false;
 };
 
-// The window's cuts from the top-bits histogram: bin edges in approx mode when one is close
-// enough, else radix select, one pass per level.
+// The window's cuts from the top-bits histogram: in approx mode each cut moves to the nearer
+// edge of its bin when that is within the cut's share of the tolerance (SPEC "Selection modes",
+// contract.approx_cut); every other cut by radix select, one pass per level.
 RadixSelect::RadixSelect(int64_t n, const std::vector<uint64_t>& top_histogram,
                          const WindowRequest& req)
     : state_(std::make_unique<RadixState>()) {
   RadixState& s = *state_;
   s.req = req;
-  const int64_t first = req.start;
-  const int64_t end = req.start + req.len;
   if (req.len == 0) {
     s.done = true;
     return;
   }
-  if (req.approx) {
-    const auto upper = nearest_edge(first, n, top_histogram);
-    const auto lower = nearest_edge(end, n, top_histogram);
-    const int64_t kept = lower.second - upper.second;
-    if (std::llabs(kept - req.len) <= req.tolerance) {
-      s.result = Window{upper.first, lower.first, kept};
-      s.done = true;
-      return;
-    }
+  const int64_t position[2] = {req.start, req.start + req.len};
+  int inner = 0;
+  for (const int64_t p : position) inner += p > 0 && p < n;
+  const int64_t slack = req.approx ? req.tolerance / std::max(inner, 1) : -1;
+  for (int q = 0; q < 2; ++q) {
+    s.queries[q] = start_query(position[q], n, top_histogram);
+    s.edge[q] = position[q];
+    if (s.queries[q].done || slack < 0) continue;
+    const auto edge = nearest_edge(position[q], n, top_histogram);
+    if (std::llabs(edge.second - position[q]) > slack) continue;
+    s.queries[q].done = true;
+    s.queries[q].cut = edge.first;
+    s.edge[q] = edge.second;
   }
-  s.queries[0] = start_query(first, n, top_histogram);
-  s.queries[1] = start_query(end, n, top_histogram);
   plan_jobs();
 }
 
@@ -218,7 +220,7 @@ Window RadixSelect::window() const { return state_->result; }
 void RadixSelect::plan_jobs() {
   RadixState& s = *state_;
   if (s.queries[0].done && s.queries[1].done) {
-    s.result = Window{s.queries[0].cut, s.queries[1].cut, s.req.len};
+    s.result = Window{s.queries[0].cut, s.queries[1].cut, s.edge[1] - s.edge[0]};
     s.done = true;
     return;
   }
@@ -269,6 +271,11 @@ Window radix_window(const Pair& p, const WindowRequest& req) {
   plan.histogram = true;
   const FirstPassResult top = run_first_pass(p, plan, req.threads);
   return select_levels(p, top.histogram, req);
+}
+
+Window radix_window(const Pair& p, const std::vector<uint64_t>& top_histogram,
+                    const WindowRequest& req) {
+  return select_levels(p, top_histogram, req);
 }
 
 }  // namespace fk
