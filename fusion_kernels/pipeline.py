@@ -39,7 +39,13 @@ from .params import MergeParams, TensorParams
 from .plan.layermap import layer_map_for
 from .plan.namemap import detect, layer_prefix, user_map
 from .plan.planner import MergePlan, TensorTask, build_plan
-from .streaming.chunks import DEFAULT_MEMORY_BUDGET, Budget, merge_task_in_chunks, row_origin
+from .streaming.chunks import (
+    BUFFERS_IN_FLIGHT,
+    DEFAULT_MEMORY_BUDGET,
+    Budget,
+    merge_task_in_chunks,
+    row_origin,
+)
 from .streaming.transfer import HostTransport, make_transport, parse_device
 from .version import __version__
 
@@ -161,6 +167,7 @@ def merge_checkpoints(
             report,
             checksums,
             extra_files={CARD_NAME: card} if card else None,
+            verify_chunk_bytes=budget.nbytes // BUFFERS_IN_FLIGHT,
         )
     return report
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import mmap
 import os
 import shutil
 import stat
@@ -39,6 +40,8 @@ from .reader import INDEX_NAME, Checkpoint
 from .safeload import describe_mode
 
 REPORT_NAME = "fusion_report.json"
+#: Bytes ``--verify`` reads back at a time when the caller gives no memory budget to fit.
+VERIFY_CHUNK_BYTES = 16 * 2**20
 # Files of the tuned directory that are weights (ours or another format) and are not copied.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 _WEIGHT_NAMES = (INDEX_NAME, "pytorch_model.bin.index.json", REPORT_NAME)
@@ -127,6 +130,20 @@ def tensor_bytes(tensor: torch.Tensor):
 def checksum(tensor: torch.Tensor) -> int:
     """crc32 of the tensor's bytes, for ``--verify``."""
     return zlib.crc32(tensor_bytes(tensor))
+
+
+def stored_checksum(checkpoint: Checkpoint, name: str, chunk_bytes: int) -> int:
+    """crc32 of a stored tensor's bytes (:func:`checksum` of it), read ``chunk_bytes`` at a time
+    into one buffer, each range's pages released once read: memory stays at one chunk however
+    large the tensor (at least a page: pages are what is released)."""
+    nbytes = checkpoint.info(name).nbytes
+    buffer = np.empty(max(1, min(max(chunk_bytes, mmap.PAGESIZE), nbytes)), dtype=np.uint8)
+    crc = 0
+    for offset in range(0, nbytes, len(buffer)):
+        part = buffer[: min(len(buffer), nbytes - offset)]
+        checkpoint.read_into(name, offset, part)
+        crc = zlib.crc32(part, crc)
+    return crc
 
 
 class _write_errors:
@@ -229,12 +246,14 @@ class CheckpointWriter:
         report: dict[str, Any],
         checksums: dict[str, int] | None = None,
         extra_files: dict[str, str] | None = None,
+        verify_chunk_bytes: int = VERIFY_CHUNK_BYTES,
     ) -> Path:
         """Close shards, write the index, copied files and report, then rename into place.
 
         ``extra_files`` (file name → text) are written instead of the copies of that name.
         With ``checksums`` (name → crc32 of the bytes computed), the written files are re-opened
-        and every tensor's name, dtype, shape and checksum checked first.
+        and every tensor's name, dtype, shape and checksum checked first, reading
+        ``verify_chunk_bytes`` at a time (a share of the memory budget).
         """
         unwritten = sorted(n for f in set(self.shards.values()) for n in f.pending)
         if unwritten:
@@ -246,7 +265,7 @@ class CheckpointWriter:
             index = {"metadata": {"total_size": self.plan.nbytes}, "weight_map": weight_map}
             self._write_json(INDEX_NAME, index)
         if checksums is not None:
-            self._verify(checksums)
+            self._verify(checksums, verify_chunk_bytes)
         with _write_errors(self.tmp_dir):
             if copy_from is not None:
                 for path in non_weight_files(copy_from):
@@ -258,7 +277,7 @@ class CheckpointWriter:
             self._rename_into_place()
         return self.out_dir
 
-    def _verify(self, checksums: dict[str, int]) -> None:
+    def _verify(self, checksums: dict[str, int], chunk_bytes: int) -> None:
         written = Checkpoint(self.tmp_dir)
         try:
             if set(written.tensors) != set(self.plan.tasks):
@@ -271,7 +290,7 @@ class CheckpointWriter:
                         f"--verify: {info.file}: tensor {name!r} is {info.dtype} "
                         f"{list(info.shape)}, expected {task.tuned.dtype} {list(task.tuned.shape)}"
                     )
-                if checksum(written.read(name)) != checksums[name]:
+                if stored_checksum(written, name, chunk_bytes) != checksums[name]:
                     raise CheckpointError(
                         f"--verify: {info.file}: tensor {name!r} reads back with other bytes "
                         "than were computed"
