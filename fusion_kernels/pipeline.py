@@ -35,6 +35,7 @@ from .modelcard import CARD_NAME, model_card
 from .neurons import NeuronRules
 from .ops import TensorStats, merge_tensor, select_backend
 from .ops.cpp import ChunkedMergeCpp
+from .ops.known_answer import check_device
 from .params import MergeParams, TensorParams
 from .plan.layermap import layer_map_for
 from .plan.namemap import detect, layer_prefix, user_map
@@ -145,6 +146,7 @@ def merge_checkpoints(
         log.warning("tensor %r is only in base (%s); it is not in the output", name, base_ckpt.path)
     for name in plan.structure.unpaired_tuned:
         log.warning("tensor %r has no base counterpart; it is copied from tuned", name)
+    device_check = check_device(torch_device, backend, params.default)  # before any tensor
     started = time.perf_counter()
     with CheckpointWriter(out_dir, plan, overwrite=overwrite) as writer:
         checksums: dict[str, int] | None = {} if verify else None
@@ -161,6 +163,7 @@ def merge_checkpoints(
         report = _report(plan, params, rules, base_ckpt, tuned_ckpt, stats, device, started)
         report["memory_budget"] = budget.nbytes
         report["verified"] = verify
+        report["device_check"] = device_check
         card = _card(report, out_dir, tuned_ckpt) if model_card else None
         writer.commit(
             tuned_ckpt.directory if tuned_ckpt.path.is_dir() else None,
