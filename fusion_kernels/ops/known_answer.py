@@ -1,7 +1,8 @@
 """The known-answer check: a device is trusted only once it has merged known tensors right.
 
-The fast device path (Triton on CUDA) is tested in CI against the torch reference, but a card it
-has never run on may compile or round differently. Before the first tensor goes to such a
+The device path (Triton on CUDA) is tested against the torch reference under Triton's
+interpreter and on the GPUs it was run on, but a card it has never run on may compile or round
+differently, and a merge would write whatever it computes. Before the first tensor goes to such a
 device, :func:`check_device` merges a few small tensors there, covering every selection
 (magnitude exact and approx, breadcrumbs, random, della, none) and restore (none, replace,
 rescale on rows and columns) path plus the user's own parameters, and compares each result
