@@ -40,7 +40,9 @@ from .reader import INDEX_NAME, Checkpoint
 from .safeload import describe_mode
 
 REPORT_NAME = "fusion_report.json"
-#: Bytes ``--verify`` reads back at a time when the caller gives no memory budget to fit.
+#: The most bytes ``--verify`` reads back at a time (less when the memory budget's share is
+#: smaller): its buffer and the pages mapped to fill it both count, and larger reads save nothing
+#: (crc32 keeps up with the page cache).
 VERIFY_CHUNK_BYTES = 16 * 2**20
 # Files of the tuned directory that are weights (ours or another format) and are not copied.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
@@ -253,7 +255,7 @@ class CheckpointWriter:
         ``extra_files`` (file name → text) are written instead of the copies of that name.
         With ``checksums`` (name → crc32 of the bytes computed), the written files are re-opened
         and every tensor's name, dtype, shape and checksum checked first, reading
-        ``verify_chunk_bytes`` at a time (a share of the memory budget).
+        at most ``verify_chunk_bytes`` (a share of the memory budget) at a time.
         """
         unwritten = sorted(n for f in set(self.shards.values()) for n in f.pending)
         if unwritten:
@@ -265,7 +267,7 @@ class CheckpointWriter:
             index = {"metadata": {"total_size": self.plan.nbytes}, "weight_map": weight_map}
             self._write_json(INDEX_NAME, index)
         if checksums is not None:
-            self._verify(checksums, verify_chunk_bytes)
+            self._verify(checksums, min(verify_chunk_bytes, VERIFY_CHUNK_BYTES))
         with _write_errors(self.tmp_dir):
             if copy_from is not None:
                 for path in non_weight_files(copy_from):
