@@ -119,8 +119,7 @@ WindowPlan window_boundaries(int64_t n, const WindowRequest& req) {
   w.position[1] = req.start + req.len;
   for (int b = 0; b < 2 && req.len > 0; ++b)
     if (w.position[b] > 0 && w.position[b] < n) w.inner[w.inner_count++] = b;
-  // approx moves cuts by the top-bits histogram (RadixSelect), whatever a bracket would find.
-  w.radix = w.inner_count > 0 && (req.sample_size == 0 || req.approx);
+  w.radix = w.inner_count > 0 && req.sample_size == 0;
   return w;
 }
 

@@ -136,7 +136,7 @@ ChunkPass after_first(ChunkedState& s) {
     return ChunkPass::done;
   }
   if (!s.windowed) return after_select(s);
-  if (s.window.radix) {  // the first pass made the top-bits histogram
+  if (s.window.radix) {  // the first pass made the top-bits histogram (as merge() does)
     s.histogram = std::move(s.first.histogram);
     return start_radix(s);
   }
@@ -155,8 +155,12 @@ ChunkPass after_bracket(ChunkedState& s) {
   Window w{kCutNone, kCutNone, 0};
   const bool hit = resolve_bracket_keys(s.window, s.req, s.found, w);
   for (BracketKeys& f : s.found) std::vector<uint64_t>().swap(f.keys);
-  if (!hit) return ChunkPass::histogram;
-  set_window(s, w);
+  if (!hit && s.first.histogram.empty()) return ChunkPass::histogram;
+  if (!hit) {  // approx: the first pass made the top-bits histogram
+    s.histogram = std::move(s.first.histogram);
+    return start_radix(s);
+  }
+  set_window(s, approx_window(w, s.pair.n, s.first.histogram, s.req));
   return after_select(s);
 }
 
@@ -185,7 +189,7 @@ ChunkedMerge::ChunkedMerge(DType dtype, int64_t rows, int64_t cols, const MergeC
   if (s.windowed) {
     s.window = window_boundaries(s.pair.n, s.req);
     s.sampling = s.window.inner_count > 0 && !s.window.radix && s.req.unique_keys;
-    s.plan.histogram = s.window.radix;
+    s.plan.histogram = s.window.radix || cfg.approx;  // as merge()'s prepare
     if (s.sampling) s.runs = sample_runs(s.pair.n, s.req);
   }
 }

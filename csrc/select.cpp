@@ -168,7 +168,38 @@ std::pair<Cut, int64_t> nearest_edge(int64_t position, int64_t n,
   return {Cut{at.bin << shift, ~uint64_t(0)}, below};
 }
 
+// How far select=approx may move each cut: the tolerance split between the cuts strictly inside
+// the tensor; -1 (no move) in exact mode.
+int64_t approx_slack(int64_t n, const WindowRequest& req) {
+  if (!req.approx) return -1;
+  int inner = 0;
+  for (const int64_t p : {req.start, req.start + req.len}) inner += p > 0 && p < n;
+  return req.tolerance / std::max(inner, 1);
+}
+
+// select=approx's rule for the cut at `position` (contract.approx_cut): the nearer edge of its
+// top-bits bin (the upper one on a tie) when within the slack; false when the cut stays.
+bool move_cut(int64_t position, int64_t n, const std::vector<uint64_t>& top,
+              const WindowRequest& req, Cut& cut, int64_t& edge) {
+  const int64_t slack = approx_slack(n, req);
+  if (slack < 0 || position <= 0 || position >= n) return false;
+  const auto nearest = nearest_edge(position, n, top);
+  if (std::llabs(nearest.second - position) > slack) return false;
+  cut = nearest.first;
+  edge = nearest.second;
+  return true;
+}
+
 }  // namespace
+
+Window approx_window(const Window& exact, int64_t n, const std::vector<uint64_t>& top_histogram,
+                     const WindowRequest& req) {
+  if (!req.approx || req.len == 0) return exact;
+  Cut cuts[2] = {exact.upper, exact.lower};
+  int64_t edge[2] = {req.start, req.start + req.len};
+  for (int q = 0; q < 2; ++q) move_cut(edge[q], n, top_histogram, req, cuts[q], edge[q]);
+  return Window{cuts[0], cuts[1], edge[1] - edge[0]};
+}
 
 // One boundary query per window end, and the jobs of the pass under way.
 struct RadixState {
@@ -182,8 +213,8 @@ struct RadixState {
 };
 
 // The window's cuts from the top-bits histogram: in approx mode each cut moves to the nearer
-// edge of its bin when that is within the cut's share of the tolerance (SPEC "Selection modes",
-// contract.approx_cut); every other cut by radix select, one pass per level.
+// edge of its bin when that is within the cut's share of the tolerance (move_cut); every other
+// cut by radix select, one pass per level.
 RadixSelect::RadixSelect(int64_t n, const std::vector<uint64_t>& top_histogram,
                          const WindowRequest& req)
     : state_(std::make_unique<RadixState>()) {
@@ -194,18 +225,12 @@ RadixSelect::RadixSelect(int64_t n, const std::vector<uint64_t>& top_histogram,
     return;
   }
   const int64_t position[2] = {req.start, req.start + req.len};
-  int inner = 0;
-  for (const int64_t p : position) inner += p > 0 && p < n;
-  const int64_t slack = req.approx ? req.tolerance / std::max(inner, 1) : -1;
   for (int q = 0; q < 2; ++q) {
     s.queries[q] = start_query(position[q], n, top_histogram);
     s.edge[q] = position[q];
-    if (s.queries[q].done || slack < 0) continue;
-    const auto edge = nearest_edge(position[q], n, top_histogram);
-    if (std::llabs(edge.second - position[q]) > slack) continue;
-    s.queries[q].done = true;
-    s.queries[q].cut = edge.first;
-    s.edge[q] = edge.second;
+    if (!s.queries[q].done && move_cut(position[q], n, top_histogram, req, s.queries[q].cut,
+                                       s.edge[q]))
+      s.queries[q].done = true;
   }
   plan_jobs();
 }

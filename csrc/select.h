@@ -20,8 +20,8 @@ struct WindowRequest {
   int64_t start;
   int64_t len;
   uint32_t tensor_seed;
-  // approx: each cut strictly inside the tensor may move to an edge of its top-bits histogram
-  // bin, by at most tolerance / (such cuts) positions (RadixSelect). Approx never brackets.
+  // approx: each cut strictly inside the tensor moves to the nearer edge of its top-bits
+  // histogram bin when that is at most tolerance / (such cuts) positions away (approx_window).
   bool approx;
   int64_t tolerance;
   // Keys sampled to bracket the boundaries: < 0 picks by n, 0 goes straight to the radix select.
@@ -90,6 +90,12 @@ bool resolve_brackets(const WindowPlan& w, const WindowRequest& req, FirstPassRe
 // resolve_brackets for candidates gathered as keys (distinct keys only).
 bool resolve_bracket_keys(const WindowPlan& w, const WindowRequest& req,
                           const BracketKeys (&found)[2], Window& out);
+
+// select=approx (SPEC "Selection modes", contract.approx_cut) applied to the exact window: each
+// cut moves to the nearer edge of its bin of the top-bits histogram (the upper edge on a tie)
+// when within its share of the tolerance. The exact window itself when not approx.
+Window approx_window(const Window& exact, int64_t n, const std::vector<uint64_t>& top_histogram,
+                     const WindowRequest& req);
 
 // The window by radix select alone: a pass for the top-bits histogram, then one per level
 // (select.cpp). For when there are no brackets, or one missed.
