@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import mmap
 import os
 import shutil
 import stat
@@ -38,12 +37,9 @@ from .outputs import (
 )
 from .reader import INDEX_NAME, Checkpoint
 from .safeload import describe_mode
+from .verify import VERIFY_CHUNK_BYTES, stored_checksum
 
 REPORT_NAME = "fusion_report.json"
-#: The most bytes ``--verify`` reads back at a time (less when the memory budget's share is
-#: smaller): its buffer and the pages mapped to fill it both count, and larger reads save nothing
-#: (crc32 keeps up with the page cache).
-VERIFY_CHUNK_BYTES = 16 * 2**20
 # Files of the tuned directory that are weights (ours or another format) and are not copied.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 _WEIGHT_NAMES = (INDEX_NAME, "pytorch_model.bin.index.json", REPORT_NAME)
@@ -132,20 +128,6 @@ def tensor_bytes(tensor: torch.Tensor):
 def checksum(tensor: torch.Tensor) -> int:
     """crc32 of the tensor's bytes, for ``--verify``."""
     return zlib.crc32(tensor_bytes(tensor))
-
-
-def stored_checksum(checkpoint: Checkpoint, name: str, chunk_bytes: int) -> int:
-    """crc32 of a stored tensor's bytes (:func:`checksum` of it), read ``chunk_bytes`` at a time
-    into one buffer, each range's pages released once read: memory stays at one chunk however
-    large the tensor (at least a page: pages are what is released)."""
-    nbytes = checkpoint.info(name).nbytes
-    buffer = np.empty(max(1, min(max(chunk_bytes, mmap.PAGESIZE), nbytes)), dtype=np.uint8)
-    crc = 0
-    for offset in range(0, nbytes, len(buffer)):
-        part = buffer[: min(len(buffer), nbytes - offset)]
-        checkpoint.read_into(name, offset, part)
-        crc = zlib.crc32(part, crc)
-    return crc
 
 
 class _write_errors:
@@ -254,8 +236,8 @@ class CheckpointWriter:
 
         ``extra_files`` (file name → text) are written instead of the copies of that name.
         With ``checksums`` (name → crc32 of the bytes computed), the written files are re-opened
-        and every tensor's name, dtype, shape and checksum checked first, reading
-        at most ``verify_chunk_bytes`` (a share of the memory budget) at a time.
+        and every tensor's name, dtype, shape and checksum checked first, ``verify_chunk_bytes``
+        (a share of the memory budget) at a time.
         """
         unwritten = sorted(n for f in set(self.shards.values()) for n in f.pending)
         if unwritten:
@@ -267,7 +249,7 @@ class CheckpointWriter:
             index = {"metadata": {"total_size": self.plan.nbytes}, "weight_map": weight_map}
             self._write_json(INDEX_NAME, index)
         if checksums is not None:
-            self._verify(checksums, min(verify_chunk_bytes, VERIFY_CHUNK_BYTES))
+            self._verify(checksums, verify_chunk_bytes)
         with _write_errors(self.tmp_dir):
             if copy_from is not None:
                 for path in non_weight_files(copy_from):
