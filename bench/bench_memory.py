@@ -4,8 +4,9 @@ against the machine's I/O floor.
 Generated Llama-layout bf16 pairs (cached in .bench_data/), merged by the CLI with TIES 0.2 on the
 cpp backend at the default ``--memory-budget``; wall time and peak RSS from a wrapper process
 (RUSAGE_CHILDREN). ``FK_BENCH_BEFORE=DIR`` (a checkout of the code to compare with) adds the same
-runs with that code, interleaved. The 32-layer 8B pair needs 32 GB of disk and 48 GB with its
-output: it runs only with ``FK_BENCH_8B=1``. Run:
+runs with that code, interleaved. ``--verify`` on and off side by side (neu-p-ties) shows that
+reading the output back costs time, not memory. The 32-layer 8B pair needs 32 GB of disk and
+48 GB with its output: it runs only with ``FK_BENCH_8B=1``. Run:
 
     python -m pytest bench/bench_memory.py -q -s --benchmark-only
 """
@@ -47,11 +48,11 @@ def _code_versions() -> dict[str, str | None]:
     return versions
 
 
-def _merge(base, tuned, out, code: str | None) -> dict:
+def _merge(base, tuned, out, code: str | None, flags: tuple[str, ...] = FLAGS) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     env = None if code is None else {**os.environ, "PYTHONPATH": code}
     # Run from the other checkout: ``python -m`` puts the working directory first on the path.
-    result = measure(merge_command(base, tuned, out, *FLAGS), env=env, cwd=code)
+    result = measure(merge_command(base, tuned, out, *flags), env=env, cwd=code)
     shutil.rmtree(out, ignore_errors=True)
     return result
 
@@ -98,6 +99,32 @@ def test_peak_rss_is_set_by_the_budget(benchmark, bench_dir, cache):
     benchmark.pedantic(lambda: None, rounds=1)
     assert max(after.values()) <= 1 * GB
     assert ratio <= 1.15
+
+
+VERIFY_FLAGS = ("--method", "neu-p-ties", "--backend", "cpp")
+
+
+@pytest.mark.parametrize("label", ["hidden 4096, vocab 32000", "hidden 4096, vocab 128256"])
+def test_peak_rss_verify_on_off(benchmark, bench_dir, label):
+    """``--verify`` re-reads the output within the same budget: peak RSS with it and without it,
+    side by side (interleaved, warm cache), on pairs whose embeddings stream in chunks."""
+    name, spec = PAIRS[label]
+    base, tuned = cached_pair(name, spec)
+    out = bench_dir / "out-verify"
+    jobs = [
+        (flag or "off", functools.partial(_merge, base, tuned, out, None, VERIFY_FLAGS + flags))
+        for flag, flags in (("", ()), ("on", ("--verify",)))
+    ]
+    peaks = {}
+    print()
+    for version, results in _interleaved(jobs, _rounds()).items():
+        peaks[version] = max(r["peak_rss"] for r in results)
+        seconds = statistics.median(r["seconds"] for r in results)
+        peak = peaks[version] / GB
+        print(f"{label:26s} verify {version:3s} peak RSS {peak:.3f} GB, {seconds:.1f} s")
+    benchmark.extra_info.update({f"verify {k}": v / GB for k, v in peaks.items()})
+    benchmark.pedantic(lambda: None, rounds=1)
+    assert peaks["on"] <= 1.1 * peaks["off"]
 
 
 def _cpu_times() -> list[int]:

@@ -190,16 +190,14 @@ void add_window_work(const WindowPlan& w, const WindowRequest& req, FirstPassPla
 
 namespace {
 
-// The cut at the candidate of the given rank (SPEC order), or a histogram-bin edge within
-// tolerance of it (approx, tolerance >= 0), and how many candidates it holds. Works on a copy:
-// the fused route sweeps the list afterwards in the index order the first pass made it in.
-RankCut cut_in(const std::vector<Candidate>& found, int64_t rank, int64_t tolerance,
-               bool unique_keys) {
-  if (unique_keys || tolerance >= 0) {  // bin edges are key thresholds, exact with ties too
+// The cut at the candidate of the given rank (SPEC order) and how many candidates it holds.
+// Works on a copy: the fused route sweeps the list afterwards in the index order the first
+// pass made it in.
+RankCut cut_in(const std::vector<Candidate>& found, int64_t rank, bool unique_keys) {
+  if (unique_keys) {
     std::vector<uint64_t> keys(found.size());
     for (size_t j = 0; j < found.size(); ++j) keys[j] = found[j].key;
-    const RankCut cut = cut_at_rank(std::move(keys), rank, tolerance);
-    if (unique_keys || cut.cut.index != 0) return cut;
+    return cut_at_rank(std::move(keys), rank);
   }
   // Equal keys (2^32 entries or more): the index breaks the tie.
   std::vector<Candidate> copy(found);
@@ -211,9 +209,9 @@ RankCut cut_in(const std::vector<Candidate>& found, int64_t rank, int64_t tolera
 
 namespace {
 
-// The window's cuts from each bracket's count above it and `cut_at(c, rank, tolerance)`, the
-// cut at a rank among bracket c's candidates (the same rule whether the candidates were
-// gathered whole or chunk by chunk). False when a bracket missed.
+// The window's exact cuts from each bracket's count above it and `cut_at(c, rank)`, the cut at
+// a rank among bracket c's candidates (the same rule whether the candidates were gathered whole
+// or chunk by chunk). False when a bracket missed.
 template <class CutAt>
 bool resolve_with(const WindowPlan& w, const WindowRequest& req, const int64_t* above,
                   const int64_t* candidates, const bool* overflow, CutAt&& cut_at, Window& out) {
@@ -231,14 +229,12 @@ bool resolve_with(const WindowPlan& w, const WindowRequest& req, const int64_t* 
     const int b = w.boundary_of[c];
     const int64_t position = w.position[b];
     if (overflow[c] || position < above[c] || position >= above[c] + candidates[c]) return false;
-    // approx splits the tolerance between the brackets, so the kept count stays within it.
-    const int64_t tolerance = req.approx ? req.tolerance / w.brackets : -1;
-    const RankCut cut = cut_at(c, position - above[c], tolerance);
+    const RankCut cut = cut_at(c, position - above[c]);
     cuts[b] = cut.cut;
     edge[b] = above[c] + cut.count;
   }
   const int64_t kept = edge[1] - edge[0];
-  if (std::llabs(kept - req.len) > req.tolerance) return false;
+  if (kept != req.len) return false;
   out = Window{cuts[0], cuts[1], kept};
   return true;
 }
@@ -254,8 +250,8 @@ bool resolve_brackets(const WindowPlan& w, const WindowRequest& req, FirstPassRe
     candidates[c] = int64_t(first.bracket[c].found.size());
     overflow[c] = first.bracket[c].overflow;
   }
-  auto cut_at = [&](int c, int64_t rank, int64_t tolerance) {
-    return cut_in(first.bracket[c].found, rank, tolerance, req.unique_keys);
+  auto cut_at = [&](int c, int64_t rank) {
+    return cut_in(first.bracket[c].found, rank, req.unique_keys);
   };
   return resolve_with(w, req, above, candidates, overflow, cut_at, out);
 }
@@ -269,8 +265,8 @@ bool resolve_bracket_keys(const WindowPlan& w, const WindowRequest& req,
     candidates[c] = int64_t(found[c].keys.size());
     overflow[c] = found[c].overflow;
   }
-  auto cut_at = [&](int c, int64_t rank, int64_t tolerance) {
-    return cut_at_rank(found[c].keys, rank, tolerance);
+  auto cut_at = [&](int c, int64_t rank) {
+    return cut_at_rank(found[c].keys, rank);
   };
   return resolve_with(w, req, above, candidates, overflow, cut_at, out);
 }

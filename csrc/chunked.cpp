@@ -50,6 +50,9 @@ void accumulate(FirstPassResult& total, const FirstPassResult& part) {
   total.kept_abs += part.kept_abs;
   if (total.change.size() < part.change.size()) total.change.resize(part.change.size(), 0.0);
   for (size_t j = 0; j < part.change.size(); ++j) total.change[j] += part.change[j];
+  if (total.histogram.size() < part.histogram.size())
+    total.histogram.resize(part.histogram.size(), 0);
+  for (size_t b = 0; b < part.histogram.size(); ++b) total.histogram[b] += part.histogram[b];
 }
 
 // The bracket pass over one chunk: the first pass's bracket loop (entries with order key above
@@ -133,7 +136,11 @@ ChunkPass after_first(ChunkedState& s) {
     return ChunkPass::done;
   }
   if (!s.windowed) return after_select(s);
-  if (s.window.radix || !s.req.unique_keys) return ChunkPass::histogram;
+  if (s.window.radix) {  // the first pass made the top-bits histogram (as merge() does)
+    s.histogram = std::move(s.first.histogram);
+    return start_radix(s);
+  }
+  if (!s.req.unique_keys) return ChunkPass::histogram;
   if (s.sampling) {
     bracket_window(s.window, s.pair.n, std::move(s.sample));
     return ChunkPass::bracket;
@@ -148,8 +155,12 @@ ChunkPass after_bracket(ChunkedState& s) {
   Window w{kCutNone, kCutNone, 0};
   const bool hit = resolve_bracket_keys(s.window, s.req, s.found, w);
   for (BracketKeys& f : s.found) std::vector<uint64_t>().swap(f.keys);
-  if (!hit) return ChunkPass::histogram;
-  set_window(s, w);
+  if (!hit && s.first.histogram.empty()) return ChunkPass::histogram;
+  if (!hit) {  // approx: the first pass made the top-bits histogram
+    s.histogram = std::move(s.first.histogram);
+    return start_radix(s);
+  }
+  set_window(s, approx_window(w, s.pair.n, s.first.histogram, s.req));
   return after_select(s);
 }
 
@@ -178,6 +189,7 @@ ChunkedMerge::ChunkedMerge(DType dtype, int64_t rows, int64_t cols, const MergeC
   if (s.windowed) {
     s.window = window_boundaries(s.pair.n, s.req);
     s.sampling = s.window.inner_count > 0 && !s.window.radix && s.req.unique_keys;
+    s.plan.histogram = s.window.radix || cfg.approx;  // as merge()'s prepare
     if (s.sampling) s.runs = sample_runs(s.pair.n, s.req);
   }
 }

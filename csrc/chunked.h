@@ -6,9 +6,10 @@
 //
 // Passes, each over the whole tensor:
 //   first      Δ's finiteness, C(j), Σ|Δ|, random's and della's kept sums, and the sample of
-//              order keys that brackets the window (the sample merge() draws)
+//              order keys that brackets the window (the sample merge() draws) and, when
+//              sampling is off or select=approx, the radix select's top-bits histogram
 //   bracket    magnitude/breadcrumbs: the count above each bracket and the keys inside it
-//   histogram  \ the radix select, only when a bracket missed (or sampling is off):
+//   histogram  \ the radix select, when a bracket missed (or keys tie, past 2^32 entries):
 //   radix      / a top-bits histogram, then one pass per level (select.h)
 //   kept       C'(j), restore=rescale only
 //   write      out = cast(f32(base) + Δ') of the chunk

@@ -186,9 +186,12 @@ void prepare(MergeRun& run) {
   if (run.windowed) {
     run.window = plan_window(run.work, run.window_req);
     add_window_work(run.window, run.window_req, plan);
+    // The top-bits histogram (the radix select's first level, approx's bins) in the first pass.
+    plan.histogram = run.window.radix || cfg.approx;
   }
   const MaskKind kind = run.mask.kind;
-  const bool known = run.windowed ? run.window.brackets > 0 && !run.window.radix
+  // Approx may move a cut past the bracket's candidates, which the fused route fixes up.
+  const bool known = run.windowed ? run.window.brackets > 0 && !run.window.radix && !cfg.approx
                                   : kind == MaskKind::all || (kind == MaskKind::random && !run.l1);
   // Restored columns are spread over every row, so rewriting them costs a whole write pass:
   // then a first pass that does not write is the cheaper start.
@@ -208,9 +211,15 @@ void suppress(MergeRun& run) {
   double kept_abs = run.first.kept_abs;
   if (run.windowed) {
     Window w{kCutNone, kCutNone, 0};
-    if (run.window.radix || !resolve_brackets(run.window, run.window_req, run.first, w)) {
+    const std::vector<uint64_t>& top = run.first.histogram;
+    if (run.window.radix) {
+      w = radix_window(run.work, top, run.window_req);
+    } else if (!resolve_brackets(run.window, run.window_req, run.first, w)) {
       run.fused = false;  // what the first pass wrote is overwritten by a full write pass
-      w = radix_window(run.work, run.window_req);
+      w = top.empty() ? radix_window(run.work, run.window_req)
+                      : radix_window(run.work, top, run.window_req);
+    } else {
+      w = approx_window(w, run.work.n, top, run.window_req);
     }
     run.mask.upper = w.upper;
     run.mask.lower = w.lower;

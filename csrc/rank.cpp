@@ -1,8 +1,7 @@
 // Radix select over 64-bit keys: histogram the top 16 bits of (key − min) over the keys still in
 // play, keep the bin holding the rank, repeat; nth_element finishes once few are left. A few
 // linear passes instead of nth_element's partitioning, which matters at the half million
-// candidates of a large tensor. The bin edges met on the way are exact cuts with known counts,
-// which is what select=approx stops at.
+// candidates of a large tensor.
 #include "rank.h"
 
 #include <algorithm>
@@ -19,8 +18,7 @@ struct Level {
   uint64_t lo;
   int shift;
   size_t bin;
-  int64_t over;     // keys in higher bins
-  int64_t in_bin;   // keys in the bin
+  int64_t over;  // keys in higher bins
 };
 
 bool narrow(std::vector<uint64_t>& keys, int64_t& rank, std::vector<uint32_t>& hist, Level& level) {
@@ -40,7 +38,7 @@ bool narrow(std::vector<uint64_t>& keys, int64_t& rank, std::vector<uint32_t>& h
     rank -= hist[bin];
     over += hist[bin];
   }
-  level = Level{lo, shift, bin, over, int64_t(hist[bin])};
+  level = Level{lo, shift, bin, over};
   return true;
 }
 
@@ -63,20 +61,12 @@ uint64_t key_at_rank(std::vector<uint64_t> keys, int64_t rank) {
   return keys[size_t(rank)];
 }
 
-RankCut cut_at_rank(std::vector<uint64_t> keys, int64_t rank, int64_t tolerance) {
+RankCut cut_at_rank(std::vector<uint64_t> keys, int64_t rank) {
   std::vector<uint32_t> hist;
   Level level;
   int64_t above = 0;  // keys above those still in play
   while (keys.size() > kFinish && narrow(keys, rank, hist, level)) {
     above += level.over;
-    if (tolerance >= 0) {
-      // The bin's edges: keys from its top (`above` of them) or from its bottom.
-      const uint64_t top = level.lo + ((uint64_t(level.bin) + 1) << level.shift);
-      const uint64_t bottom = level.lo + (uint64_t(level.bin) << level.shift);
-      if (rank <= tolerance) return {Cut{top, ~uint64_t(0)}, above};
-      if (level.in_bin - rank <= tolerance)
-        return {Cut{bottom, ~uint64_t(0)}, above + level.in_bin};
-    }
     keep_bin(keys, level);
   }
   std::nth_element(keys.begin(), keys.begin() + rank, keys.end(), std::greater<uint64_t>());

@@ -17,9 +17,8 @@ struct RankCut {
   int64_t count;
 };
 
-// The cut holding exactly the `rank` largest keys, or, when tolerance >= 0, the first radix-
-// histogram bin edge whose count is within tolerance of rank (select=approx). Keys must be
-// distinct for the exact cut to hold exactly `rank` (order keys are, below 2^32 entries).
-RankCut cut_at_rank(std::vector<uint64_t> keys, int64_t rank, int64_t tolerance);
+// The cut holding exactly the `rank` largest keys. Keys must be distinct for it to hold exactly
+// `rank` (order keys are, below 2^32 entries).
+RankCut cut_at_rank(std::vector<uint64_t> keys, int64_t rank);
 
 }  // namespace fk

@@ -168,7 +168,38 @@ std::pair<Cut, int64_t> nearest_edge(int64_t position, int64_t n,
   return {Cut{at.bin << shift, ~uint64_t(0)}, below};
 }
 
+// How far select=approx may move each cut: the tolerance split between the cuts strictly inside
+// the tensor; -1 (no move) in exact mode.
+int64_t approx_slack(int64_t n, const WindowRequest& req) {
+  if (!req.approx) return -1;
+  int inner = 0;
+  for (const int64_t p : {req.start, req.start + req.len}) inner += p > 0 && p < n;
+  return req.tolerance / std::max(inner, 1);
+}
+
+// select=approx's rule for the cut at `position` (contract.approx_cut): the nearer edge of its
+// top-bits bin (the upper one on a tie) when within the slack; false when the cut stays.
+bool move_cut(int64_t position, int64_t n, const std::vector<uint64_t>& top,
+              const WindowRequest& req, Cut& cut, int64_t& edge) {
+  const int64_t slack = approx_slack(n, req);
+  if (slack < 0 || position <= 0 || position >= n) return false;
+  const auto nearest = nearest_edge(position, n, top);
+  if (std::llabs(nearest.second - position) > slack) return false;
+  cut = nearest.first;
+  edge = nearest.second;
+  return true;
+}
+
 }  // namespace
+
+Window approx_window(const Window& exact, int64_t n, const std::vector<uint64_t>& top_histogram,
+                     const WindowRequest& req) {
+  if (!req.approx || req.len == 0) return exact;
+  Cut cuts[2] = {exact.upper, exact.lower};
+  int64_t edge[2] = {req.start, req.start + req.len};
+  for (int q = 0; q < 2; ++q) move_cut(edge[q], n, top_histogram, req, cuts[q], edge[q]);
+  return Window{cuts[0], cuts[1], edge[1] - edge[0]};
+}
 
 // One boundary query per window end, and the jobs of the pass under way.
 struct RadixState {
@@ -176,35 +207,31 @@ struct RadixState {
   Query queries[2];
   std::vector<Job> jobs;
   int job_of[2] = {-1, -1};
+  int64_t edge[2] = {0, 0};  // the SPEC position each cut lands on
   Window result{kCutNone, kCutNone, 0};
   bool done = false;
 };
 
-// The window's cuts from the top-bits histogram: bin edges in approx mode when one is close
-// enough, else radix select, one pass per level.
+// The window's cuts from the top-bits histogram: in approx mode each cut moves to the nearer
+// edge of its bin when that is within the cut's share of the tolerance (move_cut); every other
+// cut by radix select, one pass per level.
 RadixSelect::RadixSelect(int64_t n, const std::vector<uint64_t>& top_histogram,
                          const WindowRequest& req)
     : state_(std::make_unique<RadixState>()) {
   RadixState& s = *state_;
   s.req = req;
-  const int64_t first = req.start;
-  const int64_t end = req.start + req.len;
   if (req.len == 0) {
     s.done = true;
     return;
   }
-  if (req.approx) {
-    const auto upper = nearest_edge(first, n, top_histogram);
-    const auto lower = nearest_edge(end, n, top_histogram);
-    const int64_t kept = lower.second - upper.second;
-    if (std::llabs(kept - req.len) <= req.tolerance) {
-      s.result = Window{upper.first, lower.first, kept};
-      s.done = true;
-      return;
-    }
+  const int64_t position[2] = {req.start, req.start + req.len};
+  for (int q = 0; q < 2; ++q) {
+    s.queries[q] = start_query(position[q], n, top_histogram);
+    s.edge[q] = position[q];
+    if (!s.queries[q].done && move_cut(position[q], n, top_histogram, req, s.queries[q].cut,
+                                       s.edge[q]))
+      s.queries[q].done = true;
   }
-  s.queries[0] = start_query(first, n, top_histogram);
-  s.queries[1] = start_query(end, n, top_histogram);
   plan_jobs();
 }
 
@@ -218,7 +245,7 @@ Window RadixSelect::window() const { return state_->result; }
 void RadixSelect::plan_jobs() {
   RadixState& s = *state_;
   if (s.queries[0].done && s.queries[1].done) {
-    s.result = Window{s.queries[0].cut, s.queries[1].cut, s.req.len};
+    s.result = Window{s.queries[0].cut, s.queries[1].cut, s.edge[1] - s.edge[0]};
     s.done = true;
     return;
   }
@@ -269,6 +296,11 @@ Window radix_window(const Pair& p, const WindowRequest& req) {
   plan.histogram = true;
   const FirstPassResult top = run_first_pass(p, plan, req.threads);
   return select_levels(p, top.histogram, req);
+}
+
+Window radix_window(const Pair& p, const std::vector<uint64_t>& top_histogram,
+                    const WindowRequest& req) {
+  return select_levels(p, top_histogram, req);
 }
 
 }  // namespace fk

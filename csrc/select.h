@@ -20,7 +20,8 @@ struct WindowRequest {
   int64_t start;
   int64_t len;
   uint32_t tensor_seed;
-  // approx: cuts may sit at bucket edges when that keeps within `tolerance` of len.
+  // approx: each cut strictly inside the tensor moves to the nearer edge of its top-bits
+  // histogram bin when that is at most tolerance / (such cuts) positions away (approx_window).
   bool approx;
   int64_t tolerance;
   // Keys sampled to bracket the boundaries: < 0 picks by n, 0 goes straight to the radix select.
@@ -81,8 +82,8 @@ struct BracketKeys {
 // Adds the brackets' counting and collecting to the first pass.
 void add_window_work(const WindowPlan& w, const WindowRequest& req, FirstPassPlan& plan);
 
-// The cuts from the first pass's bracket results: radix select among the candidates, stopping
-// at a histogram-bin edge in approx mode (bracket.cpp). False when a bracket missed.
+// The exact cuts from the first pass's bracket results: radix select among the candidates
+// (bracket.cpp). False when a bracket missed.
 bool resolve_brackets(const WindowPlan& w, const WindowRequest& req, FirstPassResult& first,
                       Window& out);
 
@@ -90,9 +91,18 @@ bool resolve_brackets(const WindowPlan& w, const WindowRequest& req, FirstPassRe
 bool resolve_bracket_keys(const WindowPlan& w, const WindowRequest& req,
                           const BracketKeys (&found)[2], Window& out);
 
+// select=approx (SPEC "Selection modes", contract.approx_cut) applied to the exact window: each
+// cut moves to the nearer edge of its bin of the top-bits histogram (the upper edge on a tie)
+// when within its share of the tolerance. The exact window itself when not approx.
+Window approx_window(const Window& exact, int64_t n, const std::vector<uint64_t>& top_histogram,
+                     const WindowRequest& req);
+
 // The window by radix select alone: a pass for the top-bits histogram, then one per level
 // (select.cpp). For when there are no brackets, or one missed.
 Window radix_window(const Pair& p, const WindowRequest& req);
+// The same from a top-bits histogram the first pass already made.
+Window radix_window(const Pair& p, const std::vector<uint64_t>& top_histogram,
+                    const WindowRequest& req);
 
 struct RadixState;
 

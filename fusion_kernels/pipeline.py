@@ -35,11 +35,18 @@ from .modelcard import CARD_NAME, model_card
 from .neurons import NeuronRules
 from .ops import TensorStats, merge_tensor, requested_backend, select_backend
 from .ops.cpp import ChunkedMergeCpp
+from .ops.known_answer import check_device
 from .params import MergeParams, TensorParams
 from .plan.layermap import layer_map_for
 from .plan.namemap import detect, layer_prefix, user_map
 from .plan.planner import MergePlan, TensorTask, build_plan
-from .streaming.chunks import DEFAULT_MEMORY_BUDGET, Budget, merge_task_in_chunks, row_origin
+from .streaming.chunks import (
+    BUFFERS_IN_FLIGHT,
+    DEFAULT_MEMORY_BUDGET,
+    Budget,
+    merge_task_in_chunks,
+    row_origin,
+)
 from .streaming.transfer import HostTransport, make_transport, parse_device
 from .version import __version__
 
@@ -140,6 +147,7 @@ def merge_checkpoints(
         log.warning("tensor %r is only in base (%s); it is not in the output", name, base_ckpt.path)
     for name in plan.structure.unpaired_tuned:
         log.warning("tensor %r has no base counterpart; it is copied from tuned", name)
+    device_check = check_device(torch_device, backend, params.default)  # before any tensor
     started = time.perf_counter()
     with CheckpointWriter(out_dir, plan, overwrite=overwrite) as writer:
         checksums: dict[str, int] | None = {} if verify else None
@@ -157,12 +165,14 @@ def merge_checkpoints(
         report["memory_budget"] = budget.nbytes
         report["max_shard_size"] = max_shard_size
         report["verified"] = verify
+        report["device_check"] = device_check
         card = _card(report, out_dir, tuned_ckpt) if model_card else None
         writer.commit(
             tuned_ckpt.directory if tuned_ckpt.path.is_dir() else None,
             report,
             checksums,
             extra_files={CARD_NAME: card} if card else None,
+            verify_chunk_bytes=budget.nbytes // BUFFERS_IN_FLIGHT,
         )
     return report
 

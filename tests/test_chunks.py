@@ -245,3 +245,44 @@ def test_return_freed_memory_promptly_gives_freed_blocks_back():
 
     assert returned("prompt") >= 4 * 2**20
     assert returned("default") < 2**20  # it stays in the heap
+
+
+def test_verify_reads_back_within_the_budget(tmp_path, monkeypatch):
+    # --verify re-reads a 1 MiB tensor under a 192 KiB budget: a chunk (a sixth) at a time,
+    # never the whole tensor, so it costs time, not memory.
+    from fusion_kernels.io import writer
+    from fusion_kernels.io.reader import Checkpoint
+
+    held: list[int] = []
+
+    class Spy(Checkpoint):
+        def read(self, name):
+            held.append(self.info(name).nbytes)
+            return super().read(name)
+
+        def view(self, name, populate=True):
+            held.append(self.info(name).nbytes)
+            return super().view(name, populate)
+
+        def read_into(self, name, offset, out):
+            held.append(len(out))
+            super().read_into(name, offset, out)
+
+    monkeypatch.setattr(writer, "Checkpoint", Spy)
+    gen = torch.Generator().manual_seed(5)
+    base = {
+        "model.embed_tokens.weight": torch.randn(512, 1024, generator=gen).bfloat16(),
+        "model.layers.0.mlp.up_proj.weight": torch.randn(64, 32, generator=gen).bfloat16(),
+    }
+    tuned = {
+        k: (v.float() + 0.01 * torch.randn(v.shape, generator=gen)).bfloat16()
+        for k, v in base.items()
+    }
+    b, t = write_single(tmp_path / "base", base), write_single(tmp_path / "tuned", tuned)
+    budget = BUFFERS_IN_FLIGHT * 32 * 2**10
+    report = _merge(
+        b, t, tmp_path / "o", params_for("neu-p-ties"), backend="cpp", memory_budget=budget,
+        verify=True,
+    )  # fmt: skip
+    assert report["verified"] and sum(held) == 512 * 1024 * 2 + 64 * 32 * 2
+    assert max(held) <= budget // BUFFERS_IN_FLIGHT

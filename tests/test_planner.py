@@ -99,3 +99,15 @@ def test_name_map_pairs_renamed_tensors(tmp_path):
     )
     task = plan.tasks["language_model.model.layers.0.mlp.up_proj.weight"]
     assert task.base.name == "model.layers.0.mlp.up_proj.weight" and task.axis == "row"
+
+
+def test_a_tie_mismatch_is_named_not_called_another_architecture(tmp_path):
+    # Base keeps lm_head as its own tensor; tuned ties it to the embeddings, so stores none.
+    tuned = {k: v for k, v in BASE.items() if k != "only_in_base"}
+    base = {**tuned, "lm_head.weight": torch.zeros(10, 4)}
+    with pytest.raises(PlanError) as info:
+        build_plan(checkpoint(tmp_path / "b", base), checkpoint(tmp_path / "t", tuned))
+    message = str(info.value)
+    assert "'lm_head.weight'" in message and "a base of another architecture" not in message
+    assert "tie_word_embeddings is false in base" in message and "true in tuned" in message
+    assert "tie_word_embeddings false so that its lm_head is written" in message

@@ -39,6 +39,7 @@ from .outputs import (
 )
 from .reader import INDEX_NAME, Checkpoint
 from .safeload import describe_mode
+from .verify import VERIFY_CHUNK_BYTES, stored_checksum
 
 REPORT_NAME = "fusion_report.json"
 #: What an output holding REPORT_NAME is called in messages.
@@ -233,12 +234,14 @@ class CheckpointWriter:
         report: dict[str, Any],
         checksums: dict[str, int] | None = None,
         extra_files: dict[str, str] | None = None,
+        verify_chunk_bytes: int = VERIFY_CHUNK_BYTES,
     ) -> Path:
         """Close shards, write the index, copied files and report, then rename into place.
 
         ``extra_files`` (file name → text) are written instead of the copies of that name.
         With ``checksums`` (name → crc32 of the bytes computed), the written files are re-opened
-        and every tensor's name, dtype, shape and checksum checked first.
+        and every tensor's name, dtype, shape and checksum checked first, ``verify_chunk_bytes``
+        (a share of the memory budget) at a time.
         """
         unwritten = sorted(n for f in set(self.shards.values()) for n in f.pending)
         if unwritten:
@@ -252,7 +255,7 @@ class CheckpointWriter:
             index = {"metadata": {"total_size": self.plan.nbytes}, "weight_map": weight_map}
             self._write_json(INDEX_NAME, index)
         if checksums is not None:
-            self._verify(checksums)
+            self._verify(checksums, verify_chunk_bytes)
         with _write_errors(self.tmp_dir):
             if copy_from is not None:
                 for path in non_weight_files(copy_from):
@@ -264,7 +267,7 @@ class CheckpointWriter:
             self._rename_into_place()
         return self.out_dir
 
-    def _verify(self, checksums: dict[str, int]) -> None:
+    def _verify(self, checksums: dict[str, int], chunk_bytes: int) -> None:
         written = Checkpoint(self.tmp_dir)
         try:
             if set(written.tensors) != set(self.plan.tasks):
@@ -277,7 +280,7 @@ class CheckpointWriter:
                         f"--verify: {info.file}: tensor {name!r} is {info.dtype} "
                         f"{list(info.shape)}, expected {task.tuned.dtype} {list(task.tuned.shape)}"
                     )
-                if checksum(written.read(name)) != checksums[name]:
+                if stored_checksum(written, name, chunk_bytes) != checksums[name]:
                     raise CheckpointError(
                         f"--verify: {info.file}: tensor {name!r} reads back with other bytes "
                         "than were computed"

@@ -17,6 +17,9 @@ from ..params import MergeParams
 L1_EPS = 1e-7
 #: SPEC "Selection modes": approx keeps within 0.1 % of n of the exact count.
 APPROX_TOLERANCE = 1e-3
+#: SPEC "Selection modes": approx bins entries by the top 16 of the 31 float32 bits of |Δ|.
+APPROX_BIN_SHIFT = 15
+APPROX_BINS = 1 << 16
 
 
 @dataclass
@@ -97,6 +100,24 @@ def l1_scale(total_abs: float, kept_abs: float) -> float:
     return total_abs / kept_abs
 
 
+def approx_cut(position: int, n: int, slack: int, histogram) -> int:
+    """SPEC "Selection modes": the SPEC position where select=approx places a cut at ``position``.
+
+    ``histogram[b]`` counts the entries whose |Δ| float32 bits, shifted right by
+    :data:`APPROX_BIN_SHIFT`, equal b. The bin holding ``position`` starts at the number of
+    entries in the bins above it and ends ``histogram[b]`` later; the cut moves to the nearer of
+    the two edges (the start on a tie) when that is at most ``slack`` positions away, and stays
+    at ``position`` otherwise. Integer counts only, so every backend lands on the same edge.
+    """
+    if position <= 0 or position >= n:
+        return position
+    edges = np.concatenate(([0], np.cumsum(np.asarray(histogram, dtype=np.int64)[::-1])))
+    bin_ = int(np.searchsorted(edges, position, side="right")) - 1
+    start, end = int(edges[bin_]), int(edges[bin_ + 1])
+    edge = start if position - start <= end - position else end
+    return edge if abs(edge - position) <= slack else position
+
+
 @dataclass(frozen=True)
 class TensorPlan:
     """Everything SPEC fixes about one tensor's merge before its entries are read.
@@ -131,6 +152,11 @@ class TensorPlan:
     def active_cuts(self) -> int:
         """How many cuts need a selection: those strictly inside the order."""
         return sum(0 < cut < self.n for cut in self.window_cuts)
+
+    @property
+    def cut_slack(self) -> int:
+        """select=approx: how far each cut may move (the slack split between the active cuts)."""
+        return self.approx_slack // max(1, self.active_cuts)
 
 
 def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -171,12 +197,15 @@ def plan_tensor(
 
 
 __all__ = [
+    "APPROX_BINS",
+    "APPROX_BIN_SHIFT",
     "APPROX_TOLERANCE",
     "L1_EPS",
     "TWO_POW_M32",
     "KernelStats",
     "MultiKernelStats",
     "TensorPlan",
+    "approx_cut",
     "count",
     "della_probability",
     "inverse_scale_random",

@@ -13,12 +13,16 @@ from ..errors import NonFiniteDeltaError
 from ..hashing import STREAM_DROP, STREAM_TIE, TWO_POW_M32, entry_hash, model_tensor_seed
 from ..params import MergeParams
 from .contract import (
+    APPROX_BIN_SHIFT,
+    APPROX_BINS,
     KernelStats,
+    approx_cut,
     della_probability,
     inverse_scale_random,
     l1_scale,
     magnitude_window,
     neuron_count,
+    plan_tensor,
 )
 
 
@@ -54,6 +58,10 @@ def suppress(
 
     if method in ("magnitude", "breadcrumbs"):
         start, k = magnitude_window(params, n)
+        if params.select == "approx" and k > 0:
+            start, k = approx_window(
+                abs_flat, start, k, plan_tensor(params, delta.shape, "none", name)
+            )
         order = spec_order(order_keys(abs_flat, entry_hash(index, seed_of_tensor, STREAM_TIE)))
         keep = torch.zeros(n, dtype=torch.bool, device=delta.device)
         keep[order[start : start + k]] = True
@@ -79,6 +87,16 @@ def suppress(
 
     sub = torch.where(keep, flat * scale, torch.zeros_like(flat))
     return sub.view_as(delta), KernelStats(kept=int(keep.sum()), l1_scale=l1)
+
+
+def approx_window(abs_flat: torch.Tensor, start: int, k: int, plan) -> tuple[int, int]:
+    """select=approx: the window ``[start, start + k)`` with each cut moved per
+    :func:`~fusion_kernels.ops.contract.approx_cut`, as ``(start, length)``."""
+    n = abs_flat.numel()
+    bins = (abs_flat.contiguous().view(torch.int32) >> APPROX_BIN_SHIFT).to(torch.int64)
+    histogram = torch.bincount(bins, minlength=APPROX_BINS).cpu().numpy()
+    first = approx_cut(start, n, plan.cut_slack, histogram)
+    return first, approx_cut(start + k, n, plan.cut_slack, histogram) - first
 
 
 def _della_probabilities(abs_flat, index, seed_of_tensor, params, shape) -> torch.Tensor:

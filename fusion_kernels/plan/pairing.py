@@ -140,6 +140,13 @@ def _likely_cause(base: Checkpoint, pairs, layer_map: LayerMap, structure: Struc
             f"the wrong base ({paired} of its {len(base.tensors)} tensors pair with tuned's "
             "language model)"
         )
+    if _untied_base_of_tied_tuned(structure, pairs):
+        return (
+            "a tie mismatch, not another architecture (tie_word_embeddings is false in base, "
+            "which stores its own lm_head.weight, and true in tuned, whose lm_head is the "
+            "embedding and is not stored; use the base tuned started from, or save tuned with "
+            "tie_word_embeddings false so that its lm_head is written)"
+        )
     base_layers, base_parts = _layers(base.names(), (layer_map.prefix,))
     tuned_names = [n for n in pairs if n not in structure.new]
     tuned_layers, tuned_parts = _layers(tuned_names, structure.language_model)
@@ -177,6 +184,16 @@ def _unmapped(pairs, unpaired_base: list[str]) -> tuple[str, str] | None:
             if tuned_name.endswith("." + base_name):
                 return tuned_name, base_name
     return None
+
+
+def _untied_base_of_tied_tuned(structure: Structure, pairs) -> bool:
+    """Base's lm_head is the only unpaired tensor and tuned has no lm_head of its own."""
+    heads = [n for n in structure.unpaired_base if n.endswith("lm_head.weight")]
+    return (
+        len(heads) == len(structure.unpaired_base) == 1
+        and not structure.unpaired_tuned
+        and not any(n.endswith("lm_head.weight") for n in pairs)
+    )
 
 
 def _count(items, noun: str) -> str:

@@ -27,7 +27,7 @@ import torch
 
 from ...errors import NonFiniteDeltaError
 from ...params import MergeParams
-from ..contract import L1_EPS, KernelStats, TensorPlan, plan_tensor
+from ..contract import APPROX_BIN_SHIFT, L1_EPS, KernelStats, TensorPlan, plan_tensor
 from ..reference import change_scores_reference, merge_reference
 from . import kernels
 from . import select as selection
@@ -215,14 +215,13 @@ def _sums(job: _Job, neuron_axis: int, *, sub=False, hist=False, totals=0) -> _S
 def _select_window(job: _Job, top_hist: torch.Tensor) -> None:
     """Resolve the window's cuts on the device (radix select over the key's digits)."""
     n, dev, block = job.n, job.state.device, job.tuning.flat_block
-    slack = job.plan.approx_slack // job.plan.active_cuts  # approx splits it between the cuts
     cap = min(n, max(job.tuning.candidates_min, n // job.tuning.candidates_div))
     candidates = torch.empty(2, max(cap, 1), dtype=torch.int64, device=dev)
     hist = torch.zeros(len(LEVELS) - 1, 2, 1 << 13, dtype=torch.int64, device=dev)
     shift, width = LEVELS[0]
     job.launch(
-        selection._scan_kernel, (2,), job.state, top_hist, slack, cap,
-        NB=1 << width, WIDTH=width, SHIFT=shift, SHARED=True,
+        selection._scan_kernel, (2,), job.state, top_hist, 0, cap,
+        NB=1 << width, WIDTH=width, SHIFT=shift, SHARED=True, EDGE_BITS=0,
     )  # fmt: skip
     for level, (shift, width) in enumerate(LEVELS[1:], 1):
         job.launch(
@@ -231,9 +230,10 @@ def _select_window(job: _Job, top_hist: torch.Tensor) -> None:
             **job.kinds, BLOCK=block, NB=1 << width, SHIFT_PREV=LEVELS[level - 1][0],
             SHIFT=shift, FIRST=level == 1,
         )  # fmt: skip
+        edge_bits = _approx_edge_bits(job.params, shift, width)
         job.launch(
-            selection._scan_kernel, (2,), job.state, hist[level - 1], slack, cap,
-            NB=1 << width, WIDTH=width, SHIFT=shift, SHARED=False,
+            selection._scan_kernel, (2,), job.state, hist[level - 1], job.plan.cut_slack, cap,
+            NB=1 << width, WIDTH=width, SHIFT=shift, SHARED=False, EDGE_BITS=edge_bits,
         )  # fmt: skip
     blocks = _cdiv(n, block)
     counts = torch.empty(2, blocks, dtype=torch.int64, device=dev)
@@ -246,6 +246,15 @@ def _select_window(job: _Job, top_hist: torch.Tensor) -> None:
         job.base, job.tuned, n, job.seed, job.state, counts, blocks,
         **job.kinds, BLOCK=block, SCAN=1024,
     )  # fmt: skip
+
+
+def _approx_edge_bits(params: MergeParams, shift: int, width: int) -> int:
+    """The digit bits below the approx bins' edges at the level whose digit spans them, else 0.
+
+    Approx bins are |Δ| bits >> APPROX_BIN_SHIFT, the order key >> (32 + APPROX_BIN_SHIFT).
+    """
+    edge = 32 + APPROX_BIN_SHIFT
+    return edge - shift if params.select == "approx" and shift < edge < shift + width else 0
 
 
 def _della_ranks(job: _Job, kept_sum: bool) -> torch.Tensor:

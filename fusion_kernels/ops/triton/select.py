@@ -28,8 +28,9 @@ from .kernels import (
 # magnitude/breadcrumbs keep positions [t, t + k) of the SPEC order. Each nontrivial cut is found
 # by radix selection on the 63-bit key: a histogram of the top digit (in _sums_kernel), then one
 # _refine/_scan pair per further digit. _scan picks the digit of the bin holding the cut and marks
-# the cut DONE as soon as it falls on a bin edge (within `slack` entries for select="approx"), after
-# which every later launch for that cut returns at once. The first refinement also copies the keys
+# the cut DONE as soon as it falls on a bin edge, or, for select="approx", within `slack` entries of
+# an approx bin's edge (SPEC "Selection modes"), after which every later launch for that cut
+# returns at once. The first refinement also copies the keys
 # of the cut's group into a candidate buffer when they fit, so the deeper digits read that buffer
 # instead of base/tuned. Exact key ties (possible only beyond 2^32 entries, where the TIE hash
 # repeats) are broken by index in _index_count/_index_pick.
@@ -100,8 +101,13 @@ def _scan_kernel(
     WIDTH: tl.constexpr,
     SHIFT: tl.constexpr,
     SHARED: tl.constexpr,  # one histogram for both cuts (the top digit)
+    EDGE_BITS: tl.constexpr,  # select=approx: low digit bits below the approx bins' edges; 0: none
 ):
-    """Find the bin holding the cut (bins in descending key order) and narrow the cut to it."""
+    """Find the bin holding the cut (bins in descending key order) and narrow the cut to it.
+
+    With EDGE_BITS, the digit's bins group into approx bins (contract.approx_cut): the cut moves
+    to the nearer edge of its approx bin (the start on a tie) when that is within ``slack``.
+    """
     cut = tl.program_id(0)
     cut_ptr = state_ptr + cut * STATE_FIELDS
     if tl.load(cut_ptr + F_DONE) == 0:
@@ -111,25 +117,43 @@ def _scan_kernel(
             counts = tl.load(hist_ptr + (NB - 1 - bins))  # [NB], largest digit first
         else:
             counts = tl.load(hist_ptr + cut * NB + (NB - 1 - bins))
-        upto = tl.cumsum(counts, axis=0)
-        ahead = upto - counts
-        hit = (ahead <= rank) & (rank < upto)
-        digit = NB - 1 - tl.sum(tl.where(hit, bins, 0), axis=0)
-        rank = rank - tl.sum(tl.where(hit, ahead, 0), axis=0)
-        group = tl.sum(tl.where(hit, counts, 0), axis=0)
-        prefix = (tl.load(cut_ptr + F_PREFIX) << WIDTH) | digit.to(tl.int64)
-        at_start = rank <= slack
-        at_end = (group - rank) <= slack
-        # A cut at the group's end is a cut at the start of the prefix below it.
-        prefix = tl.where(at_start | ~at_end, prefix, prefix - 1)
+        digit, within, group = _bin_of(counts, rank, NB)
+        old_prefix = tl.load(cut_ptr + F_PREFIX)
+        prefix = (old_prefix << WIDTH) | digit.to(tl.int64)
+        at_start = within == 0  # a cut on a bin edge is resolved there
+        shift = tl.zeros([], tl.int64) + SHIFT
+        done = at_start
+        if EDGE_BITS > 0:
+            coarse = tl.sum(tl.reshape(counts, [NB >> EDGE_BITS, 1 << EDGE_BITS]), axis=1)
+            c_digit, c_within, c_group = _bin_of(coarse, rank, NB >> EDGE_BITS)
+            to_start = c_within <= c_group - c_within
+            moved = tl.minimum(c_within, c_group - c_within) <= slack
+            c_prefix = (old_prefix << (WIDTH - EDGE_BITS)) | c_digit.to(tl.int64)
+            # A cut at an approx bin's end is a cut at the start of the prefix below it.
+            c_prefix = tl.where(to_start, c_prefix, c_prefix - 1)
+            prefix = tl.where(moved, c_prefix, prefix)
+            shift = tl.where(moved, shift + EDGE_BITS, shift)
+            done = done | moved
         tl.store(cut_ptr + F_PREFIX, prefix)
-        tl.store(cut_ptr + F_SHIFT, SHIFT)
-        tl.store(cut_ptr + F_RANK, rank)
+        tl.store(cut_ptr + F_SHIFT, shift)
+        tl.store(cut_ptr + F_RANK, within)
         tl.store(cut_ptr + F_COUNT, group)
         tl.store(cut_ptr + F_LIMIT, 0)
-        tl.store(cut_ptr + F_DONE, (at_start | at_end).to(tl.int64))
+        tl.store(cut_ptr + F_DONE, done.to(tl.int64))
         if SHARED:
             tl.store(cut_ptr + F_COMPACT, (group <= cap).to(tl.int64))
+
+
+@triton.jit
+def _bin_of(counts, rank, NB: tl.constexpr):
+    """``(digit, rank within, count)`` of the bin holding ``rank``; counts are largest first."""
+    bins = tl.arange(0, NB)
+    upto = tl.cumsum(counts, axis=0)
+    ahead = upto - counts
+    hit = (ahead <= rank) & (rank < upto)
+    digit = NB - 1 - tl.sum(tl.where(hit, bins, 0), axis=0)
+    within = rank - tl.sum(tl.where(hit, ahead, 0), axis=0)
+    return digit, within, tl.sum(tl.where(hit, counts, 0), axis=0)
 
 
 @triton.jit
