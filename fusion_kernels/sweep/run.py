@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import ParameterError
 from ..evaluation import references as reference_points
-from ..evaluation.hooks import join_specs, split_specs
+from ..evaluation.hooks import check_families, join_specs, split_specs
 from ..evaluation.objective import parse_objective
 from ..evaluation.report import write_report
 from ..evaluation.tradeoff import parse_tradeoff
@@ -22,7 +22,15 @@ from ..io.safeload import MAX_CONFIG_BYTES, load_json
 from ..pipeline import plan_merge
 from ..streaming.transfer import parse_device
 from .grid import GridPoint, parse_grid
-from .job import SweepJob, eval_spec_of, export_language_model, load_eval, merge_point, run_point
+from .job import (
+    SweepJob,
+    eval_spec_of,
+    export_language_model,
+    load_eval,
+    merge_point,
+    multimodal_frame,
+    run_point,
+)
 from .plots import write_plots
 from .results import KEEP_MODES, RESULTS_NAME, Keeper, Results
 
@@ -86,13 +94,15 @@ def run_sweep(
     named = isinstance(evaluate, str | list | tuple)
     spec = join_specs(evaluate) if named else eval_spec_of(evaluate)
     eval_args = tuple(eval_args)
-    function = load_eval(spec, eval_args) if named else evaluate
+    eval_device = device  # the built-in scorers run where the sweep runs (see load_eval)
+    function = load_eval(spec, eval_args, eval_device) if named else evaluate
     target = parse_objective(objective)
     axes = parse_tradeoff(tradeoff)
     out_dir = Path(out).resolve()
     base_path, tuned_path = Path(base).resolve(), Path(tuned).resolve()
     # Unreadable or unmergeable inputs, and a bad device, fail before any work.
     base_ckpt, tuned_ckpt, _ = plan_merge(base_path, tuned_path)
+    check_families(function, tuned_ckpt.directory)
     device = device or ("cuda" if gpus_per_trial > 0 else "cpu")
     parse_device(device)
     check_output_path(out_dir, [*base_ckpt.roots, *tuned_ckpt.roots])
@@ -113,6 +123,7 @@ def run_sweep(
         device,
         eval_args,
         objective,
+        eval_device,
     )
     results = Results(out_dir / RESULTS_NAME)
     keeper = Keeper(results, keep, metric, maximize, out_dir / "models")
@@ -128,7 +139,7 @@ def run_sweep(
     if executor == "ray":
         from .ray_executor import run_ray
 
-        if todo and not _importable(spec, function, eval_args):
+        if todo and not _importable(spec, function, eval_args, eval_device):
             raise ParameterError(
                 f"--executor ray: the eval function {spec} cannot be imported by other "
                 "processes; define it at the top level of a module and pass MODULE:FUNCTION"
@@ -151,6 +162,9 @@ def run_sweep(
         out_dir / reference_points.REFERENCES_NAME,
         log,
         lambda name, model: export_language_model(job, model, out_dir / "references" / name),
+        lambda name, model: multimodal_frame(
+            job, model, out_dir / "references" / f"{name}_multimodal"
+        ),
     )
     report = write_report(
         out_dir,
@@ -179,12 +193,14 @@ def run_sweep(
     }
 
 
-def _importable(spec: str, function: Callable, eval_args: tuple[str, ...]) -> bool:
+def _importable(
+    spec: str, function: Callable, eval_args: tuple[str, ...], device: str | None
+) -> bool:
     """Whether a worker process importing ``spec`` gets ``function``."""
     if any(part.startswith("__main__:") for part in split_specs(spec)):
         return False
     try:
-        return load_eval(spec, eval_args) is function
+        return load_eval(spec, eval_args, device) is function
     except ParameterError:
         return False
 
