@@ -11,7 +11,12 @@ from pathlib import Path
 from lm_eval_tasks import SPEC, WORDS
 
 TASK = "fk_image_colors"
-COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "yellow": (230, 220, 20)}
+COLOURS = {
+    "red": (220, 30, 30),
+    "blue": (30, 30, 220),
+    "green": (30, 200, 30),
+    "yellow": (230, 220, 20),
+}
 OBJECTS = ("cat", "dog")
 IMAGE_TOKEN = "<image>"
 IMAGE_SIZE, PATCH = 30, 15
@@ -69,32 +74,28 @@ def build_processor():
     )
 
 
-def taught_llava(base: Path, directory: Path, steps: int = 60) -> Path:
+def taught_llava(base: Path, directory: Path, steps: int = 30) -> Path:
     """A LLaVA around ``base`` (see ``llava_around``) taught ``steps`` steps to answer
     :func:`examples` from the image, saved with its processor into ``directory``."""
     import torch
     import transformers
-
     from test_sweep_lm_eval import llava_around
 
     llava_around(base, directory)
     model = transformers.LlavaForConditionalGeneration.from_pretrained(directory)
     processor = build_processor()
-    batch = [
-        (processor(images=[image(rgb)], text=f"{IMAGE_TOKEN}\n{q}", return_tensors="pt"), a)
-        for q, a, rgb in examples()
-    ]
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    torch.manual_seed(0)
+    rows = examples()
+    inputs = processor(
+        images=[image(rgb) for _, _, rgb in rows],
+        text=[f"{IMAGE_TOKEN}\n{q}" for q, _, _ in rows],
+        return_tensors="pt",
+    )  # every prompt has the same length: one batch, no padding
+    answers = torch.tensor([processor.tokenizer.vocab[a] for _, a, _ in rows])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     model.train()
     for _ in range(steps):
         optimizer.zero_grad()
-        loss = sum(
-            torch.nn.functional.cross_entropy(
-                model(**inputs).logits[:, -1], torch.tensor([processor.tokenizer.vocab[answer]])
-            )
-            for inputs, answer in batch
-        )
+        loss = torch.nn.functional.cross_entropy(model(**inputs).logits[:, -1], answers)
         loss.backward()
         optimizer.step()
     model.eval()
