@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -60,6 +61,8 @@ EVAL_ARGS = {
     "average": f"the column that averages the tasks' main metrics (default {VA_NAME})",
 }
 
+#: Terminal colour codes, which lmms-eval's log lines carry.
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 #: Lists lmms-eval's task names as JSON: argv = include_path ("" for none).
 _LIST_TASKS = (
     "import json, sys\n"
@@ -217,7 +220,7 @@ class LmmsEvalScorer:
         argv = [opts.python, "-m", "lmms_eval", "--model", self.model_name(model_dir)]
         argv += ["--model_args", ",".join(filter(None, [model_args, opts.model_args]))]
         argv += ["--tasks", ",".join(self.tasks), "--batch_size", str(opts.batch_size)]
-        argv += ["--device", device, "--output_path", str(output)]
+        argv += ["--output_path", str(output)]  # the device goes in model_args alone
         if opts.include_path:
             argv += ["--include_path", opts.include_path]
         if opts.limit is not None:
@@ -245,7 +248,8 @@ class LmmsEvalScorer:
 
 def error_line(log: str) -> str:
     """lmms-eval's own error line in its output, on one line (its last line when none)."""
-    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    lines = [_ANSI.sub("", line).strip() for line in log.splitlines()]
+    lines = [line for line in lines if line]
     for marker in ("Error during evaluation", "| ERROR", "Error"):
         found = [line for line in lines if marker in line]
         if found:

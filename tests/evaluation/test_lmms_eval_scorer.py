@@ -173,3 +173,16 @@ def test_a_python_without_lmms_eval_is_named(tmp_path):
     known_tasks.cache_clear()
     with pytest.raises(FusionError, match=r"cannot run lmms-eval with .*lmms-eval:python=PATH"):
         load_evaluator(f"lmms-eval:{TASK}", (f"python={sys.executable}",))
+
+
+def test_the_error_line_is_lmms_evals_own_without_colours():
+    from fusion_kernels.evaluation.lmms_eval_scorer import error_line
+
+    log = (
+        "Traceback (most recent call last):\nValueError: boom\n"
+        "\x1b[31m\x1b[1mError during evaluation: boom. Please set `--verbosity=DEBUG`\x1b[0m\n"
+        "done\n"
+    )
+    assert error_line(log) == "Error during evaluation: boom. Please set `--verbosity=DEBUG`"
+    assert error_line("a\n2026 | ERROR | x:1 - it broke\n") == "it broke"
+    assert error_line("") == "no output"
