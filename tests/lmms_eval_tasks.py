@@ -75,8 +75,9 @@ def build_processor():
 
 
 def taught_llava(base: Path, directory: Path, steps: int = 30) -> Path:
-    """A LLaVA around ``base`` (see ``llava_around``) taught ``steps`` steps to answer
-    :func:`examples` from the image, saved with its processor into ``directory``."""
+    """A LLaVA around ``base`` (see ``llava_around``) whose language model is taught ``steps``
+    steps to answer :func:`examples` from the image, saved with its processor into
+    ``directory``."""
     import torch
     import transformers
     from test_sweep_lm_eval import llava_around
@@ -91,7 +92,9 @@ def taught_llava(base: Path, directory: Path, steps: int = 30) -> Path:
         return_tensors="pt",
     )  # every prompt has the same length: one batch, no padding
     answers = torch.tensor([processor.tokenizer.vocab[a] for _, a, _ in rows])
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    # Only the language model learns, so what a merge keeps of it decides the answers.
+    taught = [*model.model.language_model.parameters(), *model.lm_head.parameters()]
+    optimizer = torch.optim.Adam(taught, lr=1e-2)
     model.train()
     for _ in range(steps):
         optimizer.zero_grad()

@@ -19,11 +19,14 @@ from lmms_eval_fake import ERROR, FAIL_TASK, fake_calls, fake_python, fake_score
 from lmms_eval_fake import TASK as FAKE_TASK
 from test_sweep_lm_eval import llava_around, tree_digest
 
+from fusion_kernels.evaluation.scores_card import SCORES_NAME
 from fusion_kernels.sweep import main
 
 pytest.importorskip("lm_eval", reason="lm-eval is optional: pip install 'fusion_kernels[eval]'")
 
 GRID = "method=ties;density=0.05,0.2,0.5,1.0"
+#: Densities at which the taught LLaVA's merges keep 1/4, 2/4, 3/4 and all of its answers.
+TAUGHT_GRID = "method=ties;density=0.01,0.03,0.05,1.0"
 LMMS_EVAL_PYTHON = os.environ.get("LMMS_EVAL_PYTHON", "")
 
 
@@ -33,10 +36,10 @@ def read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
         return list(reader.fieldnames or []), list(reader)
 
 
-def sweep_argv(base, tuned, out, text_tasks, visual, *more) -> list[str]:
+def sweep_argv(base, tuned, out, text_tasks, visual, *more, grid=GRID) -> list[str]:
     """A 4-point sweep scored by lm-eval (LA) and lmms-eval (VA), no device given."""
     return [
-        *("--base", str(base), "--tuned", str(tuned), "--out", str(out), "--grid", GRID),
+        *("--base", str(base), "--tuned", str(tuned), "--out", str(out), "--grid", grid),
         *("--eval", f"lm-eval:{TASK}", "--eval", f"lmms-eval:{visual}", "--score-inputs"),
         *(
             "--eval-arg",
@@ -66,7 +69,12 @@ def assert_both_halves(out: Path, visual_metric: str) -> list[dict[str, str]]:
     )
     assert f"lmms-eval:{visual_metric.split('/')[0]}" not in references["tuned"]["scored"]
     page = (out / "index.html").read_text()
-    assert 'src="plots/tradeoff_LA_vs_VA.png"' in page
+    assert 'src="plots/tradeoff_LA_vs_VA.png"' in page and "<th>VA</th>" in page
+    [kept] = [r for r in rows if r["model"]]
+    card = json.loads((Path(kept["model"]) / SCORES_NAME).read_text())["metrics"]
+    assert {m: card[m] for m in ("LA", "VA", "OA")} == {
+        m: float(kept[m]) for m in ("LA", "VA", "OA")
+    }
     return rows
 
 
@@ -131,7 +139,8 @@ def test_the_papers_measurement_with_lmms_eval(tmp_path, capsys):
     out = tmp_path / "sweep"
     python = ("--eval-arg", f"lmms-eval:python={LMMS_EVAL_PYTHON}")
     visual = ("--eval-arg", f"lmms-eval:include_path={image_tasks}")
-    assert main(sweep_argv(base, tuned, out, text_tasks, IMAGE_TASK, *python, *visual)) == 0
+    argv = sweep_argv(base, tuned, out, text_tasks, IMAGE_TASK, *python, *visual, grid=TAUGHT_GRID)
+    assert main(argv) == 0
     rows = assert_both_halves(out, f"{IMAGE_TASK}/exact_match")
     assert len({r["VA"] for r in rows}) > 1  # the merges keep more or less of what was taught
     [kept] = [r for r in rows if r["model"]]
