@@ -64,11 +64,13 @@ def run_sweep(
 
     Args:
         grid: ``name=v1,v2;name=...`` (see :func:`parse_grid`) or parsed points.
-        evaluate: ``MODULE:FUNCTION``, ``lm-eval:TASK[,TASK...]``, a list of them (their metrics
-            are combined), or a function: merged model directory -> {metric: number}. The ray
-            executor needs one that other processes can import.
-        eval_args: ``KEY=VALUE`` options of the lm-eval scorer (limit, batch_size, device,
-            include_path, ...; see :data:`fusion_kernels.evaluation.lm_eval_scorer.EVAL_ARGS`).
+        evaluate: ``MODULE:FUNCTION``, ``lm-eval:TASK[,TASK...]`` (LA),
+            ``lmms-eval:TASK[,TASK...]`` (VA), ``paper`` (both, the paper's benchmarks), a list of
+            them (their metrics are combined), or a function: merged model directory ->
+            {metric: number}. The ray executor needs one that other processes can import.
+        eval_args: ``[lm-eval:|lmms-eval:]KEY=VALUE`` options of the built-in scorers (limit,
+            batch_size, device, include_path, ...; see ``EVAL_ARGS`` in
+            :mod:`fusion_kernels.evaluation.lm_eval_scorer` and ``lmms_eval_scorer``).
         objective: ``M1,M2,...`` (their mean) or ``MODULE:FUNCTION`` of the metrics, written as
             ``OA``; default: the mean of LA and VA when both are returned.
         tradeoff: ``X,Y``: the metrics of the trade-off scatter (default LA,VA).
@@ -78,7 +80,9 @@ def run_sweep(
             metric returned).
         executor: ``local`` (one point at a time, here) or ``ray`` (see :mod:`.ray_executor`).
         ray_address, cpus_per_trial, gpus_per_trial: the ray executor's cluster and resources.
-        backend, device: how each merge runs (device default: ``cuda`` with GPUs per trial).
+        backend, device: how each merge runs (device default: ``cuda`` with GPUs per trial); the
+            built-in scorers run on ``device`` when given, else on CUDA when present, else the
+            CPU.
         log: where progress lines go.
 
     Points already in ``out/results.csv`` are skipped; ``out`` must be new, empty, or a sweep of

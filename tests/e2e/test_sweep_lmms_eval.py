@@ -107,6 +107,21 @@ def test_la_va_oa_with_a_stand_in_lmms_eval(tmp_path, capsys):
     assert line.startswith("error: --eval ") and line.endswith(ERROR)
 
 
+def test_a_family_lmms_eval_cannot_load_is_refused_before_any_merge(tmp_path, capsys):
+    base, tuned = scoreable_pair(tmp_path / "pair")
+    python = fake_python(tmp_path / "fake")
+    out = tmp_path / "sweep"
+    argv = [
+        *("--base", str(base), "--tuned", str(tuned), "--out", str(out), "--grid", GRID),
+        *("--eval", f"lmms-eval:{FAKE_TASK}", "--eval-arg", f"python={python}"),
+    ]
+    assert main(argv) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: --eval lmms-eval:") and "loads no llama model" in line
+    assert "families llava, llava_next" in line and "lmms-eval:model=NAME" in line
+    assert not out.exists() and fake_calls(python) == []
+
+
 def lmms_eval_cli(model: Path, tasks: Path, task: str, out: Path) -> float:
     """``task``'s exact match for ``model``, from lmms-eval's own command line."""
     subprocess.run(
