@@ -167,6 +167,7 @@ def test_the_papers_measurement_with_lmms_eval(tmp_path, capsys):
         tasks=[TASK],
         task_manager=TaskManager(include_path=str(text_tasks), include_defaults=False),
         batch_size=1,
+        device="cpu",  # the harness's own default is CUDA
     )
     assert float(kept["LA"]) == direct["results"][TASK]["acc,none"]
     references = json.loads((out / "references.json").read_text())
