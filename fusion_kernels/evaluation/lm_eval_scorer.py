@@ -2,7 +2,8 @@
 with lm-evaluation-harness (``lm_eval.simple_evaluate``, model ``hf``) and returns each task's main
 metric, ``{"TASK/METRIC": value}``, plus ``LA``, their mean, as the paper averages its language
 benchmarks (only when every main metric is higher-is-better: a mean of accuracies and
-perplexities means nothing).
+perplexities means nothing). The model runs on ``--eval-arg device=``, else the sweep's device
+(see :func:`fusion_kernels.evaluation.harness.default_device`).
 
 The harness's options come from repeatable ``--eval-arg KEY=VALUE`` (see :data:`EVAL_ARGS`).
 lm-eval is optional (``pip install 'fusion_kernels[eval]'``) and imported on first use.
@@ -19,6 +20,8 @@ from typing import Any
 from ..errors import FusionError, ParameterError
 from ..io.safeload import MAX_INDEX_BYTES, load_json
 from ..params import convert_field
+from .harness import default_device
+from .harness import main_metrics as harness_metrics
 
 PREFIX = "lm-eval:"
 LA_NAME = "LA"
@@ -30,12 +33,14 @@ EVAL_ARGS = {
     "limit": "examples per task: a count, or a fraction below 1 (default: all)",
     "batch_size": "an integer, or auto / auto:N (default 1)",
     "max_batch_size": "ceiling for batch_size=auto",
-    "device": "torch device the harness runs the model on, e.g. cpu, cuda:0 (default: its own)",
+    "device": "torch device the harness runs the model on, e.g. cpu, cuda:0 (default: the "
+    "sweep's --device, else cuda when present, else cpu)",
     "include_path": "a directory or YAML file of task configs (repeatable): local tasks",
     "include_defaults": "false: index only include_path's tasks, not the harness's own (faster)",
     "num_fewshot": "few-shot examples per prompt (default: each task's own)",
     "apply_chat_template": "true: wrap prompts in the model's chat template",
     "model_args": "more arguments of the hf model, e.g. dtype=bfloat16,trust_remote_code=True",
+    "average": f"the column that averages the tasks' main metrics (default {LA_NAME})",
 }
 
 
@@ -52,6 +57,7 @@ class LmEvalOptions:
     num_fewshot: int | None = None
     apply_chat_template: bool = False
     model_args: str = ""
+    average: str = LA_NAME
     #: Where they came from, for messages.
     given: tuple[str, ...] = field(default=(), compare=False)
 
@@ -149,10 +155,14 @@ def task_manager(include_path: tuple[str, ...], include_defaults: bool):
 class LmEvalScorer:
     """``model_dir -> {"TASK/METRIC": value, ..., "LA": mean}`` with lm-evaluation-harness."""
 
-    def __init__(self, spec: str, options: LmEvalOptions | None = None):
+    def __init__(
+        self, spec: str, options: LmEvalOptions | None = None, sweep_device: str | None = None
+    ):
         self.spec = spec
         self.tasks = parse_tasks(spec)
         self.options = options or LmEvalOptions()
+        #: The sweep's ``--device`` (None: not given), the default of ``device``.
+        self.sweep_device = sweep_device
 
     def check(self) -> None:
         """Fail before any merge when lm-eval is missing or a task is unknown to it."""
@@ -180,7 +190,7 @@ class LmEvalScorer:
             "num_fewshot": opts.num_fewshot,
             "batch_size": opts.batch_size,
             "max_batch_size": opts.max_batch_size,
-            "device": opts.device,
+            "device": opts.device or default_device(self.sweep_device),
             "limit": opts.limit,
             "apply_chat_template": opts.apply_chat_template,
             "task_manager": task_manager(opts.include_path, opts.include_defaults),
@@ -194,40 +204,15 @@ class LmEvalScorer:
         output = lm_eval.simple_evaluate(**self.harness_arguments(model_dir))
         if output is None:  # a non-zero rank of a distributed run
             raise FusionError(f"--eval {self.spec}: the harness returned no results")
-        return main_metrics(output, self.tasks)
+        return main_metrics(output, self.tasks, self.options.average)
 
 
-def main_metrics(output: dict[str, Any], tasks: tuple[str, ...]) -> dict[str, float]:
-    """Each task's main metric from a ``simple_evaluate`` output (its config's first metric, under
-    its first filter; a group's first aggregated metric), then ``LA``."""
-    scores: dict[str, float] = {}
-    higher = []
-    for task in tasks:
-        row = output["results"].get(task)
-        if row is None:
-            raise FusionError(f"lm-eval returned no result for task {task!r}")
-        metric, key = _main_key(output, task, row)
-        value = row[key]
-        if not isinstance(value, int | float) or math.isnan(value):
-            raise FusionError(f"lm-eval task {task!r}: {key} is {value!r}, not a number")
-        scores[f"{task}/{metric}"] = float(value)
-        higher.append(output.get("higher_is_better", {}).get(task, {}).get(metric, True))
-    if all(higher):
-        scores[LA_NAME] = math.fsum(scores.values()) / len(scores)
-    return scores
-
-
-def _main_key(output: dict[str, Any], task: str, row: dict[str, Any]) -> tuple[str, str]:
-    keys = [k for k in row if "," in k and "_stderr," not in k]
-    metric_list = output.get("configs", {}).get(task, {}).get("metric_list") or []
-    for entry in metric_list[:1]:
-        name = entry.get("metric") if isinstance(entry, dict) else None
-        found = [k for k in keys if k.split(",", 1)[0] == name]
-        if found:
-            return str(name), found[0]
-    if not keys:
-        raise FusionError(f"lm-eval task {task!r} returned no metric: {sorted(row)}")
-    return keys[0].split(",", 1)[0], keys[0]
+def main_metrics(
+    output: dict[str, Any], tasks: tuple[str, ...], average: str = LA_NAME
+) -> dict[str, float]:
+    """Each task's main metric from a ``simple_evaluate`` output, then ``average`` (``LA``),
+    their mean (see :func:`fusion_kernels.evaluation.harness.main_metrics`)."""
+    return harness_metrics(output, tasks, average, "lm-eval")
 
 
 def is_multimodal(model_dir: str | Path) -> bool:

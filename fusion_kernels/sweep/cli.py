@@ -46,18 +46,26 @@ def _add_grid_and_scoring(parser) -> None:
         "--eval",
         required=True,
         action="append",
-        metavar="MODULE:FUNCTION|lm-eval:TASK[,TASK]",
+        metavar="MODULE:FUNCTION|lm-eval:TASK[,TASK]|lmms-eval:TASK[,TASK]|paper",
         help="model directory -> {metric: number} "
-        "(e.g. fusion_kernels.experiments.miniature:evaluate), or lm-eval:TASKS, the built-in "
-        "lm-evaluation-harness scorer; repeat to combine scorers",
+        "(e.g. fusion_kernels.experiments.miniature:evaluate); lm-eval:TASKS, the built-in "
+        "lm-evaluation-harness scorer (their mean: LA); lmms-eval:TASKS, the merged multimodal "
+        "model scored by lmms-eval's command line (their mean: VA); paper, both on the paper's "
+        "benchmarks (LA: race, commonsense_qa, piqa, openbookqa, gsm8k, arc_easy, arc_challenge; "
+        "VA: mme, mmmu_val, scienceqa_img, gqa, mmbench_cn_dev, mmbench_en_dev); repeat to "
+        "combine scorers",
     )
     parser.add_argument(
         "--eval-arg",
         action="append",
         default=[],
-        metavar="KEY=VALUE",
-        help="an lm-eval option (repeatable): limit, batch_size, max_batch_size, device, "
-        "include_path, include_defaults, num_fewshot, apply_chat_template, model_args",
+        metavar="[lm-eval:|lmms-eval:]KEY=VALUE",
+        help="a built-in scorer's option (repeatable), for every one that takes KEY, or with a "
+        "prefix for that one alone. lm-eval: limit, batch_size, max_batch_size, device, "
+        "include_path, include_defaults, num_fewshot, apply_chat_template, model_args, average; "
+        "lmms-eval: limit, batch_size, device, include_path, model, model_args, force_simple, "
+        "python (another environment's), average. device defaults to --device, else cuda when "
+        "present, else cpu",
     )
     parser.add_argument(
         "--objective",

@@ -13,21 +13,25 @@ from typing import Any
 from ..errors import FusionError
 from ..evaluation.hooks import load_evaluator, split_specs
 from ..evaluation.lm_eval_scorer import TEXT_EXPORT_NAME, is_lm_eval, is_multimodal
+from ..evaluation.lmms_eval_scorer import is_lmms_eval
 from ..evaluation.objective import parse_objective
 from ..io.sources import open_checkpoint
 from ..neurons import NeuronRules, parse_rule
-from ..params import TensorParams, parse_override
+from ..params import MergeParams, TensorParams, parse_override
 from ..pipeline import merge_checkpoints
 from ..textexport import export_text_model
 from .grid import GridPoint
 from .results import RESERVED
 
 
-def load_eval(spec: str, eval_args: tuple[str, ...] | list[str] = ()) -> Callable[[str], dict]:
+def load_eval(
+    spec: str, eval_args: tuple[str, ...] | list[str] = (), device: str | None = None
+) -> Callable[[str], dict]:
     """The evaluator named by ``--eval``: ``MODULE:FUNCTION`` (a dotted name inside the module
-    works too), ``lm-eval:TASK[,TASK...]``, or several joined (see
-    :mod:`fusion_kernels.evaluation.hooks`)."""
-    return load_evaluator(spec, tuple(eval_args))
+    works too), ``lm-eval:TASK[,TASK...]``, ``lmms-eval:TASK[,TASK...]``, ``paper``, or several
+    joined (see :mod:`fusion_kernels.evaluation.hooks`); the built-in scorers run on ``device``
+    (the sweep's ``--device``; None: CUDA when present, else the CPU)."""
+    return load_evaluator(spec, tuple(eval_args), device)
 
 
 def eval_spec_of(function: Callable) -> str:
@@ -47,7 +51,7 @@ class SweepJob:
     eval_spec: str
     backend: str | None = None
     device: str = "cpu"
-    #: ``--eval-arg KEY=VALUE`` items for the lm-eval scorer, and ``--objective``.
+    #: ``--eval-arg KEY=VALUE`` items for the built-in scorers, and ``--objective``.
     eval_args: tuple[str, ...] = ()
     objective: str | None = None
     #: The merge options every point shares, as on merge's command line: ``--set`` overrides,
@@ -77,6 +81,9 @@ class SweepJob:
             "layer_map": self.layer_map,
             "allow_unpaired": self.allow_unpaired,
         }
+
+    #: The ``--device`` given (None: not given), where the built-in scorers run the model.
+    eval_device: str | None = None
 
 
 def merge_point(job: SweepJob, point: GridPoint) -> Path:
@@ -117,9 +124,39 @@ def export_language_model(job: SweepJob, model: str | os.PathLike, out: Path) ->
     return out
 
 
+def multimodal_frame(job: SweepJob, model: str | os.PathLike, out: Path) -> Path | None:
+    """When lmms-eval scores the sweep, ``model`` (a reference input) is a language model and
+    the tuned model multimodal, write ``model`` in the merged models' frame to ``out``: the tuned
+    model's layout, vision tower and files with ``model``'s language weights (a merge that adds
+    none of the task vector, weight 0), the model lmms-eval loads; returns ``out``, or None when
+    ``model`` is scored as it is."""
+    if not any(is_lmms_eval(s) for s in split_specs(job.eval_spec)):
+        return None
+    checkpoint, tuned = open_checkpoint(model), open_checkpoint(job.tuned)
+    checkpoint.close()
+    tuned.close()
+    if is_multimodal(checkpoint.directory) or not is_multimodal(tuned.directory):
+        return None
+    merge_checkpoints(
+        model,
+        job.tuned,
+        out,
+        MergeParams(weight=0.0),
+        rules=job.rules(),
+        backend=job.backend,
+        device=job.device,
+        memory_budget=job.memory_budget,
+        model_card=False,
+        overwrite=True,
+        progress=False,
+        **job.pairing(),
+    )
+    return out
+
+
 def run_point(job: SweepJob, point: GridPoint, evaluate: Callable | None = None) -> dict[str, Any]:
     """Merge and evaluate one point; returns its results row (the model is left on disk)."""
-    evaluate = evaluate or load_eval(job.eval_spec, job.eval_args)
+    evaluate = evaluate or load_eval(job.eval_spec, job.eval_args, job.eval_device)
     start = time.perf_counter()
     model_dir = merge_point(job, point)
     merged = time.perf_counter()

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FusionError
+from ..evaluation.harness import builtin_of
 from ..evaluation.hooks import split_specs
-from ..evaluation.lm_eval_scorer import is_lm_eval
 from .grid import GridPoint
 from .job import SweepJob, run_point
 
@@ -41,8 +41,8 @@ def _import_ray():
 
 def import_root(eval_spec: str) -> str:
     """The directory the eval module is imported from, for workers whose path lacks it ("" for
-    modules without a file, which every interpreter has anyway, and for the lm-eval scorer)."""
-    user_specs = [s for s in split_specs(eval_spec) if not is_lm_eval(s)]
+    modules without a file, which every interpreter has anyway, and for the built-in scorers)."""
+    user_specs = [s for s in split_specs(eval_spec) if builtin_of(s) is None]
     if not user_specs:
         return ""
     module_name = user_specs[0].partition(":")[0]

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import ParameterError
 from ..evaluation import references as reference_points
-from ..evaluation.hooks import join_specs, split_specs
+from ..evaluation.hooks import check_families, join_specs, split_specs
 from ..evaluation.objective import parse_objective
 from ..evaluation.report import write_report
 from ..evaluation.tradeoff import parse_tradeoff
@@ -23,7 +23,15 @@ from ..io.sources import split_adapter
 from ..pipeline import plan_merge
 from ..streaming.transfer import parse_device
 from .grid import GridPoint, parse_grid
-from .job import SweepJob, eval_spec_of, export_language_model, load_eval, merge_point, run_point
+from .job import (
+    SweepJob,
+    eval_spec_of,
+    export_language_model,
+    load_eval,
+    merge_point,
+    multimodal_frame,
+    run_point,
+)
 from .plots import write_plots
 from .results import KEEP_MODES, RESULTS_NAME, Keeper, Results
 
@@ -67,11 +75,13 @@ def run_sweep(
         base, tuned: any reference merge takes (a directory or weights file, a Hub id,
             ``MODEL+ADAPTER`` for tuned).
         grid: ``name=v1,v2;name=...`` (see :func:`parse_grid`) or parsed points.
-        evaluate: ``MODULE:FUNCTION``, ``lm-eval:TASK[,TASK...]``, a list of them (their metrics
-            are combined), or a function: merged model directory -> {metric: number}. The ray
-            executor needs one that other processes can import.
-        eval_args: ``KEY=VALUE`` options of the lm-eval scorer (limit, batch_size, device,
-            include_path, ...; see :data:`fusion_kernels.evaluation.lm_eval_scorer.EVAL_ARGS`).
+        evaluate: ``MODULE:FUNCTION``, ``lm-eval:TASK[,TASK...]`` (LA),
+            ``lmms-eval:TASK[,TASK...]`` (VA), ``paper`` (both, the paper's benchmarks), a list of
+            them (their metrics are combined), or a function: merged model directory ->
+            {metric: number}. The ray executor needs one that other processes can import.
+        eval_args: ``[lm-eval:|lmms-eval:]KEY=VALUE`` options of the built-in scorers (limit,
+            batch_size, device, include_path, ...; see ``EVAL_ARGS`` in
+            :mod:`fusion_kernels.evaluation.lm_eval_scorer` and ``lmms_eval_scorer``).
         objective: ``M1,M2,...`` (their mean) or ``MODULE:FUNCTION`` of the metrics, written as
             ``OA``; default: the mean of LA and VA when both are returned.
         tradeoff: ``X,Y``: the metrics of the trade-off scatter (default LA,VA).
@@ -81,7 +91,9 @@ def run_sweep(
             metric returned); of equal points, the first in grid order is the best.
         executor: ``local`` (one point at a time, here) or ``ray`` (see :mod:`.ray_executor`).
         ray_address, cpus_per_trial, gpus_per_trial: the ray executor's cluster and resources.
-        backend, device: how each merge runs (device default: ``cuda`` with GPUs per trial).
+        backend, device: how each merge runs (device default: ``cuda`` with GPUs per trial); the
+            built-in scorers run on ``device`` when given, else on CUDA when present, else the
+            CPU.
         overrides, neuron_rules, name_map, layer_map, allow_unpaired, memory_budget,
             max_shard_size, model_card: merge's ``--set``, ``--neuron-rule``, ``--map``,
             ``--layer-map``, ``--allow-unpaired``, ``--memory-budget``, ``--max-shard-size`` and
@@ -99,7 +111,8 @@ def run_sweep(
     named = isinstance(evaluate, str | list | tuple)
     spec = join_specs(evaluate) if named else eval_spec_of(evaluate)
     eval_args = tuple(eval_args)
-    function = load_eval(spec, eval_args) if named else evaluate
+    # The built-in scorers run where the sweep runs (see load_eval).
+    function = load_eval(spec, eval_args, device) if named else evaluate
     target, axes = parse_objective(objective), parse_tradeoff(tradeoff)
     out_dir = Path(out).resolve()
     job = SweepJob(
@@ -119,8 +132,9 @@ def run_sweep(
         memory_budget,
         max_shard_size,
         model_card,
+        device,  # the given --device: where the built-in scorers run (None: see load_eval)
     )
-    _check_job(job, points, out_dir)
+    _check_job(job, points, out_dir, function)
     identity = sweep_identity(job)
     _claim(out_dir, identity)
     results = Results(out_dir / RESULTS_NAME, [p.key for p in points])
@@ -169,14 +183,15 @@ def _check_choices(keep: str, executor: str) -> None:
         raise ParameterError(f"--executor must be local or ray, got {executor!r}")
 
 
-def _check_job(job: SweepJob, points: list[GridPoint], out_dir: Path) -> None:
-    """Unreadable or unmergeable inputs, bad merge options, a bad device and an ``out`` that
-    overlaps an input fail before any work."""
+def _check_job(job: SweepJob, points: list[GridPoint], out_dir: Path, function) -> None:
+    """Unreadable or unmergeable inputs, bad merge options, a bad device, a model family the
+    scorers cannot load and an ``out`` that overlaps an input fail before any work."""
     base_ckpt, tuned_ckpt, plan = plan_merge(
         job.base, job.tuned, job.rules(), job.max_shard_size, **job.pairing()
     )
     try:
         parse_device(job.device)
+        check_families(function, tuned_ckpt.directory)
         merged = [name for name, task in plan.tasks.items() if task.action == "merge"]
         for point in points:
             try:
@@ -206,7 +221,7 @@ def _run_points(job, todo, function, keeper: Keeper, ray: tuple | None, log) -> 
         return
     from .ray_executor import run_ray
 
-    if todo and not _importable(job.eval_spec, function, job.eval_args):
+    if todo and not _importable(job.eval_spec, function, job.eval_args, job.eval_device):
         raise ParameterError(
             f"--executor ray: the eval function {job.eval_spec} cannot be imported by other "
             "processes; define it at the top level of a module and pass MODULE:FUNCTION"
@@ -230,6 +245,9 @@ def _report(job, points, results, keeper, identity, function, target, axes, scor
         out_dir / reference_points.REFERENCES_NAME,
         log,
         lambda name, model: export_language_model(job, model, out_dir / "references" / name),
+        lambda name, model: multimodal_frame(
+            job, model, out_dir / "references" / f"{name}_multimodal"
+        ),
     )
     report = write_report(
         out_dir,
@@ -251,12 +269,14 @@ def _report(job, points, results, keeper, identity, function, target, axes, scor
     return {"rows": rows, "best": best, "plots": plots, "references": references, **report}
 
 
-def _importable(spec: str, function: Callable, eval_args: tuple[str, ...]) -> bool:
+def _importable(
+    spec: str, function: Callable, eval_args: tuple[str, ...], device: str | None
+) -> bool:
     """Whether a worker process importing ``spec`` gets ``function``."""
     if any(part.startswith("__main__:") for part in split_specs(spec)):
         return False
     try:
-        return load_eval(spec, eval_args) is function
+        return load_eval(spec, eval_args, device) is function
     except ParameterError:
         return False
 

@@ -145,7 +145,7 @@ def test_without_lm_eval_the_error_names_the_extra(monkeypatch):
 
 
 def test_eval_args_need_the_builtin_scorer():
-    with pytest.raises(ParameterError, match="--eval-arg sets lm-eval's options"):
+    with pytest.raises(ParameterError, match="sets a built-in scorer's option; it needs --eval lm"):
         load_evaluator("test_sweep:distance_to_tuned", ("limit=3",))
     with pytest.raises(ParameterError, match="one lm-eval:TASK,TASK"):
         load_evaluator("lm-eval:a + lm-eval:b")

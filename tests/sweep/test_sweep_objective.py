@@ -137,7 +137,7 @@ def test_without_la_and_va_there_is_no_tradeoff_but_a_page(pair, tmp_path):
         (["--objective", "LA,,VA"], "--objective 'LA,,VA' must be METRIC"),
         (["--objective", "LA,vqa"], "--objective LA,vqa: no metric 'vqa'"),
         (["--tradeoff", "LA"], "--tradeoff 'LA' must name two metrics"),
-        (["--eval-arg", "limit=3"], "--eval-arg sets lm-eval's options"),
+        (["--eval-arg", "limit=3"], "sets a built-in scorer's option"),
         (["--eval", "lm-eval:"], "must look like lm-eval:TASK"),
         (["--eval", "test_sweep_objective:also_la"], "'LA' comes from both"),
         (["--eval", LA_VA[0]], f"--eval names {LA_VA[0]!r} twice"),

@@ -1,0 +1,103 @@
+"""What the built-in scorers share: which ``--eval`` specs are theirs, the device they run on,
+how ``--eval-arg`` items reach them, and how a harness's results become ``{"TASK/METRIC": value}``
+plus the mean that names an ability (``LA`` for lm-eval's tasks, ``VA`` for lmms-eval's).
+
+Both harnesses write results alike: ``results[TASK]["METRIC,FILTER"]``, the task's config under
+``configs[TASK]`` (its ``metric_list``) and ``higher_is_better[TASK][METRIC]``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..errors import FusionError, ParameterError
+
+#: The built-in scorers, by the prefix of their ``--eval`` spec (``lm-eval:TASK,...``).
+BUILTIN = ("lm-eval", "lmms-eval")
+
+
+def builtin_of(spec: str) -> str | None:
+    """The built-in scorer an ``--eval`` spec names (``lm-eval``, ``lmms-eval``), else None."""
+    name, sep, _ = spec.partition(":")
+    return name if sep and name in BUILTIN else None
+
+
+def default_device(sweep_device: str | None) -> str:
+    """Where a built-in scorer runs the model when ``--eval-arg device=`` does not say: the
+    sweep's ``--device`` when given, else CUDA when this machine has it, else the CPU."""
+    if sweep_device:
+        return sweep_device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def route_eval_args(
+    items: Sequence[str], takes: Mapping[str, Sequence[str]]
+) -> dict[str, tuple[str, ...]]:
+    """``--eval-arg`` items for each built-in scorer in use (``takes``: scorer -> its keys).
+
+    ``KEY=VALUE`` goes to every scorer in use that takes KEY; ``lm-eval:KEY=VALUE`` and
+    ``lmms-eval:KEY=VALUE`` to that scorer alone. An item no scorer in use takes raises
+    :class:`ParameterError` naming it."""
+    if items and not takes:
+        raise ParameterError(
+            f"--eval-arg {items[0]!r} sets a built-in scorer's option; it needs "
+            "--eval lm-eval:TASK or --eval lmms-eval:TASK"
+        )
+    routed: dict[str, list[str]] = {name: [] for name in takes}
+    for item in items:
+        head, sep, rest = item.partition(":")
+        if sep and head in BUILTIN:
+            if head not in takes:
+                raise ParameterError(f"--eval-arg {item!r} is for {head}; add --eval {head}:TASK")
+            routed[head].append(rest)
+            continue
+        key = item.partition("=")[0].strip().replace("-", "_")
+        users = [name for name, keys in takes.items() if key in keys]
+        if "=" in item and not users:
+            known = "; ".join(f"{name}: {', '.join(keys)}" for name, keys in takes.items())
+            raise ParameterError(f"--eval-arg {item!r}: unknown key {key!r}; use one of {known}")
+        for name in users or list(takes):  # no '=': each scorer says what an item looks like
+            routed[name].append(item)
+    return {name: tuple(found) for name, found in routed.items()}
+
+
+def main_metrics(
+    output: Mapping[str, Any], tasks: Sequence[str], average: str, harness: str
+) -> dict[str, float]:
+    """Each task's main metric from a harness's results (its config's first metric, under its
+    first filter; a group's first aggregated metric), then ``average``, their mean, when every
+    main metric is higher-is-better (a mean of accuracies and perplexities means nothing)."""
+    scores: dict[str, float] = {}
+    higher = []
+    for task in tasks:
+        row = output.get("results", {}).get(task)
+        if row is None:
+            raise FusionError(f"{harness} returned no result for task {task!r}")
+        metric, key = _main_key(output, task, row, harness)
+        value = row[key]
+        if not isinstance(value, int | float) or math.isnan(value):
+            raise FusionError(f"{harness} task {task!r}: {key} is {value!r}, not a number")
+        scores[f"{task}/{metric}"] = float(value)
+        higher.append((output.get("higher_is_better") or {}).get(task, {}).get(metric, True))
+    if all(higher):
+        scores[average] = math.fsum(scores.values()) / len(scores)
+    return scores
+
+
+def _main_key(
+    output: Mapping[str, Any], task: str, row: Mapping[str, Any], harness: str
+) -> tuple[str, str]:
+    keys = [k for k in row if "," in k and "_stderr," not in k]
+    metric_list = (output.get("configs") or {}).get(task, {}).get("metric_list") or []
+    for entry in metric_list[:1]:
+        name = entry.get("metric") if isinstance(entry, dict) else None
+        found = [k for k in keys if k.split(",", 1)[0] == name]
+        if found:
+            return str(name), found[0]
+    if not keys:
+        raise FusionError(f"{harness} task {task!r} returned no metric: {sorted(row)}")
+    return keys[0].split(",", 1)[0], keys[0]
