@@ -24,7 +24,6 @@ import torch
 
 from ..dtypes import SAFETENSORS_DTYPES
 from ..errors import CheckpointError, OutputExistsError
-from ..plan.planner import MergePlan
 from .directio import OffsetFile
 from .outputs import (
     PAYLOAD_NAME,
@@ -35,8 +34,10 @@ from .outputs import (
     remove_tree,
     uninterruptible,
 )
-from .reader import INDEX_NAME, Checkpoint
+from .reader import SafetensorsCheckpoint
 from .safeload import describe_mode
+from .safetensors_header import INDEX_NAME
+from .writeplan import WritePlan
 
 REPORT_NAME = "fusion_report.json"
 # Files of the tuned directory that are weights (ours or another format) and are not copied.
@@ -157,7 +158,7 @@ class CheckpointWriter:
     def __init__(
         self,
         out_dir: str | os.PathLike,
-        plan: MergePlan,
+        plan: WritePlan,
         overwrite: bool = False,
         flag: str = "--out",
     ):
@@ -259,7 +260,7 @@ class CheckpointWriter:
         return self.out_dir
 
     def _verify(self, checksums: dict[str, int]) -> None:
-        written = Checkpoint(self.tmp_dir)
+        written = SafetensorsCheckpoint(self.tmp_dir)
         try:
             if set(written.tensors) != set(self.plan.tasks):
                 missing = sorted(set(self.plan.tasks) ^ set(written.tensors))

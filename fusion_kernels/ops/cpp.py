@@ -218,6 +218,7 @@ register_backend(
         load,
         devices=("cpu",),
         scores=scores_cpp,
+        chunked=ChunkedMergeCpp,
         hint="Build it with `pip install -e .` (needs a C++ compiler with OpenMP); "
         "FUSION_KERNELS_SKIP_CPP_BUILD=1 skips it.",
     )

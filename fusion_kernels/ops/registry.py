@@ -14,6 +14,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -29,6 +30,11 @@ KernelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, str, str, MergePa
 #: locate. C(j) has one entry per row (axis row) or column (col); a non-finite Δ gives a
 #: non-finite Σ|Δ| (the function has no name to put in an error; change_scores raises).
 ScoresFn = Callable[[torch.Tensor, torch.Tensor, str], tuple[float, "torch.Tensor | None"]]
+#: ``factory(plan, params, base_dtype, tuned_dtype, name)``: the op of one tensor streamed
+#: through in chunks of rows, for tensors over the memory budget; the bytes are the kernel's
+#: (see :class:`~fusion_kernels.ops.cpp.ChunkedMergeCpp` for the protocol: ``passes``,
+#: ``feed``, ``stats``).
+ChunkedOpFactory = Callable[..., Any]
 
 ENV_BACKEND = "FUSION_KERNELS_BACKEND"
 
@@ -41,7 +47,8 @@ class Backend:
     run; ``devices`` are the device types it serves; ``hint`` says how to get it; ``scores`` is
     its kernel's first pass alone (Σ|Δ| and the neuron sums C(j), see :data:`ScoresFn`), which
     locate streams the checkpoints through. Every built-in backend has one; a backend without
-    one gets the torch reference's.
+    one gets the torch reference's. ``chunked`` builds its op over a tensor streamed in chunks
+    of rows (:data:`ChunkedOpFactory`); a backend without one merges whole tensors only.
     """
 
     name: str
@@ -49,6 +56,7 @@ class Backend:
     devices: tuple[str, ...]
     hint: str = ""
     scores: ScoresFn | None = None
+    chunked: ChunkedOpFactory | None = None
     _fn: KernelFn | None = field(default=None, repr=False)
     _error: Exception | None = field(default=None, repr=False)
 
@@ -127,6 +135,7 @@ def select_backend(requested: str | None, device_type: str) -> Backend:
 __all__ = [
     "ENV_BACKEND",
     "Backend",
+    "ChunkedOpFactory",
     "KernelFn",
     "ScoresFn",
     "available_backends",

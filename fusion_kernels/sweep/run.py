@@ -20,7 +20,7 @@ from ..evaluation.tradeoff import parse_tradeoff
 from ..io.outputs import check_output_path
 from ..io.safeload import MAX_CONFIG_BYTES, load_json
 from ..pipeline import plan_merge
-from ..streaming.transfer import parse_device
+from ..streaming.device import parse_device
 from .grid import GridPoint, parse_grid
 from .job import SweepJob, eval_spec_of, export_language_model, load_eval, merge_point, run_point
 from .plots import write_plots

@@ -11,7 +11,7 @@ from checkpoints import tiny_pair, tree_digest, write_single
 from conftest import assert_within_ulp
 
 from fusion_kernels import available_backends
-from fusion_kernels.io.reader import Checkpoint
+from fusion_kernels.io.reader import SafetensorsCheckpoint as Checkpoint
 from fusion_kernels.merge import main
 
 

@@ -16,7 +16,7 @@ from commands import merge, partials, refused, run
 from safetensors.torch import save_file
 
 from fusion_kernels.io.outputs import MARKER_NAME
-from fusion_kernels.io.reader import Checkpoint
+from fusion_kernels.io.reader import SafetensorsCheckpoint as Checkpoint
 
 
 @pytest.fixture

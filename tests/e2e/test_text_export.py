@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from fusion_kernels.io.reader import Checkpoint
+from fusion_kernels.io.reader import SafetensorsCheckpoint as Checkpoint
 from fusion_kernels.merge import main
 
 transformers = pytest.importorskip("transformers", reason="installed by the test extra")
