@@ -153,27 +153,3 @@ def test_host_output_over_the_budget_share_is_not_kept_through_small_tensors():
     storage = huge.untyped_storage()
     small = transport.output(torch.Size([1024]), torch.bfloat16)
     assert small.untyped_storage().nbytes() < storage.nbytes() // 2
-
-
-def test_read_ahead_stops_at_its_limit_and_passes_over_a_chunked_task():
-    from types import SimpleNamespace
-
-    from fusion_kernels.streaming.loop import ReadAhead
-
-    order = [SimpleNamespace(tuned=SimpleNamespace(nbytes=10), chunked=i == 4) for i in range(7)]
-    order[4].tuned.nbytes = 1000  # loads nothing ahead, so it counts for nothing
-    submitted = []
-
-    def submit(index):
-        submitted.append(index)
-        return None
-
-    ahead = ReadAhead(order, lambda t: not t.chunked, submit, 40)
-    assert submitted == [0, 1]  # the next task, and pairs within 40 bytes ahead
-    ahead.loads.pop(0)
-    ahead.fill(0)
-    assert submitted == [0, 1, 2]
-    ahead.fill(2)
-    assert submitted == [0, 1, 2, 3, 4, 5]  # past the chunked task, as if it were not there
-    ahead.fill(3)
-    assert submitted == [0, 1, 2, 3, 4, 5, 6]

@@ -275,7 +275,7 @@ TRUNCATE_DURING_MERGE = textwrap.dedent(
     import sys
     from fusion_kernels.io import reader
 
-    view, seen = reader.Checkpoint.view, []
+    view, seen = reader.SafetensorsCheckpoint.view, []
 
     def truncating_view(self, name, *args, **kwargs):
         tensor = view(self, name, *args, **kwargs)
@@ -285,7 +285,7 @@ TRUNCATE_DURING_MERGE = textwrap.dedent(
                 fh.truncate(64)
         return tensor
 
-    reader.Checkpoint.view = truncating_view
+    reader.SafetensorsCheckpoint.view = truncating_view
     from fusion_kernels.merge import cli
 
     sys.argv = ["merge", *sys.argv[1:]]
