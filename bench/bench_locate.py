@@ -14,7 +14,7 @@ import pytest
 from conftest import cached_pair
 
 from fusion_kernels.demo import PairSpec
-from fusion_kernels.io.reader import Checkpoint
+from fusion_kernels.io.reader import SafetensorsCheckpoint as Checkpoint
 from fusion_kernels.locate import locate_checkpoints
 from fusion_kernels.ops import available_backends
 

@@ -18,7 +18,7 @@ from measure import measure, merge_command
 from safetensors.torch import save_file
 
 from fusion_kernels.demo import PairSpec
-from fusion_kernels.io.reader import Checkpoint
+from fusion_kernels.io.reader import SafetensorsCheckpoint as Checkpoint
 from fusion_kernels.io.sources import open_checkpoint
 
 SHAPES = dict(hidden=2048, intermediate=5632, heads=16, kv_heads=4, vocab=32000, shards=2)

@@ -31,7 +31,7 @@ from conftest import cached_pair
 from measure import measure, merge_command
 
 from fusion_kernels.demo import PairSpec
-from fusion_kernels.io.reader import Checkpoint
+from fusion_kernels.io.reader import SafetensorsCheckpoint as Checkpoint
 
 pytest.importorskip("mergekit", reason="installed by the test extra")
 

@@ -17,8 +17,10 @@ import time
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from fusion_kernels import merge
+from fusion_kernels.io import directio, writer
 from fusion_kernels.ops import cpp
-from fusion_kernels.streaming import chunks, directio, merge, pipeline, transfer, writer
+from fusion_kernels.streaming import chunks, host, loop
 
 EVENTS: list[tuple[str, float, float]] = []
 _lock = threading.Lock()
@@ -38,14 +40,14 @@ def _timed(stage: str, function):
 
 def _install() -> None:
     """Time every stage; a wait is the main thread blocked on the reader or the writer."""
-    transfer.HostTransport.load = _timed("read", transfer.HostTransport.load)
-    transfer.HostTransport.ready = _timed("map in", transfer.HostTransport.ready)
-    transfer.HostTransport.release = _timed("release", transfer.HostTransport.release)
-    transfer.HostTransport.output = _timed("output buffer", transfer.HostTransport.output)
-    transfer.HostTransport.store = _timed("write", transfer.HostTransport.store)
+    host.HostTransport.load = _timed("read", host.HostTransport.load)
+    host.HostTransport.ready = _timed("map in", host.HostTransport.ready)
+    host.HostTransport.release = _timed("release", host.HostTransport.release)
+    host.HostTransport.output = _timed("output buffer", host.HostTransport.output)
+    host.HostTransport.store = _timed("write", host.HostTransport.store)
     chunks.RowSource.load = _timed("read chunk", chunks.RowSource.load)
     chunks.RowSource.release = _timed("release", chunks.RowSource.release)
-    pipeline._compute = _timed("kernel", pipeline._compute)
+    loop.MergeLoop._compute = _timed("kernel", loop.MergeLoop._compute)
     cpp.ChunkedMergeCpp.feed = _timed("kernel chunk", cpp.ChunkedMergeCpp.feed)
     writer.CheckpointWriter.write_range = _timed("write chunk", writer.CheckpointWriter.write_range)
     directio.OffsetFile.close = _timed("fsync", directio.OffsetFile.close)

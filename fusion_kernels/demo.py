@@ -17,7 +17,7 @@ import torch
 
 from .dtypes import safetensors_name
 from .errors import ParameterError
-from .io.reader import INDEX_NAME
+from .io.safetensors_header import INDEX_NAME
 from .io.writer import ShardFile
 from .neurons import default_axis
 from .plan.planner import ShardPlan
@@ -245,10 +245,10 @@ def planted_restored(tuned_dir: Path, merged_dir: Path) -> tuple[int, int]:
     With ``restore=replace`` every restored neuron equals tuned, so this is how many of the
     planted large-change neurons the merge located.
     """
-    from .io.reader import Checkpoint
+    from .io.reader import SafetensorsCheckpoint
 
     planted = json.loads((Path(tuned_dir) / PLANTED_NAME).read_text())
-    tuned, merged = Checkpoint(tuned_dir), Checkpoint(merged_dir)
+    tuned, merged = SafetensorsCheckpoint(tuned_dir), SafetensorsCheckpoint(merged_dir)
     found = total = 0
     for name, neurons in planted.items():
         t, m = tuned.read(name), merged.read(name)

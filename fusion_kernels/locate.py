@@ -41,7 +41,7 @@ from .ops.contract import count
 from .params import check_pattern
 from .pipeline import plan_merge
 from .process import run_cli
-from .streaming.transfer import parse_device
+from .streaming.device import parse_device
 
 TOP_PERCENTS = (1, 5, 10, 30)
 DENSITIES = (0.05, 0.1, 0.2, 0.3, 0.5)

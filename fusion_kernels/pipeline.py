@@ -1,14 +1,5 @@
-"""Driver: stream a planned merge from the input shards through the op into the writer.
-
-Three stages overlap: a reader thread loads the next tensor pairs while the current one is merged,
-and a writer thread writes the previous results. On CPU (transfer.py), the next pair is read
-from disk straight into reused buffers and one result waits for the writer; where direct reads
-are off, pairs are read ahead into the page cache only (up to the budget's worth) and mapped into
-the process when their turn comes, and up to two results wait. Memory holds a few tensors
-whatever the model size. A tensor too large for the memory budget streams in chunks of rows
-(chunks.py) through a reader thread of its own and the same writer. Such tensors go first: after
-their first pass they are read again from the page cache, and while those passes compute, the
-reader fetches the tensors after them from disk (last, nothing would be left to read meanwhile).
+"""Driver: open the checkpoints, plan the merge, and run it into an output that appears only
+when complete (the loop itself: :mod:`fusion_kernels.streaming.loop`).
 """
 
 from __future__ import annotations
@@ -16,38 +7,30 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import deque
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
-from tqdm import tqdm
-
-from .errors import BackendUnavailableError, CheckpointError, FusionError
+from .errors import BackendUnavailableError, CheckpointError
+from .io.checkpoint import Checkpoint
 from .io.outputs import check_output_path
-from .io.reader import Checkpoint
 from .io.safeload import MAX_INDEX_BYTES, read_bytes
 from .io.sources import open_checkpoint
 from .io.writer import CheckpointWriter, check_side_files
 from .modelcard import CARD_NAME, model_card
 from .neurons import NeuronRules
-from .ops import TensorStats, merge_tensor, requested_backend, select_backend
-from .ops.cpp import ChunkedMergeCpp
+from .ops import requested_backend, select_backend
 from .ops.known_answer import check_device
+from .ops.registry import ChunkedOpFactory
 from .params import MergeParams, TensorParams
 from .plan.layermap import layer_map_for
 from .plan.namemap import detect, layer_prefix, user_map
-from .plan.planner import MergePlan, TensorTask, build_plan
-from .streaming.chunks import (
-    BUFFERS_IN_FLIGHT,
-    DEFAULT_MEMORY_BUDGET,
-    Budget,
-    merge_task_in_chunks,
-    row_origin,
-)
-from .streaming.transfer import HostTransport, make_transport, parse_device
+from .plan.planner import MergePlan, build_plan
+from .streaming.choose import make_transport
+from .streaming.chunks import BUFFERS_IN_FLIGHT, DEFAULT_MEMORY_BUDGET, Budget
+from .streaming.device import parse_device
+from .streaming.loop import MergeLoop
+from .streaming.transport import Transport
 from .version import __version__
 
 log = logging.getLogger("fusion_kernels")
@@ -153,12 +136,13 @@ def merge_checkpoints(
         checksums: dict[str, int] | None = {} if verify else None
         budget = Budget(memory_budget or DEFAULT_MEMORY_BUDGET)
         transport = make_transport(torch_device, staging_bytes, budget.nbytes)
-        chunking = _chunks_enabled(backend, torch_device, transport)
+        loop = MergeLoop(
+            plan, base_ckpt, tuned_ckpt, writer, params, backend, transport,
+            checksums=checksums, budget=budget, chunked=_chunked_op(backend, transport),
+            progress=progress,
+        )  # fmt: skip
         try:
-            stats = _run(
-                plan, base_ckpt, tuned_ckpt, writer, params, backend, transport, progress,
-                checksums, budget if chunking else None,
-            )  # fmt: skip
+            stats = loop.run()
         finally:
             transport.close()
         report = _report(plan, params, rules, base_ckpt, tuned_ckpt, stats, device, started)
@@ -177,214 +161,25 @@ def merge_checkpoints(
     return report
 
 
-def _chunks_enabled(backend: str | None, device: torch.device, transport) -> bool:
-    """Whether tensors over the budget stream in chunks: CPU merges on the cpp backend."""
-    if device.type != "cpu" or not isinstance(transport, HostTransport):
-        return False
+def _chunked_op(backend: str | None, transport: Transport) -> ChunkedOpFactory | None:
+    """The op that streams tensors over the budget in chunks (the cpp backend's), where the
+    transport streams chunks (CPU merges); None: every tensor is merged whole."""
+    if not transport.streams_chunks:
+        return None
     try:
-        return select_backend(backend, "cpu").name == "cpp"
+        return select_backend(backend, "cpu").chunked
     except BackendUnavailableError:
-        return False  # the merge itself says why
+        return None  # the merge itself says why
 
 
 def _card(report: dict[str, Any], out_dir: Path, tuned_ckpt) -> str:
     """The model card; a tuned (or adapter) README.md is kept inside it, not copied over it."""
     model_dir = tuned_ckpt.directory if tuned_ckpt.path.is_dir() else None
-    folders = [getattr(tuned_ckpt, "adapter_dir", None), model_dir]
+    folders = [tuned_ckpt.adapter_dir, model_dir]
     cards = [f / CARD_NAME for f in folders if f is not None and (f / CARD_NAME).is_file()]
     raw = read_bytes(cards[0], MAX_INDEX_BYTES, CheckpointError) if cards else None
     tuned_card = raw.decode("utf-8", errors="replace") if raw is not None else None
     return model_card(report, str(out_dir), tuned_card)
-
-
-def _run(
-    plan, base_ckpt, tuned_ckpt, writer, params, backend, transport, progress, checksums,
-    budget: Budget | None,
-) -> list[TensorStats]:  # fmt: skip
-    """Every task, the stats in output order; with a ``budget``, the tasks it cannot hold whole
-    stream in chunks, first (see the module's docstring), while the pairs after them are read
-    ahead. Each tensor is written at its own offset, so the order of the work is free."""
-    order = [plan.tasks[name] for shard in plan.shards for name in shard.names]
-
-    streamed = {
-        task.name
-        for task in order
-        if budget is not None
-        and not budget.whole(task, params.for_tensor(task.name))
-        and _rows_readable(task, base_ckpt, tuned_ckpt)
-    }
-
-    def whole(task: TensorTask) -> bool:
-        return task.name not in streamed
-
-    output_order = {task.name: index for index, task in enumerate(order)}
-    order = [t for t in order if not whole(t)] + [t for t in order if whole(t)]
-
-    def load(task: TensorTask) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        if not whole(task):
-            return None, None
-        # Both tensors' reads queued at once: the disk reads them in parallel.
-        transport.prefetch(tuned_ckpt, task.tuned)
-        if task.action == "merge":
-            transport.prefetch(base_ckpt, task.base)
-        tuned = transport.load(tuned_ckpt, task.tuned)
-        base = transport.load(base_ckpt, task.base) if task.action == "merge" else None
-        return base, tuned
-
-    def release(task: TensorTask) -> None:
-        transport.release(tuned_ckpt, task.tuned)
-        if task.action == "merge":
-            transport.release(base_ckpt, task.base)
-
-    def store(task: TensorTask, merged: torch.Tensor, after) -> None:
-        crc = transport.store(writer, task.name, merged, checksums is not None, after)
-        if checksums is not None:
-            checksums[task.name] = crc
-        # A copied tensor is written straight from its input view.
-        if task.action == "copy":
-            release(task)
-
-    def stream(task: TensorTask, chunk_reader: Executor, out: Executor) -> TensorStats:
-        io = _chunk_io(task, transport, writer, chunk_reader, out, checksums is not None)
-        tensor_params = params.for_tensor(task.name)
-        stats, crc = merge_task_in_chunks(
-            task, base_ckpt, tuned_ckpt, tensor_params, budget, io, ChunkedMergeCpp
-        )
-        if checksums is not None:
-            checksums[task.name] = crc
-        return stats
-
-    results: list[TensorStats] = []
-    bar = tqdm(
-        total=plan.nbytes,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1000,
-        desc="merging",
-        disable=not progress,
-        dynamic_ncols=True,
-    )
-    with (
-        bar,
-        ThreadPoolExecutor(1, "fk-read") as reader,
-        ThreadPoolExecutor(1, "fk-chunks") as chunk_reader,
-        ThreadPoolExecutor(1, "fk-write") as out,
-    ):
-        ahead = _ReadAhead(order, whole, lambda i: reader.submit(load, order[i]), transport)
-        # Stores not yet done, oldest first; each holds one of the transport's output buffers.
-        in_flight: deque[Future] = deque()
-        ring = getattr(transport, "outputs", 2)
-        for position, task in enumerate(order):
-            base, tuned = ahead.take(position)
-            if not whole(task):
-                # Its chunks reuse the output buffers: the earlier stores must be done.
-                while in_flight:
-                    in_flight.popleft().result()
-                results.append(stream(task, chunk_reader, out))
-                ahead.fill(position)
-                bar.update(task.tuned.nbytes)
-                continue
-            ahead.fill(position)
-            for tensor in (base, tuned):
-                if tensor is not None:
-                    transport.ready(tensor)
-            tensor_params = params.for_tensor(task.name)
-            merged, stats = _compute(task, base, tuned, tensor_params, backend, transport, writer)
-            done = transport.computed()
-            if task.action == "merge":
-                release(task)
-            results.append(stats)
-            # The next compute reuses the output of the oldest store still in flight when the
-            # ring is full: wait for that store first.
-            while len(in_flight) >= ring - 1:
-                in_flight.popleft().result()
-            in_flight.append(out.submit(store, task, merged, done))
-            bar.update(task.tuned.nbytes)
-            bar.set_postfix_str(f"tensors {position + 1}/{len(order)}", refresh=False)
-        while in_flight:
-            in_flight.popleft().result()
-    return sorted(results, key=lambda stats: output_order[stats.name])
-
-
-class _ReadAhead:
-    """The loads submitted ahead of the merge: always the next task's, and more while the
-    whole tasks ahead total at most the transport's ``read_ahead_bytes``. A task that streams
-    in chunks loads nothing ahead (its chunks are read when its turn comes) and counts for
-    nothing, so the pairs after it are read while it runs."""
-
-    def __init__(self, order, whole, submit, transport):
-        """``submit(index)`` submits task ``index``'s load and returns its future."""
-        self.order, self.whole, self.submit = order, whole, submit
-        self.limit = transport.read_ahead_bytes
-        self.loads: dict[int, Future] = {}
-        self.next = 0
-        self.fill(-1)
-
-    def take(self, position: int):
-        """The loaded ``(base, tuned)`` of task ``position``."""
-        return self.loads.pop(position).result()
-
-    def fill(self, position: int) -> None:
-        """Submit loads after task ``position`` (being merged, or done) as the limit allows."""
-        while self.next < len(self.order):
-            if self.next > position + 1:
-                tasks = self.order[position + 1 : self.next + 1]
-                ahead = sum(task.tuned.nbytes for task in tasks if self.whole(task))
-                if 2 * ahead > self.limit:
-                    return
-            self.loads[self.next] = self.submit(self.next)
-            self.next += 1
-
-
-def _rows_readable(task: TensorTask, base_ckpt, tuned_ckpt) -> bool:
-    """Whether the task's inputs can be read in rows; a tensor a LoRA adapter updates is
-    computed whole (:meth:`~fusion_kernels.io.lora.LoraCheckpoint.row_origin` says why), so its
-    merge is whole too, over the budget."""
-    readable = row_origin(tuned_ckpt, task.tuned) is not None
-    if task.action == "merge":
-        readable = readable and row_origin(base_ckpt, task.base) is not None
-    if not readable:
-        log.info("tensor %r is merged whole: a LoRA update is computed whole", task.name)
-    return readable
-
-
-def _chunk_io(task, transport, writer, reader, out, want_crc) -> dict:
-    """The I/O a chunked task uses: the transport's output buffers, the writer, the threads."""
-    return dict(
-        output=transport.output,
-        write=lambda offset, data: writer.write_range(task.name, offset, data),
-        position=writer.position(task.name),
-        reader=reader,
-        writer=out,
-        want_crc=want_crc,
-    )
-
-
-def _compute(
-    task, base, tuned, params, backend, transport, writer
-) -> tuple[torch.Tensor, TensorStats]:
-    """Merge one task's tensors where they are (host or device); copies pass through.
-
-    A merged result never shares memory with base or tuned (the caller releases them after
-    this); a copy is tuned itself."""
-    if task.action == "copy":
-        return tuned, TensorStats(kept=0, name=task.name, numel=task.tuned.numel, action="copy")
-    start = time.perf_counter()
-    # A grown vocabulary merges the rows base has; the added rows come from tuned as they are.
-    block = tuned if task.merge_rows is None else tuned[: task.merge_rows]
-    try:
-        out = transport.output(block.shape, base.dtype, writer.position(task.name))
-        merged, stats = merge_tensor(
-            base, block, task.name, axis=task.axis, backend=backend, params=params, out=out
-        )
-    except FusionError as exc:
-        # Name the file too: the user has to find the bad tensor on disk.
-        exc.args = (f"{task.tuned.file}: {exc}",)
-        raise
-    if task.merge_rows is not None:
-        merged = torch.cat([merged, tuned[task.merge_rows :]])
-    stats.seconds = time.perf_counter() - start
-    return merged, stats
 
 
 def _report(plan, params, rules, base_ckpt, tuned_ckpt, stats, device, started) -> dict[str, Any]:
@@ -407,8 +202,8 @@ def _report(plan, params, rules, base_ckpt, tuned_ckpt, stats, device, started) 
         "fusion_kernels_version": __version__,
         "base": str(base_ckpt.path),
         "tuned": str(tuned_ckpt.path),
-        "base_model": getattr(base_ckpt, "reference", str(base_ckpt.path)),
-        "tuned_model": getattr(tuned_ckpt, "reference", str(tuned_ckpt.path)),
+        "base_model": base_ckpt.reference,
+        "tuned_model": tuned_ckpt.reference,
         "params": params.default.as_dict(),
         "param_overrides": params.describe(),
         "neuron_rules": [{"pattern": r.pattern, "axis": r.axis} for r in rules.rules],

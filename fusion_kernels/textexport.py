@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PlanError
+from .io.checkpoint import TensorInfo
 from .io.outputs import check_output_path, check_target
-from .io.reader import TensorInfo
 from .io.sources import open_checkpoint
 from .io.writer import MERGE_KIND, REPORT_NAME, CheckpointWriter
-from .plan.planner import MergePlan, ShardPlan, TensorTask, _regroup
+from .plan.planner import MergePlan, ShardPlan, TensorTask, regroup
 
 #: Shard size of the export (transformers' own default).
 TEXT_SHARD_BYTES = 5 * 10**9
@@ -80,7 +80,7 @@ def export_text_model(
                 writer.write(name, tensor)
             report = {
                 "text_model_of": str(Path(merged)),
-                "base_model": getattr(base_ckpt, "reference", str(base_ckpt.path)),
+                "base_model": base_ckpt.reference,
                 "from_merged": sources,
                 "from_base": [n for n in base_ckpt.names() if n not in sources],
             }
@@ -130,5 +130,5 @@ def _plan(base, merged, sources: dict[str, str]) -> MergePlan:
                 )
         entry = TensorInfo(name, info.file, info.dtype, info.shape, 0, info.nbytes)
         tasks[name] = TensorTask(name, "copy", entry, reason="text model")
-    shards: list[ShardPlan] = _regroup(base.names(), base, TEXT_SHARD_BYTES)
+    shards: list[ShardPlan] = regroup(base.names(), base, TEXT_SHARD_BYTES)
     return MergePlan(tasks, shards)

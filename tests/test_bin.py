@@ -12,9 +12,10 @@ import torch
 from checkpoints import tiny_pair, tree_digest
 
 from fusion_kernels.errors import CheckpointError
-from fusion_kernels.io.binreader import BinCheckpoint, output_shard_name
-from fusion_kernels.io.reader import Checkpoint
+from fusion_kernels.io.binreader import BinCheckpoint
+from fusion_kernels.io.reader import SafetensorsCheckpoint as Checkpoint
 from fusion_kernels.merge import main
+from fusion_kernels.plan.planner import output_shard_name
 
 
 def to_bin(source, target, legacy=False):

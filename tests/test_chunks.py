@@ -18,7 +18,7 @@ from checkpoints import tiny_pair, write_single
 
 from fusion_kernels import merge_checkpoints, params_for
 from fusion_kernels.errors import NonFiniteDeltaError, ParameterError
-from fusion_kernels.io.reader import TensorInfo
+from fusion_kernels.io.checkpoint import TensorInfo
 from fusion_kernels.params import PRESETS
 from fusion_kernels.plan.planner import TensorTask
 from fusion_kernels.streaming.chunks import (

@@ -14,7 +14,7 @@ import types
 import pytest
 import torch
 
-from fusion_kernels.streaming import transfer
+from fusion_kernels.streaming import staged
 
 DEVICE = torch.device("cuda", 1)
 
@@ -143,7 +143,7 @@ def test_staged_transport_streams_and_events_live_on_the_merge_device(cuda):
     info = types.SimpleNamespace(
         name="w", nbytes=len(data), torch_dtype=torch.int16, shape=(len(data) // 2,)
     )
-    transport = transfer.StagedTransport(DEVICE, staging_bytes=100)
+    transport = staged.StagedTransport(DEVICE, staging_bytes=100)
     streams = (transport.uploads.stream, transport.downloads.stream)
     assert all(s.device == DEVICE and s.made_on == 1 for s in streams)
 

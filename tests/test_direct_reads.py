@@ -10,8 +10,11 @@ from checkpoints import tiny_pair
 
 from fusion_kernels import merge_checkpoints, params_for
 from fusion_kernels.errors import CheckpointError
-from fusion_kernels.io.reader import DIRECT_SLACK, Checkpoint
-from fusion_kernels.streaming.transfer import HostTransport, _InputBuffers, make_transport
+from fusion_kernels.io.checkpoint import DIRECT_SLACK
+from fusion_kernels.io.reader import SafetensorsCheckpoint as Checkpoint
+from fusion_kernels.streaming.buffers import InputBuffers
+from fusion_kernels.streaming.choose import make_transport
+from fusion_kernels.streaming.host import HostTransport
 
 NAME = "model.embed_tokens.weight"
 #: Embeddings of 512 KiB: a tensor of a page or two shares the page of the header, which
@@ -97,7 +100,7 @@ def test_direct_reads_are_off_with_the_environment(monkeypatch):
 
 
 def test_input_buffers_hold_two_pairs_at_most():
-    pool = _InputBuffers(keep_bytes=1000)
+    pool = InputBuffers(keep_bytes=1000)
     sizes = [100, 900, 900, 50, 900, 900, 10, 10, 600]
     held = []
     for step, size in enumerate(sizes):
@@ -107,7 +110,7 @@ def test_input_buffers_hold_two_pairs_at_most():
         held.append(str(step))
         if len(held) > 2:  # the pair before last is released once the next pair is loaded
             pool.release((0, held.pop(0)))
-        assert len(pool._free) + len(pool._held) <= _InputBuffers.IN_FLIGHT
+        assert len(pool._free) + len(pool._held) <= InputBuffers.IN_FLIGHT
 
 
 def test_a_cold_merge_reads_direct_and_writes_the_same_files(tmp_path, monkeypatch):
@@ -137,7 +140,7 @@ def test_an_input_buffer_of_the_budget_share_serves_a_smaller_tensor_next():
     # A tensor of exactly the share whose bytes straddle one more page than they fill needs
     # the most slack direct_bytes adds; its buffer is still within the share.
     share, page = 1 << 20, 4096
-    pool = _InputBuffers(keep_bytes=share)
+    pool = InputBuffers(keep_bytes=share)
     large = pool.take(share + DIRECT_SLACK - 2)
     pool.hold((0, "large"), large)
     pool.release((0, "large"))

@@ -13,7 +13,7 @@ from checkpoints import tiny_pair
 
 from fusion_kernels import merge_checkpoints, params_for
 from fusion_kernels.io.directio import ENV_DIRECT_IO, PAGE, OffsetFile, page_offset
-from fusion_kernels.streaming.transfer import HostTransport
+from fusion_kernels.streaming.host import HostTransport
 
 SIZE = 7 * PAGE + 123
 

@@ -12,7 +12,7 @@ from checkpoints import tree_digest, write_single
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fusion_kernels.io.reader import Checkpoint
+from fusion_kernels.io.reader import SafetensorsCheckpoint as Checkpoint
 from fusion_kernels.merge import main
 
 FUZZ = settings(

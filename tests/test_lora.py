@@ -158,7 +158,8 @@ def test_a_budgeted_merge_streams_what_the_adapter_leaves_and_matches(
     tmp_path, monkeypatch, variant
 ):
     pytest.importorskip("fusion_kernels._cpp", reason="chunked merges run on the cpp backend")
-    from fusion_kernels import merge_checkpoints, params_for, pipeline
+    from fusion_kernels import merge_checkpoints, params_for
+    from fusion_kernels.streaming import loop
 
     base, adapter, _ = build(tmp_path, variant)
     weights = load_file(adapter / "adapter_model.safetensors")
@@ -167,13 +168,13 @@ def test_a_budgeted_merge_streams_what_the_adapter_leaves_and_matches(
         weights[key] = weights[key].float()
     save_file(weights, str(adapter / "adapter_model.safetensors"))
     streamed = []
-    chunked = pipeline.merge_task_in_chunks
+    chunked = loop.merge_task_in_chunks
 
     def spy(task, *args):
         streamed.append(task.name)
         return chunked(task, *args)
 
-    monkeypatch.setattr(pipeline, "merge_task_in_chunks", spy)
+    monkeypatch.setattr(loop, "merge_task_in_chunks", spy)
     tuned, params = f"{base}+{adapter}", params_for("neu-p-ties")
     for out, budget in (("whole", None), ("chunked", 1)):
         merge_checkpoints(

@@ -7,7 +7,7 @@ import torch
 from checkpoints import write_single
 
 from fusion_kernels.errors import ParameterError, PlanError
-from fusion_kernels.io.reader import Checkpoint
+from fusion_kernels.io.reader import SafetensorsCheckpoint as Checkpoint
 from fusion_kernels.plan.namemap import NameMap, detect, parse_map, user_map
 
 

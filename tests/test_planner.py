@@ -7,7 +7,7 @@ import torch
 from checkpoints import write_single
 
 from fusion_kernels.errors import PlanError
-from fusion_kernels.io.reader import Checkpoint
+from fusion_kernels.io.reader import SafetensorsCheckpoint as Checkpoint
 from fusion_kernels.neurons import NeuronRule, NeuronRules
 from fusion_kernels.plan.namemap import NameMap
 from fusion_kernels.plan.planner import build_plan

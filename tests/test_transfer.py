@@ -9,10 +9,11 @@ from backends import needs_cuda
 from checkpoints import tiny_pair
 
 from fusion_kernels import merge_checkpoints, params_for
-from fusion_kernels.io.reader import Checkpoint
+from fusion_kernels.io.reader import SafetensorsCheckpoint as Checkpoint
 from fusion_kernels.io.writer import CheckpointWriter
 from fusion_kernels.plan.planner import build_plan
-from fusion_kernels.streaming.transfer import HostTransport, StagedTransport
+from fusion_kernels.streaming.host import HostTransport
+from fusion_kernels.streaming.staged import StagedTransport
 
 
 @pytest.mark.parametrize("staging_bytes", [1, 1000, 4099, 1 << 20])
@@ -87,7 +88,8 @@ def test_a_shard_is_synced_and_closed_once_its_last_tensor_is_written(tmp_path):
 
 
 def test_staging_buffers_share_the_memory_budget():
-    from fusion_kernels.streaming.transfer import DEFAULT_STAGING_BYTES, PAGE, staging_size
+    from fusion_kernels.io.directio import PAGE
+    from fusion_kernels.streaming.staged import DEFAULT_STAGING_BYTES, staging_size
 
     assert staging_size(None) == DEFAULT_STAGING_BYTES
     assert staging_size(672 * 2**20) == 168 * 2**20  # four buffers: the whole budget
@@ -152,27 +154,3 @@ def test_host_output_over_the_budget_share_is_not_kept_through_small_tensors():
     storage = huge.untyped_storage()
     small = transport.output(torch.Size([1024]), torch.bfloat16)
     assert small.untyped_storage().nbytes() < storage.nbytes() // 2
-
-
-def test_read_ahead_stops_at_its_limit_and_passes_over_a_chunked_task():
-    from types import SimpleNamespace
-
-    from fusion_kernels.pipeline import _ReadAhead
-
-    order = [SimpleNamespace(tuned=SimpleNamespace(nbytes=10), chunked=i == 4) for i in range(7)]
-    order[4].tuned.nbytes = 1000  # loads nothing ahead, so it counts for nothing
-    submitted = []
-
-    def submit(index):
-        submitted.append(index)
-        return None
-
-    ahead = _ReadAhead(order, lambda t: not t.chunked, submit, SimpleNamespace(read_ahead_bytes=40))
-    assert submitted == [0, 1]  # the next task, and pairs within 40 bytes ahead
-    ahead.loads.pop(0)
-    ahead.fill(0)
-    assert submitted == [0, 1, 2]
-    ahead.fill(2)
-    assert submitted == [0, 1, 2, 3, 4, 5]  # past the chunked task, as if it were not there
-    ahead.fill(3)
-    assert submitted == [0, 1, 2, 3, 4, 5, 6]

@@ -18,8 +18,9 @@ import torch
 from ..dtypes import SAFETENSORS_DTYPES, safetensors_name
 from ..errors import CheckpointError
 from . import faults
-from .reader import TensorInfo, TensorTable, advise, populate_range
-from .safeload import MAX_INDEX_BYTES, load_json, open_regular
+from .checkpoint import Checkpoint, TensorInfo
+from .pagecache import advise, populate_range
+from .safeload import open_regular
 
 BIN_NAME = "pytorch_model.bin"
 BIN_INDEX_NAME = "pytorch_model.bin.index.json"
@@ -31,17 +32,6 @@ def is_bin_checkpoint(path: Path) -> bool:
     if not path.is_dir():
         return path.suffix == ".bin"
     return (path / BIN_INDEX_NAME).exists() or (path / BIN_NAME).exists()
-
-
-def output_shard_name(filename: str) -> str:
-    """The safetensors file a merge writes for an input shard: ``pytorch_model-00001-of-00002.bin``
-    → ``model-00001-of-00002.safetensors``; a ``.safetensors`` name stays as it is."""
-    if not filename.endswith(".bin"):
-        return filename
-    stem = filename.removesuffix(".bin")
-    return (
-        "model" + stem.removeprefix("pytorch_model") if stem.startswith("pytorch_model") else stem
-    ) + ".safetensors"
 
 
 def load_state(file: Path) -> tuple[dict[str, torch.Tensor], bool]:
@@ -102,8 +92,9 @@ def _check_dense(file: Path, name: str, tensor: torch.Tensor) -> None:
         )
 
 
-class BinCheckpoint(TensorTable):
-    """A ``.bin`` checkpoint with the :class:`~fusion_kernels.io.reader.Checkpoint` interface.
+class BinCheckpoint(Checkpoint):
+    """A ``.bin`` checkpoint behind the :class:`~fusion_kernels.io.checkpoint.Checkpoint`
+    interface.
 
     ``TensorInfo.begin``/``end`` are positions in the order tensors were saved (the bytes live
     inside the zip archive); reads go through the mapped tensors, never through offsets.
@@ -111,14 +102,15 @@ class BinCheckpoint(TensorTable):
 
     index_name = BIN_INDEX_NAME
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        if not self.path.exists():
-            raise CheckpointError(f"{self.path}: no such file or directory")
-        self.directory = self.path if self.path.is_dir() else self.path.parent
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        reference: str | None = None,
+        roots: list[Path] | None = None,
+    ):
+        super().__init__(path, reference=reference, roots=roots)
         self.files = self._shard_files()
-        self.metadata: dict[str, str] = {}
-        self.tensors: dict[str, TensorInfo] = {}
         self._state: dict[str, torch.Tensor] = {}
         self._watched: list[int] = []
         self._mapped_files: set[Path] = set()
@@ -138,32 +130,11 @@ class BinCheckpoint(TensorTable):
         if not self.path.is_dir():
             return [self.path]
         index = self.path / BIN_INDEX_NAME
-        if not index.exists():
-            if not (self.path / BIN_NAME).exists():
-                raise CheckpointError(f"{self.path}: no {BIN_NAME} or {BIN_INDEX_NAME} here")
-            return [self.path / BIN_NAME]
-        document = load_json(index, MAX_INDEX_BYTES, CheckpointError)
-        self.index = document.get("weight_map") if isinstance(document, dict) else None
-        if not isinstance(self.index, dict) or not all(
-            isinstance(v, str) for v in self.index.values()
-        ):
-            raise CheckpointError(
-                f"{index}: not a valid index file (needs a weight_map of tensor names to files)"
-            )
-        files = sorted(set(self.index.values()))
-        for name in files:
-            if Path(name).name != name or name in ("", ".", ".."):
-                raise CheckpointError(f"{index}: shard {name!r} is not a file name here")
-            # Its output shard keeps any other name, which could be one the writer creates
-            # (config.json, the report) or copies from the tuned directory.
-            if not name.endswith(".bin"):
-                raise CheckpointError(
-                    f"{index}: shard {name!r} is not a .bin file name; rename the shard and its "
-                    "index entries"
-                )
-            if not os.path.lexists(self.path / name):
-                raise CheckpointError(f"{index}: names shard {name!r}, which does not exist")
-        return [self.path / name for name in files]
+        if index.exists():
+            return self._index_shards(index, ".bin")
+        if not (self.path / BIN_NAME).exists():
+            raise CheckpointError(f"{self.path}: no {BIN_NAME} or {BIN_INDEX_NAME} here")
+        return [self.path / BIN_NAME]
 
     def _add(self, file: Path, state: dict[str, torch.Tensor]) -> None:
         position = 0
@@ -216,12 +187,7 @@ class BinCheckpoint(TensorTable):
         """The tensor copied into its own memory."""
         return self._state[name].clone(memory_format=torch.contiguous_format)
 
-    def read_into(self, name: str, offset: int, out) -> None:
-        """Copy bytes ``[offset, offset + len(out))`` of a tensor into a uint8 numpy array (e.g.
-        a staging buffer), releasing the mapped pages read."""
-        info = self.tensors[name]
-        if offset < 0 or offset + len(out) > info.nbytes:
-            raise ValueError(f"range [{offset}, {offset + len(out)}) outside tensor {name!r}")
+    def _read_range(self, name: str, offset: int, out) -> None:
         flat = self.view(name, populate=False).reshape(-1).view(torch.uint8)
         out[:] = flat[offset : offset + len(out)].numpy()
         self.release(name, offset, offset + len(out))
@@ -239,7 +205,3 @@ class BinCheckpoint(TensorTable):
             faults.unwatch(fd)
             os.close(fd)
         self._watched.clear()
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())

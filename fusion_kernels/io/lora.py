@@ -1,7 +1,7 @@
 """A model with a PEFT LoRA adapter merged in, read a tensor at a time (``--tuned MODEL+ADAPTER``).
 
-:class:`LoraCheckpoint` has the :class:`~fusion_kernels.io.reader.Checkpoint` interface; a tensor
-the adapter touches is computed when it is read, as PEFT's ``merge_and_unload`` computes it:
+:class:`LoraCheckpoint` has the :class:`~fusion_kernels.io.checkpoint.Checkpoint` interface; a
+tensor the adapter touches is computed when it is read, as PEFT's ``merge_and_unload`` computes it:
 
 - a LoRA pair (``lora_A``/``lora_B``, or ``lora_embedding_A``/``_B``) adds
   ``transpose(f32(B) @ f32(A)) · scale`` to the weight, accumulated in float32 and rounded once
@@ -40,6 +40,9 @@ from .adapter_config import (
     rank_for,
     read_config,
 )
+from .binreader import BinCheckpoint
+from .checkpoint import Checkpoint, TensorInfo
+from .reader import SafetensorsCheckpoint
 
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 _PREFIX = "base_model.model."
@@ -61,20 +64,40 @@ class _Pair:
     transpose: bool
 
 
-class LoraCheckpoint:
+class LoraCheckpoint(Checkpoint):
     """``model`` (any checkpoint) as if the adapter in ``adapter_dir`` were merged into it.
 
     Structure is checked here, before any weight is read: every adapter tensor must update or
-    replace a model tensor of a float dtype and the right shape.
+    replace a model tensor of a float dtype and the right shape. A tensor the adapter leaves
+    alone is read as the model reads it (direct reads, views of its mapping); one it touches is
+    computed whole when it is read.
+
+    Args:
+        model: the checkpoint the adapter was trained on.
+        adapter_dir: the PEFT adapter's directory.
+        reference: the text that named both (default ``MODEL+ADAPTER`` of their references).
+        roots: the local paths read (default the model's and ``adapter_dir``).
     """
 
-    def __init__(self, model, adapter_dir: str | os.PathLike):
+    def __init__(
+        self,
+        model: Checkpoint,
+        adapter_dir: str | os.PathLike,
+        *,
+        reference: str | None = None,
+        roots: list[Path] | None = None,
+    ):
+        if reference is None:
+            reference = f"{model.reference}+{adapter_dir}"
+        if roots is None:
+            roots = [*model.roots, Path(adapter_dir)]
+        super().__init__(model.path, reference=reference, roots=roots)
         self.model = model
         self.adapter_dir = Path(adapter_dir)
         self.config = read_config(self.adapter_dir)
         self.weights = _open_weights(self.adapter_dir)
-        self.path, self.directory = model.path, model.directory
-        self.files, self.metadata = model.files, model.metadata
+        self.directory, self.files = model.directory, model.files
+        self.metadata, self.index = model.metadata, model.index
         self.tensors = dict(model.tensors)
         self.pairs: dict[str, _Pair] = {}
         self.replaced: dict[str, str] = {}
@@ -185,30 +208,42 @@ class LoraCheckpoint:
 
     # The Checkpoint interface -----------------------------------------------------------------
 
-    def names(self) -> list[str]:
-        return self.model.names()
+    def _computed(self, name: str) -> bool:
+        """Whether the adapter updates or replaces the tensor (else it is the model's)."""
+        return name in self.pairs or name in self.replaced
 
-    def __contains__(self, name: str) -> bool:
-        return name in self.tensors
-
-    def info(self, name: str):
-        return self.tensors[name]
-
-    def view(self, name: str) -> torch.Tensor:
-        if name in self.pairs or name in self.replaced:
+    def view(self, name: str, populate: bool = True) -> torch.Tensor:
+        if self._computed(name):
             return self._merged(name)
-        return self.model.view(name)
+        return self.model.view(name, populate)
 
     def read(self, name: str) -> torch.Tensor:
-        if name in self.pairs or name in self.replaced:
+        if self._computed(name):
             return self._merged(name)
         return self.model.read(name)
 
-    def release(self, name: str) -> None:
-        if name not in self.pairs and name not in self.replaced:
-            self.model.release(name)
+    def mappable(self, name: str) -> bool:
+        return not self._computed(name) and self.model.mappable(name)
 
-    def row_origin(self, name: str):
+    def populate(self, name: str, begin: int = 0, end: int | None = None) -> None:
+        if not self._computed(name):
+            self.model.populate(name, begin, end)
+
+    def release(self, name: str, begin: int = 0, end: int | None = None) -> None:
+        if not self._computed(name):
+            self.model.release(name, begin, end)
+
+    def prefetch(self, name: str, begin: int = 0, end: int | None = None) -> None:
+        if not self._computed(name):
+            self.model.prefetch(name, begin, end)
+
+    def direct_bytes(self, name: str) -> int | None:
+        return None if self._computed(name) else self.model.direct_bytes(name)
+
+    def read_direct(self, name: str, buffer: torch.Tensor) -> torch.Tensor | None:
+        return None if self._computed(name) else self.model.read_direct(name, buffer)
+
+    def row_origin(self, name: str) -> tuple[Checkpoint, TensorInfo] | None:
         """``(checkpoint, TensorInfo)`` whose rows are this tensor's rows, for a merge that
         reads it in chunks (cast to the model's dtype); None for a tensor a LoRA pair updates.
 
@@ -221,12 +256,11 @@ class LoraCheckpoint:
             return None
         if name in self.replaced:
             return self.weights, self.weights.info(self.replaced[name])
-        nested = getattr(self.model, "row_origin", None)
-        return nested(name) if nested else (self.model, self.model.info(name))
+        return self.model.row_origin(name)
 
-    def read_into(self, name: str, offset: int, out) -> None:
+    def _read_range(self, name: str, offset: int, out) -> None:
         """Bytes of a tensor (staged transfers read one in chunks: the last merged is kept)."""
-        if name not in self.pairs and name not in self.replaced:
+        if not self._computed(name):
             self.model.read_into(name, offset, out)
             return
         if self._cached is None or self._cached[0] != name:
@@ -238,10 +272,6 @@ class LoraCheckpoint:
     def close(self) -> None:
         self.model.close()
         self.weights.close()
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
 
     # Merging ----------------------------------------------------------------------------------
 
@@ -271,12 +301,10 @@ class LoraCheckpoint:
         return merged
 
 
-def _open_weights(adapter_dir: Path):
-    from .binreader import BinCheckpoint
-    from .reader import Checkpoint
-
+def _open_weights(adapter_dir: Path) -> Checkpoint:
     for filename in ADAPTER_WEIGHTS:
         path = adapter_dir / filename
         if path.exists():
-            return Checkpoint(path) if path.suffix == ".safetensors" else BinCheckpoint(path)
+            kind = SafetensorsCheckpoint if path.suffix == ".safetensors" else BinCheckpoint
+            return kind(path)
     raise CheckpointError(f"{adapter_dir}: no {' or '.join(ADAPTER_WEIGHTS)} beside its config")

@@ -1,24 +1,21 @@
-"""Reader: a checkpoint on disk, listed without reading data and read one tensor at a time.
+"""Safetensors checkpoints: listed from their headers without reading data, read one tensor at a
+time from the memory-mapped shards.
 
 A checkpoint is a directory holding one ``.safetensors`` file, or shards named by
 ``model.safetensors.index.json``, or a single ``.safetensors`` file. Headers are parsed and checked
-here (so a corrupt file is a clear error naming it); shards are memory-mapped. A tensor is either
-copied out on its own (:meth:`Checkpoint.read`) or handed out as a zero-copy view of the mapping
-(:meth:`Checkpoint.view`); either way its pages are released from the mapping once used, so the
-process's resident memory holds the tensors in flight, not the shards it has read.
+first (:mod:`.safetensors_header`); shards are memory-mapped. A tensor is either copied out on its
+own (:meth:`SafetensorsCheckpoint.read`), handed out as a zero-copy view of the mapping
+(:meth:`SafetensorsCheckpoint.view`) or read with O_DIRECT into a buffer the caller reuses
+(:meth:`SafetensorsCheckpoint.read_direct`); either way its pages are released from the mapping once
+used, so the process's resident memory holds the tensors in flight, not the shards it has read.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import math
 import mmap
 import os
-import struct
-import sys
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -27,203 +24,39 @@ import torch
 
 from ..dtypes import SAFETENSORS_DTYPES
 from ..errors import CheckpointError
-from . import faults
+from . import faults, pagecache
+from .checkpoint import Checkpoint, TensorInfo
 from .directio import open_direct_reader, pread_direct
-from .safeload import MAX_INDEX_BYTES, load_json, open_regular, parse_json
-
-INDEX_NAME = "model.safetensors.index.json"
-
-# A header larger than this is certainly corrupt (real ones are a few MB at most).
-MAX_HEADER_BYTES = 100 * 1024 * 1024
-# Every dimension and offset must fit an int64 (torch's and the file format's limit).
-MAX_DIM = 2**63
-#: :meth:`Checkpoint.warm` maps this much at a time while it reads into the page cache.
-WARM_SLICE = 16 * 2**20
-#: What :meth:`Checkpoint.direct_bytes` adds to a tensor's size, at most: the partial pages at
-#: both ends and a page to align the buffer.
-DIRECT_SLACK = 3 * mmap.PAGESIZE
-# madvise(2) advice that Python's mmap module lacks: fault a range's pages in (Linux 5.14+).
-_MADV_POPULATE_READ = 22 if sys.platform.startswith("linux") else None
+from .safeload import open_regular
+from .safetensors_header import INDEX_NAME, read_header
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor lives: its shard file, dtype string, shape and byte range in the data."""
-
-    name: str
-    file: Path
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.begin
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return SAFETENSORS_DTYPES[self.dtype][0]
-
-
-def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
-    """Parse and check a safetensors header: ``(tensors, metadata, data_start)``.
-
-    Raises CheckpointError naming the file for every inconsistency safetensors would trip on.
-    """
-    fd = open_regular(path, CheckpointError)
-    try:
-        size = os.fstat(fd).st_size
-        prefix = os.pread(fd, 8, 0)
-        if len(prefix) < 8:
-            raise CheckpointError(f"{path}: too short to be a safetensors file ({size} bytes)")
-        (header_len,) = struct.unpack("<Q", prefix)
-        if header_len > min(size - 8, MAX_HEADER_BYTES):
-            raise CheckpointError(
-                f"{path}: header length {header_len} exceeds the file ({size} bytes): "
-                "truncated or not a safetensors file"
-            )
-        raw = os.pread(fd, header_len, 8)
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
-    finally:
-        os.close(fd)
-    header = parse_json(raw, f"{path}: header", CheckpointError)
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: header is not a JSON object")
-    metadata = _metadata(path, header.pop("__metadata__", None))
-    data_start = 8 + header_len
-    tensors = {name: _tensor_info(path, name, entry) for name, entry in header.items()}
-    _check_layout(path, tensors, size - data_start)
-    return tensors, metadata, data_start
-
-
-def _metadata(path: Path, value: object) -> dict[str, str]:
-    """``__metadata__`` as safetensors accepts it: absent, or an object of strings to strings."""
-    if value is None:
-        return {}
-    if not isinstance(value, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-    ):
-        raise CheckpointError(
-            f"{path}: __metadata__ must map strings to strings; not a valid safetensors file"
-        )
-    return value
-
-
-def _tensor_info(path: Path, name: str, entry: object) -> TensorInfo:
-    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
-        raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry")
-    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
-        raise CheckpointError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
-    valid_shape = isinstance(shape, list) and all(_is_count(d) and d < MAX_DIM for d in shape)
-    valid_offsets = isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))
-    if not valid_shape or not valid_offsets:
-        raise CheckpointError(f"{path}: tensor {name!r} has a malformed shape or data_offsets")
-    begin, end = offsets
-    if end >= MAX_DIM:
-        raise CheckpointError(f"{path}: tensor {name!r} has data_offsets past 2^63")
-    expected = math.prod(shape) * SAFETENSORS_DTYPES[dtype][1]
-    if end - begin != expected:
-        raise CheckpointError(
-            f"{path}: tensor {name!r} of shape {shape} and dtype {dtype} needs {expected} bytes "
-            f"but its offsets span {end - begin}"
-        )
-    return TensorInfo(name, path, dtype, tuple(shape), begin, end)
-
-
-def _is_count(value: object) -> bool:
-    # JSON true/false parse as bool, which Python also counts as int.
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _check_layout(path: Path, tensors: dict[str, TensorInfo], data_size: int) -> None:
-    """Offsets must start at 0, not overlap, leave no gaps and stay inside the file."""
-    position = 0
-    for info in sorted(tensors.values(), key=lambda t: (t.begin, t.end)):
-        if info.begin != position:
-            problem = "overlaps the previous tensor" if info.begin < position else "leaves a gap"
-            raise CheckpointError(f"{path}: tensor {info.name!r} {problem} (offset {info.begin})")
-        position = info.end
-    if position > data_size:
-        raise CheckpointError(
-            f"{path}: tensor data ends at byte {position} but the file holds {data_size} bytes "
-            "after its header: the file is truncated"
-        )
-    if position < data_size:
-        raise CheckpointError(
-            f"{path}: {data_size - position} bytes after the last tensor that no header entry "
-            "describes: not a valid safetensors file"
-        )
-
-
-class TensorTable:
-    """What every checkpoint reader shares: its tensors (``tensors``, name → :class:`TensorInfo`)
-    in file order, and the check that its index file (``index_name``; ``index``, name → shard
-    file name, None without one) names each tensor's shard. Readers set ``path``, ``files``,
-    ``tensors`` and ``index``."""
-
-    index_name = INDEX_NAME
-    path: Path
-    files: list[Path]
-    tensors: dict[str, TensorInfo]
-
-    def _check_index(self) -> None:
-        for name, file in (getattr(self, "index", None) or {}).items():
-            info = self.tensors.get(name)
-            if info is None or info.file.name != file:
-                raise CheckpointError(
-                    f"{self.path / self.index_name}: tensor {name!r} is not in its shard {file!r}"
-                )
-
-    def names(self) -> list[str]:
-        """Tensor names in file order, then in the order they lie in each file."""
-        order = {f: i for i, f in enumerate(self.files)}
-        return sorted(
-            self.tensors, key=lambda n: (order[self.tensors[n].file], self.tensors[n].begin)
-        )
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.tensors
-
-    def info(self, name: str) -> TensorInfo:
-        return self.tensors[name]
-
-
-class Checkpoint(TensorTable):
+class SafetensorsCheckpoint(Checkpoint):
     """A safetensors checkpoint: names, shapes and dtypes from headers; data read on demand.
 
     Args:
         path: a directory (one ``.safetensors`` file, or shards named by an index file)
             or a single ``.safetensors`` file.
+        reference, roots: see :class:`~fusion_kernels.io.checkpoint.Checkpoint`.
     """
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        if not self.path.exists():
-            raise CheckpointError(f"{self.path}: no such file or directory")
-        self.directory = self.path if self.path.is_dir() else self.path.parent
+    index_name = INDEX_NAME
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        reference: str | None = None,
+        roots: list[Path] | None = None,
+    ):
+        super().__init__(path, reference=reference, roots=roots)
         self.files = self._shard_files()
-        self.tensors: dict[str, TensorInfo] = {}
         #: Each shard's size when its header was read; a shard that shrinks later is refused
         #: before its mapping is touched (a read past a file's end kills the process: SIGBUS).
         self._sizes: dict[Path, int] = {}
-        self.metadata: dict[str, str] = {}
         self._data_start: dict[Path, int] = {}
         for file in self.files:
-            tensors, metadata, self._data_start[file] = read_header(file)
-            self._sizes[file] = self._data_start[file] + sum(t.nbytes for t in tensors.values())
-            for name in tensors.keys() & self.tensors.keys():
-                raise CheckpointError(
-                    f"{file}: tensor {name!r} also appears in {self.tensors[name].file}"
-                )
-            self.tensors.update(tensors)
-            self.metadata = self.metadata or metadata
+            self._add(file)
         self._check_index()
         if not self.tensors:
             # A merge of nothing would succeed with an output holding no weights.
@@ -237,6 +70,17 @@ class Checkpoint(TensorTable):
         # read-ahead): it must be mapped and watched once.
         self._mapping_lock = threading.Lock()
 
+    def _add(self, file: Path) -> None:
+        """One shard's header: its tensors, metadata, data offset and size."""
+        tensors, metadata, self._data_start[file] = read_header(file)
+        self._sizes[file] = self._data_start[file] + sum(t.nbytes for t in tensors.values())
+        for name in tensors.keys() & self.tensors.keys():
+            raise CheckpointError(
+                f"{file}: tensor {name!r} also appears in {self.tensors[name].file}"
+            )
+        self.tensors.update(tensors)
+        self.metadata = self.metadata or metadata
+
     def _shard_files(self) -> list[Path]:
         if not self.path.is_dir():
             if self.path.suffix != ".safetensors":
@@ -244,23 +88,7 @@ class Checkpoint(TensorTable):
             return [self.path]
         index = self.path / INDEX_NAME
         if index.exists():
-            self.index = self._load_index(index)
-            files = sorted(set(self.index.values()))
-            outside = [f for f in files if Path(f).name != f or f in ("", ".", "..")]
-            if outside:
-                raise CheckpointError(f"{index}: shard {outside[0]!r} is not a file name here")
-            # Any other name could collide with a file the writer creates beside the shards
-            # (config.json, the report) or one it copies from the tuned directory.
-            foreign = [f for f in files if not f.endswith(".safetensors")]
-            if foreign:
-                raise CheckpointError(
-                    f"{index}: shard {foreign[0]!r} is not a .safetensors file name; rename "
-                    "the shard and its index entries"
-                )
-            missing = [f for f in files if not (self.path / f).exists()]
-            if missing:
-                raise CheckpointError(f"{index}: names shard {missing[0]!r}, which does not exist")
-            return [self.path / f for f in files]
+            return self._index_shards(index, ".safetensors")
         files = sorted(self.path.glob("*.safetensors"))
         if not files:
             raise CheckpointError(
@@ -273,18 +101,6 @@ class Checkpoint(TensorTable):
                 "which belong to the model"
             )
         return files
-
-    def _load_index(self, index: Path) -> dict[str, str]:
-        document = load_json(index, MAX_INDEX_BYTES, CheckpointError)
-        try:
-            weight_map = document["weight_map"]
-        except (KeyError, TypeError, IndexError) as exc:
-            raise CheckpointError(f"{index}: not a valid index file (no {exc})") from None
-        if not isinstance(weight_map, dict) or not all(
-            isinstance(v, str) for v in weight_map.values()
-        ):
-            raise CheckpointError(f"{index}: weight_map must map tensor names to file names")
-        return weight_map
 
     def view(self, name: str, populate: bool = True) -> torch.Tensor:
         """One tensor as a view of the memory-mapped shard, with its pages mapped in now
@@ -302,7 +118,7 @@ class Checkpoint(TensorTable):
         try:
             mapped = self._mapping(info.file)
             if populate:
-                _populate(self._addresses[info.file], mapped, start, info.nbytes)
+                pagecache.populate(self._addresses[info.file], mapped, start, info.nbytes)
             # Through numpy: its array holds the mapping's buffer export for as long as the
             # tensor lives, so the mapping cannot be closed under it (torch.frombuffer does not).
             raw = np.frombuffer(mapped, dtype=np.uint8, count=info.nbytes, offset=start)
@@ -361,14 +177,7 @@ class Checkpoint(TensorTable):
 
     def _resident_share(self, file: Path, start: int, length: int) -> float:
         """The share of a mapped byte range's pages in the page cache (0 where unknown)."""
-        begin, span = _pages(self._maps[file], start, length)
-        vector = np.zeros(-(-span // mmap.PAGESIZE), dtype=np.uint8)
-        if _LIBC is None or not vector.size:
-            return 0.0
-        address = ctypes.c_void_p(self._addresses[file] + begin)
-        if _LIBC.mincore(address, span, vector.ctypes.data_as(ctypes.c_void_p)) != 0:
-            return 0.0
-        return float(np.count_nonzero(vector & 1)) / vector.size
+        return pagecache.resident_share(self._addresses[file], self._maps[file], start, length)
 
     def populate(self, name: str, begin: int = 0, end: int | None = None) -> None:
         """Map bytes ``[begin, end)`` of a viewed tensor's pages in now, reading them from disk
@@ -378,7 +187,7 @@ class Checkpoint(TensorTable):
         end = info.nbytes if end is None else end
         if mapped is not None and end > begin:
             start = self._offset(info) + begin
-            _populate(self._addresses[info.file], mapped, start, end - begin)
+            pagecache.populate(self._addresses[info.file], mapped, start, end - begin)
 
     def prefetch(self, name: str, begin: int = 0, end: int | None = None) -> None:
         """Start reading bytes ``[begin, end)`` of a tensor into the page cache and return at
@@ -388,18 +197,7 @@ class Checkpoint(TensorTable):
         if end > begin:
             self._mapping(info.file)
             start = self._offset(info) + begin
-            advise(self._addresses[info.file] + start, end - begin, mmap.MADV_WILLNEED)
-
-    def warm(self, name: str, begin: int = 0, end: int | None = None) -> None:
-        """Read bytes ``[begin, end)`` of a tensor into the page cache, waiting for them, without
-        keeping them mapped in this process: :meth:`populate` then maps them in milliseconds.
-
-        A slice at a time is mapped and unmapped again, so this holds at most a slice."""
-        end = self.tensors[name].nbytes if end is None else end
-        for first in range(begin, end, WARM_SLICE):
-            stop = min(first + WARM_SLICE, end)
-            self.populate(name, first, stop)
-            self.release(name, first, stop)
+            pagecache.advise(self._addresses[info.file] + start, end - begin, mmap.MADV_WILLNEED)
 
     def release(self, name: str, begin: int = 0, end: int | None = None) -> None:
         """Drop a tensor's pages (bytes ``[begin, end)`` of it; default all) from this
@@ -408,7 +206,7 @@ class Checkpoint(TensorTable):
         mapped = self._maps.get(info.file)
         end = info.nbytes if end is None else end
         if mapped is not None and end > begin:
-            _release(mapped, self._offset(info) + begin, end - begin)
+            pagecache.release(mapped, self._offset(info) + begin, end - begin)
 
     def read(self, name: str) -> torch.Tensor:
         """One tensor, copied out of the memory-mapped shard into its own CPU memory."""
@@ -424,23 +222,19 @@ class Checkpoint(TensorTable):
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{info.file}: cannot read tensor {name!r} ({exc})") from None
         del source
-        _release(mapped, start, info.nbytes)
+        pagecache.release(mapped, start, info.nbytes)
         return tensor
 
-    def read_into(self, name: str, offset: int, out) -> None:
-        """Copy bytes ``[offset, offset + len(out))`` of a tensor into ``out`` (a uint8 numpy
-        array, e.g. a pinned staging buffer), releasing the pages read."""
+    def _read_range(self, name: str, offset: int, out) -> None:
         info = self.tensors[name]
         length = len(out)
-        if offset < 0 or offset + length > info.nbytes:
-            raise ValueError(f"range [{offset}, {offset + length}) outside tensor {name!r}")
         start = self._offset(info) + offset
         try:
             mapped = self._mapping(info.file)
             out[:] = np.frombuffer(mapped, dtype=np.uint8, count=length, offset=start)
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{info.file}: cannot read tensor {name!r} ({exc})") from None
-        _release(mapped, start, length)
+        pagecache.release(mapped, start, length)
 
     def _mapping(self, file: Path) -> mmap.mmap:
         """The shard's mapping, after checking that the file still has its size.
@@ -493,76 +287,3 @@ class Checkpoint(TensorTable):
                 os.close(descriptor)
         self._direct.clear()
         self._addresses.clear()
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
-
-
-def _populate(address: int, mapped: mmap.mmap, start: int, length: int) -> None:
-    """Map a range's pages in now (reading them from disk if needed), so that the thread that
-    calls this does the faulting, not the merge that reads the view later.
-
-    Through ctypes, which releases the GIL for the call: ``mmap.madvise`` holds it while the
-    kernel reads from disk, stalling the merge and the writer for that long.
-    """
-    if not hasattr(mapped, "madvise"):
-        return
-    begin, span = _pages(mapped, start, length)
-    advice = _MADV_POPULATE_READ
-    populated = (
-        advice is not None
-        and _LIBC is not None
-        and _LIBC.madvise(ctypes.c_void_p(address + begin), span, advice) == 0
-    )
-    if populated:
-        return
-    # Kernels before Linux 5.14 lack it (EINVAL); read-ahead is the next best thing.
-    mapped.madvise(mmap.MADV_WILLNEED, begin, span)
-
-
-def _libc() -> ctypes.CDLL | None:
-    """The C library's madvise and mincore, where there is a C library to call."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-        libc.madvise.restype = ctypes.c_int
-        libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
-        libc.mincore.restype = ctypes.c_int
-    except (OSError, AttributeError):
-        return None
-    return libc
-
-
-_LIBC = _libc()
-
-
-def advise(address: int, length: int, advice: int) -> bool:
-    """madvise(2) the whole pages covering ``[address, address + length)`` of a mapping this
-    process made, through ctypes (the GIL is released meanwhile); False where that failed or
-    there is no C library to call."""
-    if _LIBC is None or length <= 0:
-        return False
-    begin = address - address % mmap.PAGESIZE
-    return _LIBC.madvise(ctypes.c_void_p(begin), address + length - begin, advice) == 0
-
-
-def populate_range(address: int, length: int) -> None:
-    """Fault a mapped range's pages in now (read-ahead where the kernel lacks
-    MADV_POPULATE_READ), so the calling thread waits for the disk, not the merge."""
-    if _MADV_POPULATE_READ is None or not advise(address, length, _MADV_POPULATE_READ):
-        advise(address, length, mmap.MADV_WILLNEED)
-
-
-def _release(mapped: mmap.mmap, start: int, length: int) -> None:
-    """Drop a read range's pages from this process (they stay in the page cache)."""
-    if hasattr(mapped, "madvise"):
-        mapped.madvise(mmap.MADV_DONTNEED, *_pages(mapped, start, length))
-
-
-def _pages(mapped: mmap.mmap, start: int, length: int) -> tuple[int, int]:
-    """(offset, length) of the whole pages covering a byte range, for madvise."""
-    begin = start - start % mmap.PAGESIZE
-    return begin, min(len(mapped) - begin, start + length - begin)

@@ -13,32 +13,29 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 from .binreader import BinCheckpoint, is_bin_checkpoint
+from .checkpoint import Checkpoint
 from .hub import cached_repo_folder, is_hub_id, resolve
 from .lora import LoraCheckpoint, is_adapter
-from .reader import INDEX_NAME, Checkpoint
+from .reader import SafetensorsCheckpoint
+from .safetensors_header import INDEX_NAME
 
 
-def open_checkpoint(reference: str | os.PathLike):
-    """Open a reference for reading. The result has the :class:`Checkpoint` interface plus
-    ``reference`` (the text given) and ``roots`` (every local path it reads, which an output
-    may not overlap)."""
+def open_checkpoint(reference: str | os.PathLike) -> Checkpoint:
+    """Open a reference for reading, with its ``reference`` (the text given) and ``roots``
+    (every local path it reads, which an output may not overlap)."""
     text = os.fspath(reference)
     split = split_adapter(text)
-    if split is not None:
-        model = open_checkpoint(split[0])
-        adapter_dir, adapter_roots = local_path(split[1])
-        if not is_adapter(adapter_dir):
-            raise CheckpointError(
-                f"{adapter_dir}: no adapter_config.json; after '+' give a PEFT LoRA adapter"
-            )
-        ckpt = LoraCheckpoint(model, adapter_dir)
-        ckpt.roots = [*model.roots, *adapter_roots]
-    else:
+    if split is None:
         path, roots = local_path(text)
-        ckpt = _open_local(path)
-        ckpt.roots = roots
-    ckpt.reference = text
-    return ckpt
+        return _open_local(path, text, roots)
+    model = open_checkpoint(split[0])
+    adapter_dir, adapter_roots = local_path(split[1])
+    if not is_adapter(adapter_dir):
+        raise CheckpointError(
+            f"{adapter_dir}: no adapter_config.json; after '+' give a PEFT LoRA adapter"
+        )
+    roots = [*model.roots, *adapter_roots]
+    return LoraCheckpoint(model, adapter_dir, reference=text, roots=roots)
 
 
 def split_adapter(text: str) -> tuple[str, str] | None:
@@ -87,7 +84,8 @@ def reference_paths(text: str) -> list[Path]:
     return found
 
 
-def _open_local(path: Path):
+def _open_local(path: Path, reference: str, roots: list[Path]) -> Checkpoint:
+    """The checkpoint at a local path, of the kind its files say."""
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     if path.is_dir():
@@ -97,8 +95,8 @@ def _open_local(path: Path):
                 f"{path}: a LoRA adapter, not a model; give it as --tuned MODEL+{path}"
             )
         has_safetensors = model_files[0].exists() or any(path.glob("*.safetensors"))
-        if not has_safetensors and is_bin_checkpoint(path):
-            return BinCheckpoint(path)
-    elif is_bin_checkpoint(path):
-        return BinCheckpoint(path)
-    return Checkpoint(path)
+        is_bin = not has_safetensors and is_bin_checkpoint(path)
+    else:
+        is_bin = is_bin_checkpoint(path)
+    kind = BinCheckpoint if is_bin else SafetensorsCheckpoint
+    return kind(path, reference=reference, roots=roots)

@@ -24,7 +24,6 @@ import torch
 
 from ..dtypes import SAFETENSORS_DTYPES
 from ..errors import CheckpointError
-from ..plan.planner import MergePlan
 from .directio import OffsetFile
 from .outputs import (
     PAYLOAD_NAME,
@@ -37,9 +36,11 @@ from .outputs import (
     remove_tree,
     uninterruptible,
 )
-from .reader import INDEX_NAME, Checkpoint
+from .reader import SafetensorsCheckpoint
 from .safeload import describe_mode
+from .safetensors_header import INDEX_NAME
 from .verify import VERIFY_CHUNK_BYTES, stored_checksum
+from .writeplan import WritePlan
 
 REPORT_NAME = "fusion_report.json"
 #: What an output holding REPORT_NAME is called in messages.
@@ -162,7 +163,7 @@ class CheckpointWriter:
     def __init__(
         self,
         out_dir: str | os.PathLike,
-        plan: MergePlan,
+        plan: WritePlan,
         overwrite: bool = False,
         flag: str = "--out",
     ):
@@ -268,7 +269,7 @@ class CheckpointWriter:
         return self.out_dir
 
     def _verify(self, checksums: dict[str, int], chunk_bytes: int) -> None:
-        written = Checkpoint(self.tmp_dir)
+        written = SafetensorsCheckpoint(self.tmp_dir)
         try:
             if set(written.tensors) != set(self.plan.tasks):
                 missing = sorted(set(self.plan.tasks) ^ set(written.tensors))

@@ -295,6 +295,7 @@ register_backend(
         devices=("cpu",),
         scores=scores_cpp,
         multi=load_multi,
+        chunked=ChunkedMergeCpp,
         hint="Build it with `pip install -e .` (needs a C++ compiler with OpenMP); "
         "FUSION_KERNELS_SKIP_CPP_BUILD=1 skips it.",
     )

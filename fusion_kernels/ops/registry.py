@@ -14,6 +14,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -36,6 +37,11 @@ MultiKernelFn = Callable[
     [torch.Tensor, Sequence[torch.Tensor], torch.Tensor, str, str, Sequence[MergeParams], Combine],
     MultiKernelStats,
 ]
+#: ``factory(plan, params, base_dtype, tuned_dtype, name)``: the op of one tensor streamed
+#: through in chunks of rows, for tensors over the memory budget; the bytes are the kernel's
+#: (see :class:`~fusion_kernels.ops.cpp.ChunkedMergeCpp` for the protocol: ``passes``,
+#: ``feed``, ``stats``).
+ChunkedOpFactory = Callable[..., Any]
 
 ENV_BACKEND = "FUSION_KERNELS_BACKEND"
 
@@ -48,7 +54,8 @@ class Backend:
     run; ``devices`` are the device types it serves; ``hint`` says how to get it; ``scores`` is
     its kernel's first pass alone (Σ|Δ| and the neuron sums C(j), see :data:`ScoresFn`), which
     locate streams the checkpoints through. Every built-in backend has one; a backend without
-    one gets the torch reference's.
+    one gets the torch reference's. ``chunked`` builds its op over a tensor streamed in chunks
+    of rows (:data:`ChunkedOpFactory`); a backend without one merges whole tensors only.
     """
 
     name: str
@@ -57,6 +64,7 @@ class Backend:
     hint: str = ""
     scores: ScoresFn | None = None
     multi: Callable[[], MultiKernelFn] | None = None
+    chunked: ChunkedOpFactory | None = None
     _fn: KernelFn | None = field(default=None, repr=False)
     _error: Exception | None = field(default=None, repr=False)
 
@@ -158,6 +166,7 @@ def select_backend(requested: str | None, device_type: str) -> Backend:
 __all__ = [
     "ENV_BACKEND",
     "Backend",
+    "ChunkedOpFactory",
     "KernelFn",
     "MultiKernelFn",
     "ScoresFn",

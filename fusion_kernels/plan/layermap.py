@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 
 from ..errors import ParameterError, PlanError
-from ..io.reader import Checkpoint
+from ..io.checkpoint import Checkpoint
 from ..io.safeload import MAX_INDEX_BYTES, load_json
 
 IDENTITY = "identity"

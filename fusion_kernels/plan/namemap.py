@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from ..errors import ParameterError, PlanError
-from ..io.reader import Checkpoint
+from ..io.checkpoint import Checkpoint
 
 _LAYER = re.compile(r"^(.*?)(layers\.\d+\..*)$")
 

@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from ..errors import PlanError
-from ..io.reader import Checkpoint
+from ..io.checkpoint import Checkpoint
 from .layermap import LayerMap
 from .namemap import NameMap
 

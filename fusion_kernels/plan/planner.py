@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 
 from ..dtypes import MERGEABLE, dtype_mismatch
 from ..errors import PlanError
-from ..io.binreader import output_shard_name
-from ..io.reader import Checkpoint, TensorInfo
+from ..io.checkpoint import Checkpoint, TensorInfo
 from ..neurons import NeuronRules
 from ..sizes import format_size
 from .layermap import LayerMap, layer_map_for
@@ -100,6 +99,17 @@ class MergePlan:
         return "\n".join(lines)
 
 
+def output_shard_name(filename: str) -> str:
+    """The safetensors file a merge writes for an input shard: ``pytorch_model-00001-of-00002.bin``
+    → ``model-00001-of-00002.safetensors``; a ``.safetensors`` name stays as it is."""
+    if not filename.endswith(".bin"):
+        return filename
+    stem = filename.removesuffix(".bin")
+    return (
+        "model" + stem.removeprefix("pytorch_model") if stem.startswith("pytorch_model") else stem
+    ) + ".safetensors"
+
+
 def build_plan(
     base: Checkpoint,
     tuned: Checkpoint,
@@ -132,7 +142,7 @@ def build_plan(
             for file in tuned.files
         ]
     else:
-        shards = _regroup(names, tuned, max_shard_size)
+        shards = regroup(names, tuned, max_shard_size)
     shards = [s for s in shards if s.names]
     return MergePlan(tasks, shards, skipped, name_map, layer_map, structure)
 
@@ -170,7 +180,9 @@ def _task(
     return TensorTask(name, "merge", info, other, axis=axis, merge_rows=merge_rows)
 
 
-def _regroup(names: list[str], tuned: Checkpoint, max_bytes: int) -> list[ShardPlan]:
+def regroup(names: list[str], tuned: Checkpoint, max_bytes: int) -> list[ShardPlan]:
+    """Output shards of at most ``max_bytes`` each (a larger tensor alone in its shard), holding
+    ``names`` in order; one ``model.safetensors`` when they all fit."""
     groups: list[list[str]] = [[]]
     size = 0
     for name in names:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import FusionError, NonFiniteDeltaError, ParameterError
-from ..io.reader import Checkpoint, TensorInfo
+from ..io.checkpoint import Checkpoint, TensorInfo
 from ..ops import KernelStats, TensorStats
 from ..ops.contract import matrix_shape, plan_tensor
 from ..params import MergeParams
@@ -114,24 +114,16 @@ def _numel(task: TensorTask) -> int:
     return math.prod(task.tuned.shape)
 
 
-def row_origin(ckpt, info: TensorInfo) -> tuple | None:
-    """``(checkpoint, TensorInfo)`` holding the rows of tensor ``info`` of ``ckpt``, or None
-    when it can only be read whole (see :meth:`~fusion_kernels.io.lora.LoraCheckpoint.row_origin`).
-    """
-    origin = getattr(ckpt, "row_origin", None)
-    return origin(info.name) if origin else (ckpt, info)
-
-
 class RowSource:
     """Rows of one tensor of a checkpoint, mapped in chunk by chunk and released after use.
 
-    The rows are read where :func:`row_origin` says (a LoRA view's untouched or replaced
-    tensors: the model's or the adapter's file) and cast to ``info``'s dtype, elementwise as
-    the whole tensor's cast is.
+    The rows are read where :meth:`~fusion_kernels.io.checkpoint.Checkpoint.row_origin` says
+    (a LoRA view's untouched or replaced tensors: the model's or the adapter's file) and cast
+    to ``info``'s dtype, elementwise as the whole tensor's cast is.
     """
 
-    def __init__(self, ckpt, info: TensorInfo):
-        origin = row_origin(ckpt, info)
+    def __init__(self, ckpt: Checkpoint, info: TensorInfo):
+        origin = ckpt.row_origin(info.name)
         if origin is None:
             raise ValueError(f"tensor {info.name!r} of {ckpt.path} cannot be read in rows")
         self.ckpt, self.info = origin
@@ -149,10 +141,7 @@ class RowSource:
         the chunk read ahead is not in this process's memory."""
         begin, end = first * self._source_row_bytes, stop * self._source_row_bytes
         if self.mapped:
-            if hasattr(self.ckpt, "warm"):
-                self.ckpt.warm(self.info.name, begin, end)
-            else:
-                self.ckpt.populate(self.info.name, begin, end)
+            self.ckpt.warm(self.info.name, begin, end)
             rows = self._view[first:stop]
         else:
             raw = torch.empty(end - begin, dtype=torch.uint8)

@@ -21,7 +21,7 @@ from ..io.outputs import check_output_path
 from ..io.safeload import MAX_CONFIG_BYTES, load_json
 from ..io.sources import split_adapter
 from ..pipeline import plan_merge
-from ..streaming.transfer import parse_device
+from ..streaming.device import parse_device
 from .grid import GridPoint, parse_grid
 from .job import (
     SweepJob,

@@ -13,9 +13,9 @@ from checkpoints import tiny_pair, tree_digest, write_single
 from conftest import assert_within_ulp
 
 from fusion_kernels import available_backends
-from fusion_kernels.io.reader import Checkpoint
+from fusion_kernels.io.reader import SafetensorsCheckpoint as Checkpoint
 from fusion_kernels.merge import build_parser, main
-from fusion_kernels.plan.planner import format_size
+from fusion_kernels.sizes import format_size
 
 
 def run_cli(*args: str) -> int:

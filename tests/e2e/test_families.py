@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from fusion_kernels import merge_tensor, params_for
 from fusion_kernels.errors import PlanError
-from fusion_kernels.io.reader import Checkpoint
+from fusion_kernels.io.reader import SafetensorsCheckpoint as Checkpoint
 from fusion_kernels.locate import locate_checkpoints
 from fusion_kernels.merge import main
 

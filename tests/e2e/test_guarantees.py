@@ -18,7 +18,7 @@ from fusion_kernels import merge_checkpoints, params_for
 from fusion_kernels.errors import CheckpointError, OutputExistsError, ParameterError
 from fusion_kernels.io import outputs as outputs_module
 from fusion_kernels.io.outputs import MARKER_NAME, PREVIOUS_NAME
-from fusion_kernels.io.reader import Checkpoint
+from fusion_kernels.io.reader import SafetensorsCheckpoint as Checkpoint
 from fusion_kernels.io.writer import CheckpointWriter
 from fusion_kernels.merge import main as merge_main
 

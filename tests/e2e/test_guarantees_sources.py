@@ -16,7 +16,7 @@ from commands import merge, partials, refused, run
 from safetensors.torch import save_file
 
 from fusion_kernels.io.outputs import MARKER_NAME
-from fusion_kernels.io.reader import Checkpoint
+from fusion_kernels.io.reader import SafetensorsCheckpoint as Checkpoint
 
 
 @pytest.fixture
@@ -275,7 +275,7 @@ TRUNCATE_DURING_MERGE = textwrap.dedent(
     import sys
     from fusion_kernels.io import reader
 
-    view, seen = reader.Checkpoint.view, []
+    view, seen = reader.SafetensorsCheckpoint.view, []
 
     def truncating_view(self, name, *args, **kwargs):
         tensor = view(self, name, *args, **kwargs)
@@ -285,7 +285,7 @@ TRUNCATE_DURING_MERGE = textwrap.dedent(
                 fh.truncate(64)
         return tensor
 
-    reader.Checkpoint.view = truncating_view
+    reader.SafetensorsCheckpoint.view = truncating_view
     from fusion_kernels.merge import cli
 
     sys.argv = ["merge", *sys.argv[1:]]

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from fusion_kernels import available_backends, merge_checkpoints, params_for
 from fusion_kernels.errors import CheckpointError
-from fusion_kernels.io.reader import Checkpoint
+from fusion_kernels.io.reader import SafetensorsCheckpoint as Checkpoint
 from fusion_kernels.merge import main
 
 METHODS = ["task_arithmetic", "ties", "breadcrumbs", "dare", "della", "neu-p-ties", "neu-s-bread"]
@@ -331,9 +331,9 @@ def test_verify_passes_and_catches_a_bad_write(tmp_path, monkeypatch, capsys):
         == 0
     )
     assert "verified" in capsys.readouterr().out
-    import fusion_kernels.streaming.transfer as transfer
+    import fusion_kernels.streaming.host as host
 
-    monkeypatch.setattr(transfer, "checksum", lambda tensor: 12345)
+    monkeypatch.setattr(host, "checksum", lambda tensor: 12345)
     with pytest.raises(CheckpointError, match="reads back with other bytes"):
         merge_checkpoints(
             base, tuned, tmp_path / "bad", params_for("ties"), progress=False, verify=True

@@ -14,7 +14,7 @@ import torch
 from checkpoints import COMMIT, cache_repo, tiny_pair, tree_digest
 from safetensors.torch import save_file
 
-from fusion_kernels.io.reader import Checkpoint
+from fusion_kernels.io.reader import SafetensorsCheckpoint as Checkpoint
 from fusion_kernels.merge import main
 
 pytest.importorskip("huggingface_hub", reason="installed with the package")

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from fusion_kernels import NeuronRules, merge_checkpoints, merge_tensor, params_for
 from fusion_kernels.errors import CheckpointError, OutputExistsError, PlanError
-from fusion_kernels.io.reader import Checkpoint
+from fusion_kernels.io.reader import SafetensorsCheckpoint as Checkpoint
 from fusion_kernels.plan.planner import build_plan
 from fusion_kernels.sizes import parse_size
 

@@ -16,7 +16,7 @@ from backends import needs_cpp, needs_interpreter
 from checkpoints import tiny_pair
 
 from fusion_kernels import available_backends
-from fusion_kernels.io.reader import Checkpoint
+from fusion_kernels.io.reader import SafetensorsCheckpoint as Checkpoint
 from fusion_kernels.locate import locate_checkpoints, main
 from fusion_kernels.merge import main as merge_main
 

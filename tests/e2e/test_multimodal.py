@@ -10,7 +10,7 @@ from conftest import assert_tensors_equal
 from safetensors.torch import load_file, save_file
 
 from fusion_kernels import merge_tensor, params_for
-from fusion_kernels.io.reader import Checkpoint
+from fusion_kernels.io.reader import SafetensorsCheckpoint as Checkpoint
 from fusion_kernels.merge import main
 
 transformers = pytest.importorskip("transformers", reason="installed by the test extra")

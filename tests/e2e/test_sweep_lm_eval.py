@@ -13,7 +13,7 @@ import pytest
 from lm_eval_tasks import TASK, scoreable_pair, write_tasks
 
 from fusion_kernels.evaluation.scores_card import SCORES_NAME
-from fusion_kernels.io.reader import Checkpoint
+from fusion_kernels.io.reader import SafetensorsCheckpoint as Checkpoint
 from fusion_kernels.sweep import main
 
 pytest.importorskip("lm_eval", reason="lm-eval is optional: pip install 'fusion_kernels[eval]'")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from checkpoints import TINY_TEXT
 
-from fusion_kernels.io.reader import Checkpoint
+from fusion_kernels.io.reader import SafetensorsCheckpoint as Checkpoint
 from fusion_kernels.merge import main
 
 transformers = pytest.importorskip("transformers", reason="installed by the test extra")

@@ -17,7 +17,7 @@ from checkpoints import tiny_llama_config
 from conftest import assert_tensors_equal, assert_within_ulp, make_pair
 
 from fusion_kernels import merge_checkpoints, merge_tensor, params_for
-from fusion_kernels.io.reader import Checkpoint
+from fusion_kernels.io.reader import SafetensorsCheckpoint as Checkpoint
 from fusion_kernels.mergekit.config import load_merge_config
 from fusion_kernels.ops.contract import magnitude_window
 

@@ -13,7 +13,7 @@ import torch
 
 from fusion_kernels.demo import PairSpec, generate_pair
 from fusion_kernels.errors import FusionError
-from fusion_kernels.io.reader import Checkpoint
+from fusion_kernels.io.reader import SafetensorsCheckpoint as Checkpoint
 from fusion_kernels.sweep import main, parse_grid, run_sweep
 
 # float32, so that every small change survives rounding and the distances below are strict.

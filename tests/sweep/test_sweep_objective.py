@@ -16,7 +16,7 @@ import torch
 from fusion_kernels.demo import PairSpec, generate_pair
 from fusion_kernels.errors import FusionError
 from fusion_kernels.evaluation.scores_card import SCORES_NAME
-from fusion_kernels.io.reader import Checkpoint
+from fusion_kernels.io.reader import SafetensorsCheckpoint as Checkpoint
 from fusion_kernels.modelcard import TUNED_CARD_HEADING
 from fusion_kernels.sweep import main, run_sweep
 
