@@ -251,7 +251,7 @@ def test_verify_reads_back_within_the_budget(tmp_path, monkeypatch):
     # --verify re-reads a 1 MiB tensor under a 192 KiB budget: a chunk (a sixth) at a time,
     # never the whole tensor, so it costs time, not memory.
     from fusion_kernels.io import writer
-    from fusion_kernels.io.reader import Checkpoint
+    from fusion_kernels.io.reader import SafetensorsCheckpoint as Checkpoint
 
     held: list[int] = []
 

@@ -6,7 +6,7 @@ import torch
 from checkpoints import write_single
 
 from fusion_kernels.errors import PlanError
-from fusion_kernels.io.reader import Checkpoint
+from fusion_kernels.io.reader import SafetensorsCheckpoint as Checkpoint
 from fusion_kernels.plan.layermap import LayerMap
 from fusion_kernels.plan.namemap import NameMap
 from fusion_kernels.plan.pairing import Pair, pair_all

@@ -7,7 +7,7 @@ import zlib
 
 import numpy as np
 
-from .reader import Checkpoint
+from .checkpoint import Checkpoint
 
 #: The most bytes ``--verify`` reads back at a time: its buffer and the pages mapped to fill it
 #: both count, and larger reads are no faster.

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from fusion_kernels import merge_tensor
 from fusion_kernels.errors import ParameterError
-from fusion_kernels.io.reader import Checkpoint
+from fusion_kernels.io.reader import SafetensorsCheckpoint as Checkpoint
 from fusion_kernels.merge import main
 from fusion_kernels.params import DEFAULT_METHOD, params_for
 

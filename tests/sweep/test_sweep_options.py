@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from test_sweep import EVAL, SPEC, kept_models, read_rows
 
 from fusion_kernels.demo import generate_pair
-from fusion_kernels.io.reader import Checkpoint
+from fusion_kernels.io.reader import SafetensorsCheckpoint as Checkpoint
 from fusion_kernels.sweep import main, run_sweep
 from fusion_kernels.sweep.results import Keeper, Results
 
