@@ -268,7 +268,7 @@ def test_verify_reads_back_within_the_budget(tmp_path, monkeypatch):
             held.append(len(out))
             super().read_into(name, offset, out)
 
-    monkeypatch.setattr(writer, "Checkpoint", Spy)
+    monkeypatch.setattr(writer, "SafetensorsCheckpoint", Spy)
     gen = torch.Generator().manual_seed(5)
     base = {
         "model.embed_tokens.weight": torch.randn(512, 1024, generator=gen).bfloat16(),
