@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 import torch
 from tqdm import tqdm
 
-from .cli import options
+from . import options
 from .errors import FusionError, NonFiniteDeltaError
 from .io.outputs import (
     PAYLOAD_NAME,

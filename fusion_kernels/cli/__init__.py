@@ -1,2 +1,3 @@
-"""Pieces of the command lines: the options every command shares (:mod:`.options`) and the
-parts of the merge command (its parser, ``--config`` translation, dry-run printing)."""
+"""The merge command's parts: its parser (:mod:`.merge_parser`), the parameters from its flags or
+``--config`` (:mod:`.merge_params`) and ``--dry-run``'s printing (:mod:`.dry_run`). The options
+every command shares are :mod:`fusion_kernels.options`."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .. import options
 from ..params import (
     DEFAULT_METHOD,
     PRESETS,
@@ -13,7 +14,6 @@ from ..params import (
     SELECT_MODES,
     SUPPRESS_METHODS,
 )
-from . import options
 
 DEMO_DIR = "fusion_demo"
 #: Flags of the method group that give a preset's parameters (``--config`` refuses them).

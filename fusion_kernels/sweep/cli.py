@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import NoReturn
 
-from ..cli import options
+from .. import options
 from ..process import run_cli
 from .results import KEEP_MODES
 from .run import run_sweep

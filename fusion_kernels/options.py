@@ -12,9 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ..errors import FusionError, ParameterError
-from ..ops import registered_backends
-from ..sizes import parse_size
+from .errors import FusionError, ParameterError
+from .ops import registered_backends
+from .sizes import parse_size
 
 BASE_HELP = "base model: a directory or weights file, or a Hub id ORG/NAME[@REV]"
 TUNED_HELP = "fine-tuned model: a directory, weights file or Hub id, or MODEL+LORA_ADAPTER"
