@@ -157,14 +157,36 @@ def _evicted(job, *directories):
         for directory in directories:
             for path in directory.iterdir():
                 if path.is_file():
-                    descriptor = os.open(path, os.O_RDONLY)
-                    try:
-                        os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
-                    finally:
-                        os.close(descriptor)
+                    _drop(path)
         return job()
 
     return run
+
+
+def _half_cached(job, *directories):
+    """``job`` run with the first half of each directory's weight shards in the page cache and
+    the rest evicted: the state in which cached tensors are read in place from the mapping."""
+
+    def run() -> dict:
+        for directory in directories:
+            shards = sorted(directory.glob("*.safetensors"))
+            for path in shards[len(shards) // 2 :]:
+                _drop(path)
+            for path in shards[: len(shards) // 2]:
+                with open(path, "rb") as file:
+                    while file.read(64 * 2**20):
+                        pass
+        return job()
+
+    return run
+
+
+def _drop(path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(descriptor)
 
 
 def _io_floor(base, tuned, scratch) -> dict:
@@ -202,6 +224,32 @@ def test_full_8b_wall_time_against_the_io_floor(benchmark, bench_dir):
         print(f"{version}: {medians[version] / medians['floor']:.2f}x the I/O floor")
     benchmark.extra_info.update({f"median_{k}_s": v for k, v in medians.items()})
     benchmark.pedantic(lambda: None, rounds=1)
+
+
+@pytest.mark.skipif(not os.environ.get("FK_BENCH_8B"), reason="needs FK_BENCH_8B=1 and 48 GB")
+def test_full_8b_peak_rss_cold_and_warm(benchmark, bench_dir):
+    """Peak RSS of the full 8B merge (neu-p-ties) with the inputs evicted before the run (cold)
+    and with the first half of each model's shards in the page cache (warm: 32 GB of inputs do
+    not fit this machine's memory, and direct reads leave none of them cached after a run), side
+    by side in one run with ``FK_BENCH_BEFORE``'s code."""
+    base, tuned = cached_pair(*FULL_8B)
+    flags = ("--method", "neu-p-ties", "--backend", "cpp")
+    jobs = []
+    for version, code in _code_versions().items():
+        job = functools.partial(_merge, base, tuned, bench_dir / "out-8b-rss", code, flags)
+        jobs += [
+            (f"{version} cold", _evicted(job, base, tuned)),
+            (f"{version} warm", _half_cached(job, base, tuned)),
+        ]
+    print()
+    peaks = {}
+    for label, results in _interleaved(jobs, _rounds()).items():
+        peaks[label] = max(r["peak_rss"] for r in results)
+        seconds = statistics.median(r["seconds"] for r in results)
+        print(f"{label:12s} peak RSS {peaks[label] / GB:.3f} GB, median {seconds:.1f} s")
+    benchmark.extra_info.update({k: v / GB for k, v in peaks.items()})
+    benchmark.pedantic(lambda: None, rounds=1)
+    assert peaks["after cold"] <= 1 * GB and peaks["after warm"] <= 1 * GB
 
 
 @pytest.mark.skipif(
