@@ -9,10 +9,11 @@ Both harnesses write results alike: ``results[TASK]["METRIC,FILTER"]``, the task
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from ..errors import FusionError, ParameterError
+from ..params import convert_field
 
 #: The built-in scorers, by the prefix of their ``--eval`` spec (``lm-eval:TASK,...``).
 BUILTIN = ("lm-eval", "lmms-eval")
@@ -101,3 +102,70 @@ def _main_key(
     if not keys:
         raise FusionError(f"{harness} task {task!r} returned no metric: {sorted(row)}")
     return keys[0].split(",", 1)[0], keys[0]
+
+
+def is_scorer_spec(spec: str, prefix: str) -> bool:
+    """Whether an ``--eval`` spec names the built-in scorer whose specs start with ``prefix``."""
+    return spec.startswith(prefix)
+
+
+def parse_tasks(spec: str, prefix: str) -> tuple[str, ...]:
+    """The task names of ``PREFIXTASK[,TASK...]`` (``prefix``: ``lm-eval:``, ``lmms-eval:``), in
+    order, each once."""
+    tasks = tuple(t.strip() for t in spec.removeprefix(prefix).split(","))
+    if not all(tasks):
+        raise ParameterError(f"--eval {spec!r} must look like {prefix}TASK[,TASK...]")
+    if len(set(tasks)) != len(tasks):
+        raise ParameterError(f"--eval {spec!r} names a task twice")
+    return tasks
+
+
+def parse_eval_arg(
+    item: str, keys: Collection[str], convert: Callable[[str, str], Any], scope: str = ""
+) -> tuple[str, Any]:
+    """One ``KEY=VALUE`` item as ``(key, converted value)``; ``keys``: the scorer's keys,
+    ``convert(key, value)`` reads a value (a ValueError names what is wrong), ``scope``: the
+    scorer prefix the item carried on the command line (``lmms-eval:``), for messages. A bad item
+    raises :class:`ParameterError` naming it and what it may be."""
+    shown = f"{scope}{item!r}"
+    key, eq, value = item.partition("=")
+    key, value = key.strip().replace("-", "_"), value.strip()
+    if not eq or not value:
+        raise ParameterError(f"--eval-arg {shown} must look like KEY=VALUE")
+    if key not in keys:
+        raise ParameterError(
+            f"--eval-arg {shown}: unknown key {key!r}; use one of {', '.join(keys)}"
+        )
+    try:
+        return key, convert(key, value)
+    except ValueError as exc:
+        raise ParameterError(f"--eval-arg {shown}: {exc}") from None
+
+
+def convert_limit(key: str, value: str) -> int | float:
+    """``limit=``: a count of examples per task, or a fraction of them below 1."""
+    number = convert_field(key, value, float)
+    if not 0 < number < math.inf:
+        raise ValueError("limit must be > 0")
+    return int(number) if number >= 1 and number == int(number) else number
+
+
+def positive_int(key: str, value: str, zero: bool = False) -> int:
+    """An integer option that must be > 0 (``zero``: >= 0)."""
+    number = convert_field(key, value, int)
+    if number < (0 if zero else 1):
+        raise ValueError(f"{key} must be {'>= 0' if zero else '> 0'}")
+    return number
+
+
+def check_known_tasks(
+    spec: str, tasks: Sequence[str], known: Collection[str], harness: str, where: str, scope: str
+) -> None:
+    """Raise :class:`ParameterError` when ``harness`` knows none of some ``tasks`` (searched
+    ``where``); ``scope``: the ``--eval-arg`` prefix of the scorer's options (``lmms-eval:``)."""
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        raise ParameterError(
+            f"--eval {spec}: {harness} knows no task {', '.join(map(repr, unknown))} "
+            f"(searched {where}); check the name or add --eval-arg {scope}include_path=DIR"
+        )

@@ -13,7 +13,6 @@ line. Nothing is written into the model scored. Options: see :data:`EVAL_ARGS`.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -28,6 +27,7 @@ from typing import Any
 from ..errors import FusionError, ParameterError
 from ..io.safeload import MAX_INDEX_BYTES, load_json
 from ..params import convert_field
+from . import harness
 from .harness import default_device, main_metrics
 
 PREFIX = "lmms-eval:"
@@ -89,17 +89,12 @@ class LmmsEvalOptions:
 
 def is_lmms_eval(spec: str) -> bool:
     """Whether an ``--eval`` spec names this scorer."""
-    return spec.startswith(PREFIX)
+    return harness.is_scorer_spec(spec, PREFIX)
 
 
 def parse_tasks(spec: str) -> tuple[str, ...]:
     """The task names of ``lmms-eval:TASK[,TASK...]``, in order, each once."""
-    tasks = tuple(t.strip() for t in spec.removeprefix(PREFIX).split(","))
-    if not all(tasks):
-        raise ParameterError(f"--eval {spec!r} must look like lmms-eval:TASK[,TASK...]")
-    if len(set(tasks)) != len(tasks):
-        raise ParameterError(f"--eval {spec!r} names a task twice")
-    return tasks
+    return harness.parse_tasks(spec, PREFIX)
 
 
 def parse_eval_args(items: list[str] | tuple[str, ...]) -> LmmsEvalOptions:
@@ -107,35 +102,18 @@ def parse_eval_args(items: list[str] | tuple[str, ...]) -> LmmsEvalOptions:
     :class:`ParameterError` naming the item and what it may be."""
     options = LmmsEvalOptions()
     for item in items:
-        key, eq, value = item.partition("=")
-        key, value = key.strip().replace("-", "_"), value.strip()
-        if not eq or not value:
-            raise ParameterError(f"--eval-arg lmms-eval:{item!r} must look like KEY=VALUE")
-        if key not in EVAL_ARGS:
-            raise ParameterError(
-                f"--eval-arg lmms-eval:{item}: unknown key {key!r}; use one of "
-                f"{', '.join(EVAL_ARGS)}"
-            )
+        key, converted = harness.parse_eval_arg(item, EVAL_ARGS, _convert, PREFIX)
         if key == "include_path" and options.include_path is not None:
             raise ParameterError("--eval-arg lmms-eval:include_path: lmms-eval takes one")
-        try:
-            options = replace(options, **{key: _convert(key, value)})
-        except ValueError as exc:
-            raise ParameterError(f"--eval-arg lmms-eval:{item}: {exc}") from None
+        options = replace(options, **{key: converted})
     return options
 
 
 def _convert(key: str, value: str) -> Any:
     if key == "limit":
-        number = convert_field(key, value, float)
-        if not 0 < number < math.inf:
-            raise ValueError("limit must be > 0")
-        return int(number) if number >= 1 and number == int(number) else number
+        return harness.convert_limit(key, value)
     if key == "batch_size":
-        number = convert_field(key, value, int)
-        if number < 1:
-            raise ValueError("batch_size must be > 0")
-        return number
+        return harness.positive_int(key, value)
     if key == "force_simple":
         return convert_field(key, value, bool)
     if key == "python" and os.sep not in value:
@@ -190,13 +168,8 @@ class LmmsEvalScorer:
     def check(self) -> None:
         """Fail before any merge when lmms-eval cannot run or a task is unknown to it."""
         known = known_tasks(self.options.python, self.options.include_path)
-        unknown = [t for t in self.tasks if t not in known]
-        if unknown:
-            where = self.options.include_path or "lmms-eval's own tasks"
-            raise ParameterError(
-                f"--eval {self.spec}: lmms-eval knows no task {', '.join(map(repr, unknown))} "
-                f"(searched {where}); check the name or add --eval-arg lmms-eval:include_path=DIR"
-            )
+        where = self.options.include_path or "lmms-eval's own tasks"
+        harness.check_known_tasks(self.spec, self.tasks, known, "lmms-eval", where, PREFIX)
 
     def model_name(self, model_dir: str | Path) -> str:
         """lmms-eval's model for ``model_dir``: ``--eval-arg lmms-eval:model=``, else by family;
