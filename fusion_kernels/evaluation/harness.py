@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar, Generic, TypeVar
 
 from ..errors import FusionError, ParameterError
 from ..params import convert_field
@@ -158,6 +159,22 @@ def positive_int(key: str, value: str, zero: bool = False) -> int:
     return number
 
 
+def existing_path(value: str, resolve: bool = True) -> str:
+    """A path option's value, absolute (``resolve``: links resolved too); it must exist."""
+    path = Path(value).expanduser()
+    path = path.resolve() if resolve else path.absolute()
+    if not path.exists():
+        raise ValueError(f"{path} does not exist")
+    return str(path)
+
+
+def extra_model_args(value: str) -> str:
+    """``model_args=``: more arguments of the harness's model; the merged model is its own."""
+    if "pretrained=" in value:
+        raise ValueError("pretrained is the merged model; leave it out")
+    return value
+
+
 def check_known_tasks(
     spec: str, tasks: Sequence[str], known: Collection[str], harness: str, where: str, scope: str
 ) -> None:
@@ -169,3 +186,23 @@ def check_known_tasks(
             f"--eval {spec}: {harness} knows no task {', '.join(map(repr, unknown))} "
             f"(searched {where}); check the name or add --eval-arg {scope}include_path=DIR"
         )
+
+
+Options = TypeVar("Options")
+
+
+class BuiltinScorer(Generic[Options]):
+    """What a built-in scorer holds: its ``--eval`` spec, the spec's tasks, its options (each
+    scorer's own class, :attr:`options_type`) and the sweep's ``--device`` (None: not given), the
+    default of its ``device`` option."""
+
+    #: The prefix of the scorer's ``--eval`` specs (``lm-eval:``).
+    prefix: ClassVar[str] = ""
+    #: The class of its options; called with no arguments for the defaults.
+    options_type: ClassVar[Callable[[], Any]]
+
+    def __init__(self, spec: str, options: Options | None = None, sweep_device: str | None = None):
+        self.spec = spec
+        self.tasks = parse_tasks(spec, self.prefix)
+        self.options: Options = options or self.options_type()
+        self.sweep_device = sweep_device

@@ -12,7 +12,7 @@ lm-eval is optional (``pip install 'fusion_kernels[eval]'``) and imported on fir
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -61,14 +61,10 @@ class LmEvalOptions:
     given: tuple[str, ...] = field(default=(), compare=False)
 
 
-def is_lm_eval(spec: str) -> bool:
-    """Whether an ``--eval`` spec names the built-in scorer."""
-    return harness.is_scorer_spec(spec, PREFIX)
-
-
-def parse_tasks(spec: str) -> tuple[str, ...]:
-    """The task names of ``lm-eval:TASK[,TASK...]``, in order, each once."""
-    return harness.parse_tasks(spec, PREFIX)
+#: Whether an ``--eval`` spec names the built-in scorer.
+is_lm_eval = partial(harness.is_scorer_spec, prefix=PREFIX)
+#: The task names of ``lm-eval:TASK[,TASK...]``, in order, each once.
+parse_tasks = partial(harness.parse_tasks, prefix=PREFIX)
 
 
 def parse_eval_args(items: list[str] | tuple[str, ...]) -> LmEvalOptions:
@@ -97,12 +93,9 @@ def _convert(key: str, value: str) -> Any:
     if key in ("include_defaults", "apply_chat_template"):
         return convert_field(key, value, bool)
     if key == "include_path":
-        path = Path(value).expanduser().resolve()
-        if not path.exists():
-            raise ValueError(f"{path} does not exist")
-        return str(path)
-    if key == "model_args" and "pretrained=" in value:
-        raise ValueError("pretrained is the merged model; leave it out")
+        return harness.existing_path(value)
+    if key == "model_args":
+        return harness.extra_model_args(value)
     return value
 
 
@@ -125,17 +118,11 @@ def task_manager(include_path: tuple[str, ...], include_defaults: bool):
     return manager_cls(include_path=list(include_path) or None, include_defaults=include_defaults)
 
 
-class LmEvalScorer:
+class LmEvalScorer(harness.BuiltinScorer[LmEvalOptions]):
     """``model_dir -> {"TASK/METRIC": value, ..., "LA": mean}`` with lm-evaluation-harness."""
 
-    def __init__(
-        self, spec: str, options: LmEvalOptions | None = None, sweep_device: str | None = None
-    ):
-        self.spec = spec
-        self.tasks = parse_tasks(spec)
-        self.options = options or LmEvalOptions()
-        #: The sweep's ``--device`` (None: not given), the default of ``device``.
-        self.sweep_device = sweep_device
+    prefix = PREFIX
+    options_type = LmEvalOptions
 
     def check(self) -> None:
         """Fail before any merge when lm-eval is missing or a task is unknown to it."""

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -87,14 +87,10 @@ class LmmsEvalOptions:
     average: str = VA_NAME
 
 
-def is_lmms_eval(spec: str) -> bool:
-    """Whether an ``--eval`` spec names this scorer."""
-    return harness.is_scorer_spec(spec, PREFIX)
-
-
-def parse_tasks(spec: str) -> tuple[str, ...]:
-    """The task names of ``lmms-eval:TASK[,TASK...]``, in order, each once."""
-    return harness.parse_tasks(spec, PREFIX)
+#: Whether an ``--eval`` spec names this scorer.
+is_lmms_eval = partial(harness.is_scorer_spec, prefix=PREFIX)
+#: The task names of ``lmms-eval:TASK[,TASK...]``, in order, each once.
+parse_tasks = partial(harness.parse_tasks, prefix=PREFIX)
 
 
 def parse_eval_args(items: list[str] | tuple[str, ...]) -> LmmsEvalOptions:
@@ -122,12 +118,9 @@ def _convert(key: str, value: str) -> Any:
             raise ValueError(f"no {value} on PATH")
         return found
     if key in ("include_path", "python"):
-        path = Path(value).expanduser().absolute()
-        if not path.exists():
-            raise ValueError(f"{path} does not exist")
-        return str(path)
-    if key == "model_args" and "pretrained=" in value:
-        raise ValueError("pretrained is the merged model; leave it out")
+        return harness.existing_path(value, resolve=False)
+    if key == "model_args":
+        return harness.extra_model_args(value)
     return value
 
 
@@ -153,17 +146,11 @@ def model_family(model_dir: str | Path) -> str:
     return str(config.get("model_type", "")) if isinstance(config, dict) else ""
 
 
-class LmmsEvalScorer:
+class LmmsEvalScorer(harness.BuiltinScorer[LmmsEvalOptions]):
     """``model_dir -> {"TASK/METRIC": value, ..., "VA": mean}`` with lmms-eval's command line."""
 
-    def __init__(
-        self, spec: str, options: LmmsEvalOptions | None = None, sweep_device: str | None = None
-    ):
-        self.spec = spec
-        self.tasks = parse_tasks(spec)
-        self.options = options or LmmsEvalOptions()
-        #: The sweep's ``--device`` (None: not given), the default of ``device``.
-        self.sweep_device = sweep_device
+    prefix = PREFIX
+    options_type = LmmsEvalOptions
 
     def check(self) -> None:
         """Fail before any merge when lmms-eval cannot run or a task is unknown to it."""
