@@ -40,8 +40,9 @@ Report = TypeVar("Report")
 
 
 @dataclass
-class TensorStats(KernelStats):
-    """Per-tensor report: the kernel's stats plus name, backend, axis, action and seconds."""
+class TensorReport:
+    """What the op adds to a kernel's stats: name, backend, axis, numel, action and seconds.
+    Reports list it after the kernel's fields (``class X(TensorReport, KernelStats)``)."""
 
     name: str = ""
     backend: str = ""
@@ -49,6 +50,11 @@ class TensorStats(KernelStats):
     numel: int = 0
     action: str = "merge"
     seconds: float = 0.0
+
+
+@dataclass
+class TensorStats(TensorReport, KernelStats):
+    """Per-tensor report: the kernel's stats plus name, backend, axis, action and seconds."""
 
 
 def resolve_axis(name: str, shape: torch.Size, axis: str | None) -> str:

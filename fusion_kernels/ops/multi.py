@@ -13,21 +13,14 @@ import torch
 
 from ..errors import ParameterError
 from ..params import DEFAULT_METHOD, Combine, MergeParams, combine_for, params_for
-from . import check_pair, dispatch_merge
+from . import TensorReport, check_pair, dispatch_merge
 from .contract import KernelStats, MultiKernelStats
 
 
 @dataclass
-class MultiTensorStats(MultiKernelStats):
+class MultiTensorStats(TensorReport, MultiKernelStats):
     """Per-tensor report of a merge of several tuned models: each model's kernel stats and the
     consensus drops, plus name, backend, axis, action and seconds."""
-
-    name: str = ""
-    backend: str = ""
-    axis: str = "none"
-    numel: int = 0
-    action: str = "merge"
-    seconds: float = 0.0
 
 
 def merge_tensors(
