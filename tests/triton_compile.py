@@ -16,6 +16,7 @@ the interpreter replaces the compiler):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -96,10 +97,10 @@ def _spec(args) -> tuple:
     return tuple(out)
 
 
-def record(shape, dtype, case: dict, axis: str) -> list[Launch]:
-    """The launches one merge makes, with the CUDA block sizes, on meta tensors (nothing runs)."""
-    launches = []
-    where = f"{tuple(shape)} {dtype} {case} axis={axis}"
+@contextlib.contextmanager
+def _recording(where: str):
+    """Within: the launcher records its launches (CUDA tuning) into the list it yields."""
+    launches: list[Launch] = []
 
     def launch(job, kernel, grid, *args, num_warps=None, **meta):
         warps = num_warps or job.tuning.num_warps
@@ -109,12 +110,18 @@ def record(shape, dtype, case: dict, axis: str) -> list[Launch]:
     launcher._tuning = lambda device: launcher.CUDA_TUNING
     launcher._Job.launch = launch
     try:
+        yield launches
+    finally:
+        launcher._tuning, launcher._Job.launch = tuning, launch_fn
+
+
+def record(shape, dtype, case: dict, axis: str) -> list[Launch]:
+    """The launches one merge makes, with the CUDA block sizes, on meta tensors (nothing runs)."""
+    with _recording(f"{tuple(shape)} {dtype} {case} axis={axis}") as launches:
         base = torch.empty(shape, dtype=dtype, device="meta")
         params = params_for(**case)
         plan = plan_tensor(params, base.shape, axis, "compile")
         launcher._enqueue(launcher._prepare(base, base, base, plan, params))
-    finally:
-        launcher._tuning, launcher._Job.launch = tuning, launch_fn
     return launches
 
 
@@ -128,17 +135,7 @@ MULTI_CASES = [
 
 def record_multi(shape, dtype, methods, combine: Combine, axis: str) -> list[Launch]:
     """The launches of one merge of several tuned models, as :func:`record` takes them."""
-    launches = []
-    where = f"{tuple(shape)} {dtype} {methods} {combine} axis={axis}"
-
-    def launch(job, kernel, grid, *args, num_warps=None, **meta):
-        warps = num_warps or job.tuning.num_warps
-        launches.append(Launch(kernel, tuple(grid), args, warps, meta, where))
-
-    tuning, launch_fn = launcher._tuning, launcher._Job.launch
-    launcher._tuning = lambda device: launcher.CUDA_TUNING
-    launcher._Job.launch = launch
-    try:
+    with _recording(f"{tuple(shape)} {dtype} {methods} {combine} axis={axis}") as launches:
         base = torch.empty(shape, dtype=dtype, device="meta")
         jobs = []
         for model, method in enumerate(methods, start=1):
@@ -146,8 +143,6 @@ def record_multi(shape, dtype, methods, combine: Combine, axis: str) -> list[Lau
             plan = plan_tensor(params, base.shape, axis, "compile", model)
             jobs.append(launcher._prepare(base, base, base, plan, params))
         enqueue_multi(jobs, combine)
-    finally:
-        launcher._tuning, launcher._Job.launch = tuning, launch_fn
     return launches
 
 

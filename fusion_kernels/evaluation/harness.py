@@ -9,10 +9,12 @@ Both harnesses write results alike: ``results[TASK]["METRIC,FILTER"]``, the task
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Collection, Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Generic, TypeVar
 
 from ..errors import FusionError, ParameterError
+from ..params import convert_field
 
 #: The built-in scorers, by the prefix of their ``--eval`` spec (``lm-eval:TASK,...``).
 BUILTIN = ("lm-eval", "lmms-eval")
@@ -101,3 +103,106 @@ def _main_key(
     if not keys:
         raise FusionError(f"{harness} task {task!r} returned no metric: {sorted(row)}")
     return keys[0].split(",", 1)[0], keys[0]
+
+
+def is_scorer_spec(spec: str, prefix: str) -> bool:
+    """Whether an ``--eval`` spec names the built-in scorer whose specs start with ``prefix``."""
+    return spec.startswith(prefix)
+
+
+def parse_tasks(spec: str, prefix: str) -> tuple[str, ...]:
+    """The task names of ``PREFIXTASK[,TASK...]`` (``prefix``: ``lm-eval:``, ``lmms-eval:``), in
+    order, each once."""
+    tasks = tuple(t.strip() for t in spec.removeprefix(prefix).split(","))
+    if not all(tasks):
+        raise ParameterError(f"--eval {spec!r} must look like {prefix}TASK[,TASK...]")
+    if len(set(tasks)) != len(tasks):
+        raise ParameterError(f"--eval {spec!r} names a task twice")
+    return tasks
+
+
+def parse_eval_arg(
+    item: str, keys: Collection[str], convert: Callable[[str, str], Any], scope: str = ""
+) -> tuple[str, Any]:
+    """One ``KEY=VALUE`` item as ``(key, converted value)``; ``keys``: the scorer's keys,
+    ``convert(key, value)`` reads a value (a ValueError names what is wrong), ``scope``: the
+    scorer prefix the item carried on the command line (``lmms-eval:``), for messages. A bad item
+    raises :class:`ParameterError` naming it and what it may be."""
+    shown = f"{scope}{item!r}"
+    key, eq, value = item.partition("=")
+    key, value = key.strip().replace("-", "_"), value.strip()
+    if not eq or not value:
+        raise ParameterError(f"--eval-arg {shown} must look like KEY=VALUE")
+    if key not in keys:
+        raise ParameterError(
+            f"--eval-arg {shown}: unknown key {key!r}; use one of {', '.join(keys)}"
+        )
+    try:
+        return key, convert(key, value)
+    except ValueError as exc:
+        raise ParameterError(f"--eval-arg {shown}: {exc}") from None
+
+
+def convert_limit(key: str, value: str) -> int | float:
+    """``limit=``: a count of examples per task, or a fraction of them below 1."""
+    number = convert_field(key, value, float)
+    if not 0 < number < math.inf:
+        raise ValueError("limit must be > 0")
+    return int(number) if number >= 1 and number == int(number) else number
+
+
+def positive_int(key: str, value: str, zero: bool = False) -> int:
+    """An integer option that must be > 0 (``zero``: >= 0)."""
+    number = convert_field(key, value, int)
+    if number < (0 if zero else 1):
+        raise ValueError(f"{key} must be {'>= 0' if zero else '> 0'}")
+    return number
+
+
+def existing_path(value: str, resolve: bool = True) -> str:
+    """A path option's value, absolute (``resolve``: links resolved too); it must exist."""
+    path = Path(value).expanduser()
+    path = path.resolve() if resolve else path.absolute()
+    if not path.exists():
+        raise ValueError(f"{path} does not exist")
+    return str(path)
+
+
+def extra_model_args(value: str) -> str:
+    """``model_args=``: more arguments of the harness's model; the merged model is its own."""
+    if "pretrained=" in value:
+        raise ValueError("pretrained is the merged model; leave it out")
+    return value
+
+
+def check_known_tasks(
+    spec: str, tasks: Sequence[str], known: Collection[str], harness: str, where: str, scope: str
+) -> None:
+    """Raise :class:`ParameterError` when ``harness`` knows none of some ``tasks`` (searched
+    ``where``); ``scope``: the ``--eval-arg`` prefix of the scorer's options (``lmms-eval:``)."""
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        raise ParameterError(
+            f"--eval {spec}: {harness} knows no task {', '.join(map(repr, unknown))} "
+            f"(searched {where}); check the name or add --eval-arg {scope}include_path=DIR"
+        )
+
+
+Options = TypeVar("Options")
+
+
+class BuiltinScorer(Generic[Options]):
+    """What a built-in scorer holds: its ``--eval`` spec, the spec's tasks, its options (each
+    scorer's own class, :attr:`options_type`) and the sweep's ``--device`` (None: not given), the
+    default of its ``device`` option."""
+
+    #: The prefix of the scorer's ``--eval`` specs (``lm-eval:``).
+    prefix: ClassVar[str] = ""
+    #: The class of its options; called with no arguments for the defaults.
+    options_type: ClassVar[Callable[[], Any]]
+
+    def __init__(self, spec: str, options: Options | None = None, sweep_device: str | None = None):
+        self.spec = spec
+        self.tasks = parse_tasks(spec, self.prefix)
+        self.options: Options = options or self.options_type()
+        self.sweep_device = sweep_device

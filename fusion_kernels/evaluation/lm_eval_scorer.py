@@ -11,17 +11,16 @@ lm-eval is optional (``pip install 'fusion_kernels[eval]'``) and imported on fir
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
-from ..errors import FusionError, ParameterError
+from ..errors import FusionError
 from ..io.safeload import MAX_INDEX_BYTES, load_json
 from ..params import convert_field
+from . import harness
 from .harness import default_device
-from .harness import main_metrics as harness_metrics
 
 PREFIX = "lm-eval:"
 LA_NAME = "LA"
@@ -62,19 +61,10 @@ class LmEvalOptions:
     given: tuple[str, ...] = field(default=(), compare=False)
 
 
-def is_lm_eval(spec: str) -> bool:
-    """Whether an ``--eval`` spec names the built-in scorer."""
-    return spec.startswith(PREFIX)
-
-
-def parse_tasks(spec: str) -> tuple[str, ...]:
-    """The task names of ``lm-eval:TASK[,TASK...]``, in order, each once."""
-    tasks = tuple(t.strip() for t in spec.removeprefix(PREFIX).split(","))
-    if not all(tasks):
-        raise ParameterError(f"--eval {spec!r} must look like lm-eval:TASK[,TASK...]")
-    if len(set(tasks)) != len(tasks):
-        raise ParameterError(f"--eval {spec!r} names a task twice")
-    return tasks
+#: Whether an ``--eval`` spec names the built-in scorer.
+is_lm_eval = partial(harness.is_scorer_spec, prefix=PREFIX)
+#: The task names of ``lm-eval:TASK[,TASK...]``, in order, each once.
+parse_tasks = partial(harness.parse_tasks, prefix=PREFIX)
 
 
 def parse_eval_args(items: list[str] | tuple[str, ...]) -> LmEvalOptions:
@@ -82,18 +72,7 @@ def parse_eval_args(items: list[str] | tuple[str, ...]) -> LmEvalOptions:
     :class:`ParameterError` naming the item and what it may be."""
     options = LmEvalOptions(given=tuple(items))
     for item in items:
-        key, eq, value = item.partition("=")
-        key, value = key.strip().replace("-", "_"), value.strip()
-        if not eq or not value:
-            raise ParameterError(f"--eval-arg {item!r} must look like KEY=VALUE")
-        if key not in EVAL_ARGS:
-            raise ParameterError(
-                f"--eval-arg {item!r}: unknown key {key!r}; use one of {', '.join(EVAL_ARGS)}"
-            )
-        try:
-            converted = _convert(key, value)
-        except ValueError as exc:
-            raise ParameterError(f"--eval-arg {item!r}: {exc}") from None
+        key, converted = harness.parse_eval_arg(item, EVAL_ARGS, _convert)
         if key == "include_path":
             converted = (*options.include_path, converted)
         options = replace(options, **{key: converted})
@@ -104,33 +83,20 @@ def _convert(key: str, value: str) -> Any:
     """One option's value. Numbers and booleans are read as ``--set`` and ``--grid`` read theirs,
     by :func:`fusion_kernels.params.convert_field` (its :class:`ParameterError` is a ValueError)."""
     if key == "limit":
-        number = convert_field(key, value, float)
-        if not 0 < number < math.inf:
-            raise ValueError("limit must be > 0")
-        return int(number) if number >= 1 and number == int(number) else number
+        return harness.convert_limit(key, value)
     if key == "batch_size":
         if value == "auto" or value.startswith("auto:"):
             return value
-        return _positive_int(value, key)
+        return harness.positive_int(key, value)
     if key in ("max_batch_size", "num_fewshot"):
-        return _positive_int(value, key, zero=key == "num_fewshot")
+        return harness.positive_int(key, value, zero=key == "num_fewshot")
     if key in ("include_defaults", "apply_chat_template"):
         return convert_field(key, value, bool)
     if key == "include_path":
-        path = Path(value).expanduser().resolve()
-        if not path.exists():
-            raise ValueError(f"{path} does not exist")
-        return str(path)
-    if key == "model_args" and "pretrained=" in value:
-        raise ValueError("pretrained is the merged model; leave it out")
+        return harness.existing_path(value)
+    if key == "model_args":
+        return harness.extra_model_args(value)
     return value
-
-
-def _positive_int(value: str, key: str, zero: bool = False) -> int:
-    number = convert_field(key, value, int)
-    if number < (0 if zero else 1):
-        raise ValueError(f"{key} must be {'>= 0' if zero else '> 0'}")
-    return number
 
 
 def _import_lm_eval():
@@ -152,29 +118,17 @@ def task_manager(include_path: tuple[str, ...], include_defaults: bool):
     return manager_cls(include_path=list(include_path) or None, include_defaults=include_defaults)
 
 
-class LmEvalScorer:
+class LmEvalScorer(harness.BuiltinScorer[LmEvalOptions]):
     """``model_dir -> {"TASK/METRIC": value, ..., "LA": mean}`` with lm-evaluation-harness."""
 
-    def __init__(
-        self, spec: str, options: LmEvalOptions | None = None, sweep_device: str | None = None
-    ):
-        self.spec = spec
-        self.tasks = parse_tasks(spec)
-        self.options = options or LmEvalOptions()
-        #: The sweep's ``--device`` (None: not given), the default of ``device``.
-        self.sweep_device = sweep_device
+    prefix = PREFIX
+    options_type = LmEvalOptions
 
     def check(self) -> None:
         """Fail before any merge when lm-eval is missing or a task is unknown to it."""
         manager = task_manager(self.options.include_path, self.options.include_defaults)
-        known = set(manager.all_tasks)
-        unknown = [t for t in self.tasks if t not in known]
-        if unknown:
-            where = ", ".join(self.options.include_path) or "the harness's own tasks"
-            raise ParameterError(
-                f"--eval {self.spec}: lm-eval knows no task {', '.join(map(repr, unknown))} "
-                f"(searched {where}); check the name or add --eval-arg include_path=DIR"
-            )
+        where = ", ".join(self.options.include_path) or "the harness's own tasks"
+        harness.check_known_tasks(self.spec, self.tasks, manager.all_tasks, "lm-eval", where, "")
 
     def harness_arguments(self, model_dir: str | Path) -> dict[str, Any]:
         """The keyword arguments of ``lm_eval.simple_evaluate`` for ``model_dir``."""
@@ -212,7 +166,7 @@ def main_metrics(
 ) -> dict[str, float]:
     """Each task's main metric from a ``simple_evaluate`` output, then ``average`` (``LA``),
     their mean (see :func:`fusion_kernels.evaluation.harness.main_metrics`)."""
-    return harness_metrics(output, tasks, average, "lm-eval")
+    return harness.main_metrics(output, tasks, average, "lm-eval")
 
 
 def is_multimodal(model_dir: str | Path) -> bool:

@@ -13,7 +13,6 @@ line. Nothing is written into the model scored. Options: see :data:`EVAL_ARGS`.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -21,13 +20,14 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
 from ..errors import FusionError, ParameterError
 from ..io.safeload import MAX_INDEX_BYTES, load_json
 from ..params import convert_field
+from . import harness
 from .harness import default_device, main_metrics
 
 PREFIX = "lmms-eval:"
@@ -87,19 +87,10 @@ class LmmsEvalOptions:
     average: str = VA_NAME
 
 
-def is_lmms_eval(spec: str) -> bool:
-    """Whether an ``--eval`` spec names this scorer."""
-    return spec.startswith(PREFIX)
-
-
-def parse_tasks(spec: str) -> tuple[str, ...]:
-    """The task names of ``lmms-eval:TASK[,TASK...]``, in order, each once."""
-    tasks = tuple(t.strip() for t in spec.removeprefix(PREFIX).split(","))
-    if not all(tasks):
-        raise ParameterError(f"--eval {spec!r} must look like lmms-eval:TASK[,TASK...]")
-    if len(set(tasks)) != len(tasks):
-        raise ParameterError(f"--eval {spec!r} names a task twice")
-    return tasks
+#: Whether an ``--eval`` spec names this scorer.
+is_lmms_eval = partial(harness.is_scorer_spec, prefix=PREFIX)
+#: The task names of ``lmms-eval:TASK[,TASK...]``, in order, each once.
+parse_tasks = partial(harness.parse_tasks, prefix=PREFIX)
 
 
 def parse_eval_args(items: list[str] | tuple[str, ...]) -> LmmsEvalOptions:
@@ -107,35 +98,18 @@ def parse_eval_args(items: list[str] | tuple[str, ...]) -> LmmsEvalOptions:
     :class:`ParameterError` naming the item and what it may be."""
     options = LmmsEvalOptions()
     for item in items:
-        key, eq, value = item.partition("=")
-        key, value = key.strip().replace("-", "_"), value.strip()
-        if not eq or not value:
-            raise ParameterError(f"--eval-arg lmms-eval:{item!r} must look like KEY=VALUE")
-        if key not in EVAL_ARGS:
-            raise ParameterError(
-                f"--eval-arg lmms-eval:{item}: unknown key {key!r}; use one of "
-                f"{', '.join(EVAL_ARGS)}"
-            )
+        key, converted = harness.parse_eval_arg(item, EVAL_ARGS, _convert, PREFIX)
         if key == "include_path" and options.include_path is not None:
             raise ParameterError("--eval-arg lmms-eval:include_path: lmms-eval takes one")
-        try:
-            options = replace(options, **{key: _convert(key, value)})
-        except ValueError as exc:
-            raise ParameterError(f"--eval-arg lmms-eval:{item}: {exc}") from None
+        options = replace(options, **{key: converted})
     return options
 
 
 def _convert(key: str, value: str) -> Any:
     if key == "limit":
-        number = convert_field(key, value, float)
-        if not 0 < number < math.inf:
-            raise ValueError("limit must be > 0")
-        return int(number) if number >= 1 and number == int(number) else number
+        return harness.convert_limit(key, value)
     if key == "batch_size":
-        number = convert_field(key, value, int)
-        if number < 1:
-            raise ValueError("batch_size must be > 0")
-        return number
+        return harness.positive_int(key, value)
     if key == "force_simple":
         return convert_field(key, value, bool)
     if key == "python" and os.sep not in value:
@@ -144,12 +118,9 @@ def _convert(key: str, value: str) -> Any:
             raise ValueError(f"no {value} on PATH")
         return found
     if key in ("include_path", "python"):
-        path = Path(value).expanduser().absolute()
-        if not path.exists():
-            raise ValueError(f"{path} does not exist")
-        return str(path)
-    if key == "model_args" and "pretrained=" in value:
-        raise ValueError("pretrained is the merged model; leave it out")
+        return harness.existing_path(value, resolve=False)
+    if key == "model_args":
+        return harness.extra_model_args(value)
     return value
 
 
@@ -175,28 +146,17 @@ def model_family(model_dir: str | Path) -> str:
     return str(config.get("model_type", "")) if isinstance(config, dict) else ""
 
 
-class LmmsEvalScorer:
+class LmmsEvalScorer(harness.BuiltinScorer[LmmsEvalOptions]):
     """``model_dir -> {"TASK/METRIC": value, ..., "VA": mean}`` with lmms-eval's command line."""
 
-    def __init__(
-        self, spec: str, options: LmmsEvalOptions | None = None, sweep_device: str | None = None
-    ):
-        self.spec = spec
-        self.tasks = parse_tasks(spec)
-        self.options = options or LmmsEvalOptions()
-        #: The sweep's ``--device`` (None: not given), the default of ``device``.
-        self.sweep_device = sweep_device
+    prefix = PREFIX
+    options_type = LmmsEvalOptions
 
     def check(self) -> None:
         """Fail before any merge when lmms-eval cannot run or a task is unknown to it."""
         known = known_tasks(self.options.python, self.options.include_path)
-        unknown = [t for t in self.tasks if t not in known]
-        if unknown:
-            where = self.options.include_path or "lmms-eval's own tasks"
-            raise ParameterError(
-                f"--eval {self.spec}: lmms-eval knows no task {', '.join(map(repr, unknown))} "
-                f"(searched {where}); check the name or add --eval-arg lmms-eval:include_path=DIR"
-            )
+        where = self.options.include_path or "lmms-eval's own tasks"
+        harness.check_known_tasks(self.spec, self.tasks, known, "lmms-eval", where, PREFIX)
 
     def model_name(self, model_dir: str | Path) -> str:
         """lmms-eval's model for ``model_dir``: ``--eval-arg lmms-eval:model=``, else by family;

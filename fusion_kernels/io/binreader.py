@@ -102,14 +102,8 @@ class BinCheckpoint(Checkpoint):
 
     index_name = BIN_INDEX_NAME
 
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        *,
-        reference: str | None = None,
-        roots: list[Path] | None = None,
-    ):
-        super().__init__(path, reference=reference, roots=roots)
+    def _open(self) -> None:
+        """Load each file's state (memory-mapped where torch can) and list its tensors."""
         self.files = self._shard_files()
         self._state: dict[str, torch.Tensor] = {}
         self._watched: list[int] = []

@@ -91,6 +91,11 @@ class Checkpoint(ABC):
         self.metadata: dict[str, str] = {}
         self.tensors: dict[str, TensorInfo] = {}
         self.index: dict[str, str] | None = None
+        self._open()
+
+    def _open(self) -> None:  # noqa: B027 (optional hook: a view over another one lists nothing)
+        """List the checkpoint's tensors, the last step of ``__init__``: kinds that read files
+        override it (errors raise :class:`CheckpointError`)."""
 
     # Listing ----------------------------------------------------------------------------------
 

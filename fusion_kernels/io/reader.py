@@ -42,14 +42,8 @@ class SafetensorsCheckpoint(Checkpoint):
 
     index_name = INDEX_NAME
 
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        *,
-        reference: str | None = None,
-        roots: list[Path] | None = None,
-    ):
-        super().__init__(path, reference=reference, roots=roots)
+    def _open(self) -> None:
+        """Parse each shard's header and list its tensors; shards are mapped when first read."""
         self.files = self._shard_files()
         #: Each shard's size when its header was read; a shard that shrinks later is refused
         #: before its mapping is touched (a read past a file's end kills the process: SIGBUS).

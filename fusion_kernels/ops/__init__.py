@@ -11,8 +11,9 @@ next one, logging each fallback once; a backend requested by name that cannot ru
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -35,10 +36,13 @@ from .registry import (
     select_backend,
 )
 
+Report = TypeVar("Report")
+
 
 @dataclass
-class TensorStats(KernelStats):
-    """Per-tensor report: the kernel's stats plus name, backend, axis, action and seconds."""
+class TensorReport:
+    """What the op adds to a kernel's stats: name, backend, axis, numel, action and seconds.
+    Reports list it after the kernel's fields (``class X(TensorReport, KernelStats)``)."""
 
     name: str = ""
     backend: str = ""
@@ -46,6 +50,11 @@ class TensorStats(KernelStats):
     numel: int = 0
     action: str = "merge"
     seconds: float = 0.0
+
+
+@dataclass
+class TensorStats(TensorReport, KernelStats):
+    """Per-tensor report: the kernel's stats plus name, backend, axis, action and seconds."""
 
 
 def resolve_axis(name: str, shape: torch.Size, axis: str | None) -> str:
@@ -95,21 +104,47 @@ def merge_tensor(
     elif param_fields:
         params = params.replace(**param_fields)
     check_pair(base, tuned, name)
+
+    def nonfinite(out: torch.Tensor) -> KernelStats:
+        out.copy_(tuned)
+        return KernelStats(kept=0)
+
+    return dispatch_merge(
+        base, name, axis, out, backend,
+        lambda chosen, axis, out: chosen.kernel()(base, tuned, out, name, axis, params),
+        nonfinite if params.allow_nonfinite else None,
+        TensorStats,
+    )  # fmt: skip
+
+
+def dispatch_merge(
+    base: torch.Tensor,
+    name: str,
+    axis: str | None,
+    out: torch.Tensor | None,
+    backend: str | None,
+    kernel: Callable[[Backend, str, torch.Tensor], Any],
+    nonfinite: Callable[[torch.Tensor], Any] | None,
+    report: Callable[..., Report],
+) -> tuple[torch.Tensor, Report]:
+    """What :func:`merge_tensor` and :func:`merge_tensors` share once their inputs are checked:
+    resolve the axis, allocate ``out``, choose the backend, run ``kernel(backend, axis, out)``
+    (its stats), timed. When a Δ is not finite, ``nonfinite(out)`` (None: refuse, raising
+    NonFiniteDeltaError) writes the fallback copy and gives its stats. Returns ``out`` and
+    ``report`` built from the stats plus name, backend, axis, numel, action and seconds."""
     axis = resolve_axis(name, base.shape, axis)
     if out is None:
         out = torch.empty_like(base)
     chosen = select_backend(backend, base.device.type)
     start = time.perf_counter()
     try:
-        kernel_stats = chosen.kernel()(base, tuned, out, name, axis, params)
-        action = "merge"
+        result, action = kernel(chosen, axis, out), "merge"
     except NonFiniteDeltaError:
-        if not params.allow_nonfinite:
+        if nonfinite is None:
             raise
-        out.copy_(tuned)
-        kernel_stats, action = KernelStats(kept=0), "copy-nonfinite"
-    stats = TensorStats(
-        **vars(kernel_stats),
+        result, action = nonfinite(out), "copy-nonfinite"
+    stats = report(
+        **vars(result),
         name=name,
         backend=chosen.name,
         axis=axis,
@@ -195,5 +230,5 @@ __all__ = [
 from . import cpp as _cpp  # noqa: E402, F401
 from . import triton as _triton  # noqa: E402, F401
 
-# The merge of several tuned models uses resolve_axis and check_pair above.
+# The merge of several tuned models uses check_pair and dispatch_merge above.
 from .multi import MultiTensorStats, merge_tensors  # noqa: E402

@@ -5,31 +5,22 @@ dispatches to its kernel.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..errors import NonFiniteDeltaError, ParameterError
+from ..errors import ParameterError
 from ..params import DEFAULT_METHOD, Combine, MergeParams, combine_for, params_for
-from . import check_pair, resolve_axis
+from . import TensorReport, check_pair, dispatch_merge
 from .contract import KernelStats, MultiKernelStats
-from .registry import select_backend
 
 
 @dataclass
-class MultiTensorStats(MultiKernelStats):
+class MultiTensorStats(TensorReport, MultiKernelStats):
     """Per-tensor report of a merge of several tuned models: each model's kernel stats and the
     consensus drops, plus name, backend, axis, action and seconds."""
-
-    name: str = ""
-    backend: str = ""
-    axis: str = "none"
-    numel: int = 0
-    action: str = "merge"
-    seconds: float = 0.0
 
 
 def merge_tensors(
@@ -69,30 +60,19 @@ def merge_tensors(
     combine = (combine or combine_for(method, len(tuned))).validated()
     for t in tuned:
         check_pair(base, t, name)
-    axis = resolve_axis(name, base.shape, axis)
-    if out is None:
-        out = torch.empty_like(base)
-    chosen = select_backend(backend, base.device.type)
-    start = time.perf_counter()
-    try:
-        result = chosen.multi_kernel()(base, tuned, out, name, axis, per_model, combine)
-        action = "merge"
-    except NonFiniteDeltaError:
-        if not per_model[0].allow_nonfinite:
-            raise
+
+    def nonfinite(out: torch.Tensor) -> MultiKernelStats:
         out.copy_(tuned[0])
-        result = MultiKernelStats(models=[KernelStats(kept=0) for _ in tuned])
-        action = "copy-nonfinite"
-    stats = MultiTensorStats(
-        **vars(result),
-        name=name,
-        backend=chosen.name,
-        axis=axis,
-        numel=base.numel(),
-        action=action,
-        seconds=time.perf_counter() - start,
-    )
-    return out, stats
+        return MultiKernelStats(models=[KernelStats(kept=0) for _ in tuned])
+
+    return dispatch_merge(
+        base, name, axis, out, backend,
+        lambda chosen, axis, out: chosen.multi_kernel()(
+            base, tuned, out, name, axis, per_model, combine
+        ),
+        nonfinite if per_model[0].allow_nonfinite else None,
+        MultiTensorStats,
+    )  # fmt: skip
 
 
 def _per_model_params(

@@ -19,7 +19,16 @@ from ...params import Combine, MergeParams
 from ..contract import KernelStats, MultiKernelStats, plan_tensor
 from ..reference_multi import merge_multi_reference
 from . import kernels
-from .kernels import N_SCALED, S_KEPT, S_NONFINITE, _delta, _load_f32, _store_f32, _suppress
+from .kernels import (
+    N_SCALED,
+    _count_entries,
+    _delta,
+    _load_f32,
+    _neuron_mode,
+    _store_f32,
+    _suppress,
+    _tile,
+)
 from .launcher import Located, _cdiv, _prepare, locate_job
 
 CONSENSUS = {"none": 0, "sum": 1, "count": 2}
@@ -42,12 +51,7 @@ def _weighted(
     weighted = sub * weight
     omega = tl.zeros_like(delta) + weight
     if NEURON != 0:
-        if NEURON == 1:
-            mode = tl.load(mode_ptr + rows, mask=rows < R, other=0)[:, None]
-            factor = tl.load(factor_ptr + rows, mask=rows < R, other=1.0)[:, None]
-        else:
-            mode = tl.load(mode_ptr + cols, mask=cols < C, other=0)[None, :]
-            factor = tl.load(factor_ptr + cols, mask=cols < C, other=1.0)[None, :]
+        mode, factor = _neuron_mode(mode_ptr, factor_ptr, rows, cols, R, C, NEURON)
         weighted = tl.where(mode == kernels.N_RESCALE, sub * factor, weighted)
         weighted = tl.where(mode == kernels.N_REPLACE, delta, weighted)
         omega = tl.where(mode != N_SCALED, 1.0, omega)
@@ -65,12 +69,7 @@ def _combine_kernel(
 ):  # fmt: skip
     """``out = cast(f32(base) + λ·M)`` over one tile; each model's kept and non-finite counts
     into its stats, the consensus drops into dropped. Sums run over the models in order."""
-    col_blocks = tl.cdiv(C, BLOCK_C)
-    pid = tl.program_id(0).to(tl.int64)
-    rows = (pid // col_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]
-    cols = (pid % col_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
-    mask = (rows < R)[:, None] & (cols < C)[None, :]  # [BLOCK_R, BLOCK_C]
-    idx = rows[:, None] * C + cols[None, :]
+    rows, cols, mask, idx = _tile(R, C, BLOCK_R, BLOCK_C)
     base = _load_f32(base_ptr, idx, mask, BASE_KIND)
     total = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
     votes = tl.zeros([BLOCK_R, BLOCK_C], tl.int32)
@@ -110,10 +109,7 @@ def _combine_kernel(
         else:
             merged = merged + term
             divisor = divisor + part
-        exponent = delta.to(tl.int32, bitcast=True) & 0x7F800000
-        nonfinite = tl.sum(tl.sum(((exponent == 0x7F800000) & mask).to(tl.int64), axis=1), axis=0)
-        tl.atomic_add(stats[t] + S_KEPT, tl.sum(tl.sum(keep.to(tl.int64), axis=1), axis=0))
-        tl.atomic_add(stats[t] + S_NONFINITE, nonfinite, mask=nonfinite > 0)
+        _count_entries(stats[t], keep, delta, mask)
     if NORMALIZE:
         nonzero = divisor != 0.0
         merged = tl.where(nonzero, tl.math.div_rn(merged, tl.where(nonzero, divisor, 1.0)), merged)

@@ -329,6 +329,41 @@ def _sums_kernel(
 
 
 @triton.jit
+def _tile(R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``(rows, cols, mask, idx)`` of this program's tile of an R x C tensor."""
+    # A flat grid: CUDA caps the second grid dimension at 65535 blocks.
+    col_blocks = tl.cdiv(C, BLOCK_C)
+    pid = tl.program_id(0).to(tl.int64)
+    rows = (pid // col_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]
+    cols = (pid % col_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
+    mask = (rows < R)[:, None] & (cols < C)[None, :]  # [BLOCK_R, BLOCK_C]
+    idx = rows[:, None] * C + cols[None, :]
+    return rows, cols, mask, idx
+
+
+@triton.jit
+def _neuron_mode(mode_ptr, factor_ptr, rows, cols, R, C, NEURON: tl.constexpr):
+    """Each neuron's restore mode and rescale factor, broadcast over the tile (NEURON: 1 rows,
+    else columns)."""
+    if NEURON == 1:
+        mode = tl.load(mode_ptr + rows, mask=rows < R, other=0)[:, None]
+        factor = tl.load(factor_ptr + rows, mask=rows < R, other=1.0)[:, None]
+    else:
+        mode = tl.load(mode_ptr + cols, mask=cols < C, other=0)[None, :]
+        factor = tl.load(factor_ptr + cols, mask=cols < C, other=1.0)[None, :]
+    return mode, factor
+
+
+@triton.jit
+def _count_entries(stats_ptr, keep, delta, mask):
+    """Add the tile's kept and non-finite entries to a model's stats."""
+    exponent = delta.to(tl.int32, bitcast=True) & 0x7F800000
+    nonfinite = tl.sum(tl.sum(((exponent == 0x7F800000) & mask).to(tl.int64), axis=1), axis=0)
+    tl.atomic_add(stats_ptr + S_KEPT, tl.sum(tl.sum(keep.to(tl.int64), axis=1), axis=0))
+    tl.atomic_add(stats_ptr + S_NONFINITE, nonfinite, mask=nonfinite > 0)
+
+
+@triton.jit
 def _write_kernel(
     base_ptr,
     tuned_ptr,
@@ -354,13 +389,7 @@ def _write_kernel(
     NEURON: tl.constexpr,
 ):
     """The last pass: ``out = cast(f32(base) + Δ')``, counting kept and non-finite entries."""
-    # A flat grid: CUDA caps the second grid dimension at 65535 blocks.
-    col_blocks = tl.cdiv(C, BLOCK_C)
-    pid = tl.program_id(0).to(tl.int64)
-    rows = (pid // col_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]
-    cols = (pid % col_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
-    mask = (rows < R)[:, None] & (cols < C)[None, :]  # [BLOCK_R, BLOCK_C]
-    idx = rows[:, None] * C + cols[None, :]
+    rows, cols, mask, idx = _tile(R, C, BLOCK_R, BLOCK_C)
     base, delta = _delta(base_ptr, tuned_ptr, idx, mask, BASE_KIND, TUNED_KIND)
     keep, sub = _suppress(
         delta, idx, mask, C, seed, state_ptr, threshold, scale_ptr, rank_ptr, fparams_ptr,
@@ -368,19 +397,11 @@ def _write_kernel(
     )  # fmt: skip
     new_delta = sub * alpha
     if NEURON != 0:
-        if NEURON == 1:
-            mode = tl.load(mode_ptr + rows, mask=rows < R, other=0)[:, None]
-            factor = tl.load(factor_ptr + rows, mask=rows < R, other=1.0)[:, None]
-        else:
-            mode = tl.load(mode_ptr + cols, mask=cols < C, other=0)[None, :]
-            factor = tl.load(factor_ptr + cols, mask=cols < C, other=1.0)[None, :]
+        mode, factor = _neuron_mode(mode_ptr, factor_ptr, rows, cols, R, C, NEURON)
         new_delta = tl.where(mode == N_RESCALE, sub * factor, new_delta)
         new_delta = tl.where(mode == N_REPLACE, delta, new_delta)
     _store_f32(out_ptr, idx, base + new_delta, mask, BASE_KIND)
-    exponent = delta.to(tl.int32, bitcast=True) & 0x7F800000
-    nonfinite = tl.sum(tl.sum(((exponent == 0x7F800000) & mask).to(tl.int64), axis=1), axis=0)
-    tl.atomic_add(stats_ptr + S_KEPT, tl.sum(tl.sum(keep.to(tl.int64), axis=1), axis=0))
-    tl.atomic_add(stats_ptr + S_NONFINITE, nonfinite, mask=nonfinite > 0)
+    _count_entries(stats_ptr, keep, delta, mask)
 
 
 # ----------------------------------------------------------------------------- small reductions
