@@ -104,16 +104,16 @@ def cuda(monkeypatch):
 
 
 def test_every_triton_launch_runs_on_the_tensors_device(cuda):
-    launcher = pytest.importorskip("fusion_kernels.ops.triton.launcher")
+    triton_job = pytest.importorskip("fusion_kernels.ops.triton.job")
     seen = []
 
     class Kernel:
         def __getitem__(self, grid):
             return lambda *args, **meta: seen.append((cuda.current, grid, meta["enable_fp_fusion"]))
 
-    job = object.__new__(launcher._Job)
+    job = object.__new__(triton_job._Job)
     job.state = types.SimpleNamespace(device=DEVICE)
-    job.tuning = launcher.CUDA_TUNING
+    job.tuning = triton_job.CUDA_TUNING
     job.launch(Kernel(), (3, 2), 1, 2, BLOCK=4)
     assert seen == [(1, (3, 2), False)]
     assert cuda.current == 0  # the guard is undone afterwards

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import METHOD_CASES
 
 from fusion_kernels.ops.contract import plan_tensor
+from fusion_kernels.ops.triton import job as triton_job
 from fusion_kernels.ops.triton import launcher
 from fusion_kernels.ops.triton.combine import enqueue_multi
 from fusion_kernels.params import Combine, params_for
@@ -106,13 +107,13 @@ def _recording(where: str):
         warps = num_warps or job.tuning.num_warps
         launches.append(Launch(kernel, tuple(grid), args, warps, meta, where))
 
-    tuning, launch_fn = launcher._tuning, launcher._Job.launch
-    launcher._tuning = lambda device: launcher.CUDA_TUNING
-    launcher._Job.launch = launch
+    tuning, launch_fn = triton_job._tuning, triton_job._Job.launch
+    triton_job._tuning = lambda device: triton_job.CUDA_TUNING
+    triton_job._Job.launch = launch
     try:
         yield launches
     finally:
-        launcher._tuning, launcher._Job.launch = tuning, launch_fn
+        triton_job._tuning, triton_job._Job.launch = tuning, launch_fn
 
 
 def record(shape, dtype, case: dict, axis: str) -> list[Launch]:
@@ -121,7 +122,7 @@ def record(shape, dtype, case: dict, axis: str) -> list[Launch]:
         base = torch.empty(shape, dtype=dtype, device="meta")
         params = params_for(**case)
         plan = plan_tensor(params, base.shape, axis, "compile")
-        launcher._enqueue(launcher._prepare(base, base, base, plan, params))
+        launcher._enqueue(triton_job._prepare(base, base, base, plan, params))
     return launches
 
 
@@ -141,7 +142,7 @@ def record_multi(shape, dtype, methods, combine: Combine, axis: str) -> list[Lau
         for model, method in enumerate(methods, start=1):
             params = params_for(method)
             plan = plan_tensor(params, base.shape, axis, "compile", model)
-            jobs.append(launcher._prepare(base, base, base, plan, params))
+            jobs.append(triton_job._prepare(base, base, base, plan, params))
         enqueue_multi(jobs, combine)
     return launches
 

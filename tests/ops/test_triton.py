@@ -39,7 +39,8 @@ from fusion_kernels.params import params_for
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
-from fusion_kernels.ops.triton import kernels, launcher
+from fusion_kernels.ops.triton import job as triton_job
+from fusion_kernels.ops.triton import kernels, launcher, select_launch
 from fusion_kernels.ops.triton import select as selection
 
 NAME = "model.layers.0.mlp.down_proj.weight"
@@ -66,11 +67,11 @@ def test_candidate_buffer_and_full_refinement(monkeypatch, candidates_min, candi
     # The deeper digits read either the copied keys of the cut's group or base/tuned again
     # (when the group outgrows the buffer); both must select the same entries.
     tuning = dataclasses.replace(
-        launcher.INTERPRETER_TUNING,
+        triton_job.INTERPRETER_TUNING,
         candidates_min=candidates_min,
         candidates_div=candidates_div,
     )
-    monkeypatch.setattr(launcher, "INTERPRETER_TUNING", tuning)
+    monkeypatch.setattr(triton_job, "INTERPRETER_TUNING", tuning)
     base, tuned = make_pair((64, 48), torch.bfloat16, seed=3, tied=True)
     for case in (METHOD_CASES[2], METHOD_CASES[9]):
         check(base, tuned, "row", case, case_id(case))
@@ -109,7 +110,7 @@ def test_index_tie_break(device):
     base, tuned = (t.to(device) for t in make_pair((31, 17), torch.float16, seed=2, tied=True))
     params = params_for(suppress="magnitude")
     plan = plan_tensor(params, base.shape, "none", NAME)
-    job = launcher._prepare(base, tuned, torch.full_like(base, float("nan")), plan, params)
+    job = triton_job._prepare(base, tuned, torch.full_like(base, float("nan")), plan, params)
     bits = (tuned.float() - base.float()).abs().view(torch.int32).reshape(-1).cpu()
     value = int(bits.mode().values)
     members = (bits == value).nonzero().reshape(-1)
@@ -137,8 +138,8 @@ def test_index_tie_break(device):
 @pytest.fixture
 def small_blocks(monkeypatch):
     """8-position scatter blocks (rows of 23 end in a partial one) and 40-entry sort chunks."""
-    tuning = dataclasses.replace(launcher.INTERPRETER_TUNING, rank_block=8, rank_chunk=40)
-    monkeypatch.setattr(launcher, "INTERPRETER_TUNING", tuning)
+    tuning = dataclasses.replace(triton_job.INTERPRETER_TUNING, rank_block=8, rank_chunk=40)
+    monkeypatch.setattr(triton_job, "INTERPRETER_TUNING", tuning)
     return tuning
 
 
@@ -174,8 +175,8 @@ def test_della_exact_key_ties_rank_by_column(small_blocks, monkeypatch):
     base, tuned = make_pair((rows, cols), torch.float32, seed=2)
     params = params_for("della")
     plan = plan_tensor(params, base.shape, "none", NAME)
-    job = launcher._prepare(base, tuned, poisoned_like(base), plan, params)
-    launcher._della_ranks(job, kept_sum=False)
+    job = triton_job._prepare(base, tuned, poisoned_like(base), plan, params)
+    select_launch._della_ranks(job, kept_sum=False)
     for r in range(rows):
         # SPEC order: key descending, then column ascending; r counts from the last.
         order = sorted(range(cols), key=lambda c: (-int(keys[r, c]), c))

@@ -1,10 +1,11 @@
 """The ``triton`` backend: fused Triton kernels for CUDA (or the CPU under TRITON_INTERPRET=1).
 
 ``kernels`` holds the streaming passes and the helpers every kernel shares, ``select`` the
-selection kernels (window cuts, della ranks), ``launcher`` the host side that plans, allocates and
-launches them. Only this file is imported with the package: it registers the backend, and its
-``load`` imports Triton and the launcher the first time the backend is used, so importing
-fusion_kernels never imports Triton and never fails without it.
+selection kernels (window cuts, della ranks); the host side: ``job`` a tensor's block sizes and
+device buffers, ``launcher`` the passes of a merge and ``select_launch`` those of the selection,
+``combine`` the merge of several tuned models. Only this file is imported with the package: it
+registers the backend, and its ``load`` imports Triton and the launcher the first time the
+backend is used, so importing fusion_kernels never imports Triton and never fails without it.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Triton kernels that select: the window's cuts by radix select over the SPEC order, and
-della's per-row ranks. Launched from :mod:`.launcher`; the streaming passes and the helpers they
-share (Δ, the order key, the cut state) are in :mod:`.kernels`.
+della's per-row ranks. Launched from :mod:`.select_launch`; the streaming passes and the helpers
+they share (Δ, the order key, the cut state) are in :mod:`.kernels`.
 """
 
 from __future__ import annotations
