@@ -39,8 +39,8 @@ from fusion_kernels.params import params_for
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
+from fusion_kernels.ops.triton import codes, launcher, select_launch
 from fusion_kernels.ops.triton import job as triton_job
-from fusion_kernels.ops.triton import kernels, launcher, select_launch
 from fusion_kernels.ops.triton import select as selection
 
 NAME = "model.layers.0.mlp.down_proj.weight"
@@ -118,7 +118,7 @@ def test_index_tie_break(device):
     block, n = job.tuning.flat_block, job.n
     blocks = -(-n // block)
     for rank in range(members.numel()):
-        state = torch.tensor([kernels.cut_state(1, n)] * 2)
+        state = torch.tensor([codes.cut_state(1, n)] * 2)
         state[:, 0], state[:, 1], state[:, 2] = value, 32, rank
         state = state.to(device)
         counts = torch.empty(2, blocks, dtype=torch.int64, device=device)

@@ -18,9 +18,9 @@ from ...errors import NonFiniteDeltaError
 from ...params import Combine, MergeParams
 from ..contract import KernelStats, MultiKernelStats, plan_tensor
 from ..reference_multi import merge_multi_reference
-from . import kernels
+from . import codes
+from .codes import N_SCALED
 from .kernels import (
-    N_SCALED,
     _count_entries,
     _delta,
     _load_f32,
@@ -52,8 +52,8 @@ def _weighted(
     omega = tl.zeros_like(delta) + weight
     if NEURON != 0:
         mode, factor = _neuron_mode(mode_ptr, factor_ptr, rows, cols, R, C, NEURON)
-        weighted = tl.where(mode == kernels.N_RESCALE, sub * factor, weighted)
-        weighted = tl.where(mode == kernels.N_REPLACE, delta, weighted)
+        weighted = tl.where(mode == codes.N_RESCALE, sub * factor, weighted)
+        weighted = tl.where(mode == codes.N_REPLACE, delta, weighted)
         omega = tl.where(mode != N_SCALED, 1.0, omega)
     return keep, weighted, omega, delta
 

@@ -12,7 +12,7 @@ import torch
 
 from ...params import MergeParams
 from ..contract import L1_EPS, TensorPlan
-from . import kernels
+from . import codes
 
 
 @dataclass(frozen=True)
@@ -88,11 +88,11 @@ class _Job:
     tuning: Tuning
     method: int
     rescale: int
-    state: torch.Tensor  # [2, 8] int64: the window's two cuts (kernels.F_* fields)
+    state: torch.Tensor  # [2, 8] int64: the window's two cuts (codes.F_* fields)
     scale: torch.Tensor  # [1] float32: scale of random/della's kept entries
-    fparams: torch.Tensor  # float64 parameters (kernels.P_* fields)
+    fparams: torch.Tensor  # float64 parameters (codes.P_* fields)
     rank: torch.Tensor  # [n] int32 della ranks
-    stats: torch.Tensor  # [3] int64 counters (kernels.S_*)
+    stats: torch.Tensor  # [3] int64 counters (codes.S_*)
 
     # The plan's numbers under the names the launches use.
     @property
@@ -132,18 +132,18 @@ class _Job:
 def _prepare(base, tuned, out, plan: TensorPlan, params: MergeParams) -> _Job:
     dev = base.device
     n = plan.n
-    fparams = kernels.float_params(params.density, params.epsilon, plan.cols, L1_EPS)
-    cuts = [kernels.cut_state(cut, n) for cut in plan.window_cuts]
+    fparams = codes.float_params(params.density, params.epsilon, plan.cols, L1_EPS)
+    cuts = [codes.cut_state(cut, n) for cut in plan.window_cuts]
     return _Job(
         base=_kernel_view(base.contiguous()),
         tuned=_kernel_view(tuned.contiguous()),
         out=_kernel_view(out),
-        kinds=dict(BASE_KIND=kernels.KINDS[base.dtype], TUNED_KIND=kernels.KINDS[tuned.dtype]),
+        kinds=dict(BASE_KIND=codes.KINDS[base.dtype], TUNED_KIND=codes.KINDS[tuned.dtype]),
         plan=plan,
         params=params,
         tuning=_tuning(dev),
-        method=kernels.METHODS[params.suppress],
-        rescale=kernels.RESCALES[plan.rescale],
+        method=codes.METHODS[params.suppress],
+        rescale=codes.RESCALES[plan.rescale],
         state=torch.tensor(cuts, dtype=torch.int64).to(dev),
         scale=torch.tensor([plan.random_scale], dtype=torch.float32, device=dev),
         fparams=torch.tensor(fparams, dtype=torch.float64, device=dev),

@@ -1,6 +1,7 @@
 """Triton kernels of the ``triton`` backend, launched from :mod:`.launcher` (loaded on first use):
-the streaming passes, the small reductions and the helpers every kernel shares. The selection
-kernels (window cuts, della ranks) are in :mod:`.select`.
+the streaming passes and the helpers every kernel shares. Their codes and parameter fields are in
+:mod:`.codes`, the small reductions in :mod:`.reductions`, the selection kernels (window cuts,
+della ranks) in :mod:`.select`.
 
 Every kernel sees the tensor as a row-major ``[R, C]`` matrix (C = last dimension) and recomputes
 Δ, the order key and the hashes from ``base``/``tuned`` instead of storing them: re-reading two
@@ -14,100 +15,32 @@ contracted into an FMA the reference does not do.
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from ...hashing import STREAM_DROP, STREAM_TIE
-
-# Encodings of a tensor argument (fp32 and fp16 load natively; bf16 travels as its int16 bits).
-KIND_F32: tl.constexpr = tl.constexpr(0)
-KIND_F16: tl.constexpr = tl.constexpr(1)
-KIND_BF16: tl.constexpr = tl.constexpr(2)
-
-# Suppress methods as the kernels know them; magnitude and breadcrumbs are both a window
-# [t, t + k) of the SPEC order, given by two cuts.
-M_NONE: tl.constexpr = tl.constexpr(0)
-M_WINDOW: tl.constexpr = tl.constexpr(1)
-M_RANDOM: tl.constexpr = tl.constexpr(2)
-M_DELLA: tl.constexpr = tl.constexpr(3)
-R_NONE: tl.constexpr = tl.constexpr(0)
-R_INVERSE: tl.constexpr = tl.constexpr(1)
-R_L1: tl.constexpr = tl.constexpr(2)
-
-# The host's names for these codes.
-KINDS = {
-    torch.float32: KIND_F32.value,
-    torch.float16: KIND_F16.value,
-    torch.bfloat16: KIND_BF16.value,
-}
-METHODS = {
-    "none": M_NONE.value,
-    "magnitude": M_WINDOW.value,
-    "breadcrumbs": M_WINDOW.value,
-    "random": M_RANDOM.value,
-    "della": M_DELLA.value,
-}
-RESCALES = {"none": R_NONE.value, "inverse": R_INVERSE.value, "l1": R_L1.value}
-
-# Per-neuron write modes: α·Sub, the whole delta (replace, or a rescale fallback), Sub·C/C'.
-N_SCALED: tl.constexpr = tl.constexpr(0)
-N_REPLACE: tl.constexpr = tl.constexpr(1)
-N_RESCALE: tl.constexpr = tl.constexpr(2)
-
-# One cut of the order, as int64 fields of a [2, STATE_FIELDS] state (cut 0 = position t,
-# cut 1 = t + k). Once DONE, entry i lies before the cut iff (key >> SHIFT) > PREFIX, or it equals
-# PREFIX and i < LIMIT. Until then PREFIX holds the key bits resolved so far, RANK the position of
-# the cut inside the group of entries sharing them, COUNT that group's size.
-F_PREFIX: tl.constexpr = tl.constexpr(0)
-F_SHIFT: tl.constexpr = tl.constexpr(1)
-F_RANK: tl.constexpr = tl.constexpr(2)
-F_COUNT: tl.constexpr = tl.constexpr(3)
-F_DONE: tl.constexpr = tl.constexpr(4)
-F_COMPACT: tl.constexpr = tl.constexpr(5)
-F_CANDIDATES: tl.constexpr = tl.constexpr(6)
-F_LIMIT: tl.constexpr = tl.constexpr(7)
-STATE_FIELDS: tl.constexpr = tl.constexpr(8)
-
-
-def cut_state(position: int, n: int) -> list[int]:
-    """Host-side fields of a cut at SPEC position ``position`` of ``n`` entries.
-
-    Positions 0 and n need no selection: with SHIFT = 63 no key bits are compared, so LIMIT alone
-    decides (no index, or every index, lies before the cut).
-    """
-    fields = [0] * STATE_FIELDS.value
-    fields[F_SHIFT.value] = 63
-    fields[F_LIMIT.value] = position
-    if 0 < position < n:
-        fields[F_RANK.value], fields[F_COUNT.value] = position, n
-    else:
-        fields[F_DONE.value] = 1
-    return fields
-
-
-# Float64 parameters, passed in a tensor: a Python float argument would arrive as float32.
-P_DELLA_LOW: tl.constexpr = tl.constexpr(0)  # K − ε
-P_DELLA_SPAN: tl.constexpr = tl.constexpr(1)  # 2ε
-P_ROW_GAPS: tl.constexpr = tl.constexpr(2)  # L − 1 (1 when L = 1)
-P_DENSITY: tl.constexpr = tl.constexpr(3)  # K
-P_L1_EPS: tl.constexpr = tl.constexpr(4)
-
-
-def float_params(density: float, epsilon: float, row_len: int, l1_eps: float) -> list[float]:
-    """The P_* fields, computed in Python's float64 exactly as contract.della_probability does."""
-    return [density - epsilon, 2.0 * epsilon, float(max(row_len - 1, 1)), density, l1_eps]
-
-
-# Counters read back once at the end.
-S_KEPT: tl.constexpr = tl.constexpr(0)
-S_NONFINITE: tl.constexpr = tl.constexpr(1)
-S_FALLBACKS: tl.constexpr = tl.constexpr(2)
-
-_TIE: tl.constexpr = tl.constexpr(STREAM_TIE)
-_DROP: tl.constexpr = tl.constexpr(STREAM_DROP)
-_TWO_POW_M32: tl.constexpr = tl.constexpr(2.0**-32)
-
+from .codes import (
+    _DROP,
+    _TIE,
+    _TWO_POW_M32,
+    F_LIMIT,
+    F_PREFIX,
+    F_SHIFT,
+    KIND_BF16,
+    KIND_F16,
+    M_NONE,
+    M_RANDOM,
+    M_WINDOW,
+    N_REPLACE,
+    N_RESCALE,
+    P_DELLA_LOW,
+    P_DELLA_SPAN,
+    P_DENSITY,
+    P_ROW_GAPS,
+    R_INVERSE,
+    S_KEPT,
+    S_NONFINITE,
+    STATE_FIELDS,
+)
 
 # ----------------------------------------------------------------------------- shared helpers
 
@@ -405,74 +338,3 @@ def _write_kernel(
 
 
 # ----------------------------------------------------------------------------- small reductions
-
-
-@triton.jit
-def _reduce_partials_kernel(part_ptr, out_ptr, splits, N, BLOCK: tl.constexpr):
-    """``out[j] = Σ_s part[s, j]`` in a fixed order (deterministic float64 neuron sums)."""
-    cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    acc = tl.zeros([BLOCK], tl.float64)
-    for s in range(splits):
-        acc += tl.load(part_ptr + s * N + cols, mask=cols < N, other=0.0)
-    tl.store(out_ptr + cols, acc, mask=cols < N)
-
-
-@triton.jit
-def _sum_all(ptr, count, BLOCK: tl.constexpr):
-    acc = tl.zeros([BLOCK], tl.float64)
-    for start in range(0, count, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        acc += tl.load(ptr + offs, mask=offs < count, other=0.0)
-    return tl.sum(acc, axis=0)
-
-
-@triton.jit
-def _l1_scale_kernel(
-    total_ptr, n_total, kept_ptr, n_kept, fparams_ptr, scale_ptr, BLOCK: tl.constexpr
-):
-    """f32(Σ|Δ| / Σ_S|Δ|), left at 1 when either sum is below L1_EPS (contract.l1_scale)."""
-    total = _sum_all(total_ptr, n_total, BLOCK)
-    kept = _sum_all(kept_ptr, n_kept, BLOCK)
-    eps = tl.load(fparams_ptr + P_L1_EPS)
-    small = (total < eps) | (kept < eps)
-    ratio = total / tl.where(small, 1.0, kept)
-    tl.store(scale_ptr, tl.where(small, 1.0, ratio).to(tl.float32))
-
-
-@triton.jit
-def _neurons_kernel(
-    change_ptr,  # [N] float64 C(j)
-    kept_change_ptr,  # [N] float64 C'(j) (read when RESCALE)
-    N,
-    m,
-    mode_ptr,
-    factor_ptr,
-    stats_ptr,
-    RESCALE: tl.constexpr,
-    BLOCK_J: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """R = the m neurons of largest C (ties by lower j), by counting each neuron's rank."""
-    js = tl.program_id(0).to(tl.int64) * BLOCK_J + tl.arange(0, BLOCK_J)  # [BLOCK_J]
-    valid = js < N
-    mine = tl.load(change_ptr + js, mask=valid, other=0.0)
-    rank = tl.zeros([BLOCK_J], tl.int64)
-    for start in range(0, N, BLOCK_K):
-        ks = start + tl.arange(0, BLOCK_K)  # [BLOCK_K]
-        theirs = tl.load(change_ptr + ks, mask=ks < N, other=0.0)
-        ahead = (theirs[None, :] > mine[:, None]) | (
-            (theirs[None, :] == mine[:, None]) & (ks[None, :] < js[:, None])
-        )
-        rank += tl.sum((ahead & (ks < N)[None, :]).to(tl.int64), axis=1)
-    restored = valid & (rank < m)
-    if RESCALE:
-        kept_change = tl.load(kept_change_ptr + js, mask=valid, other=0.0)
-        fallback = restored & (kept_change == 0.0)
-        factor = (mine / tl.where(kept_change == 0.0, 1.0, kept_change)).to(tl.float32)
-        mode = tl.where(restored, tl.where(fallback, N_REPLACE, N_RESCALE), N_SCALED)
-        tl.store(factor_ptr + js, factor, mask=valid)
-        n_fallback = tl.sum(fallback.to(tl.int64), axis=0)
-        tl.atomic_add(stats_ptr + S_FALLBACKS, n_fallback, mask=n_fallback > 0)
-    else:
-        mode = tl.where(restored, N_REPLACE, N_SCALED)
-    tl.store(mode_ptr + js, mode.to(tl.int8), mask=valid)

@@ -29,7 +29,7 @@ from ...errors import NonFiniteDeltaError
 from ...params import MergeParams
 from ..contract import KernelStats, plan_tensor
 from ..reference import change_scores_reference, merge_reference
-from . import kernels
+from . import codes, kernels, reductions
 from .job import LEVELS, _cdiv, _Job, _prepare
 from .select_launch import _della_ranks, _select_window
 
@@ -70,7 +70,7 @@ def _sums(job: _Job, neuron_axis: int, *, sub=False, hist=False, totals=0) -> _S
         result.neurons = torch.empty(n_neurons, dtype=torch.float64, device=dev)
         block = 1024
         job.launch(
-            kernels._reduce_partials_kernel, (_cdiv(n_neurons, block),),
+            reductions._reduce_partials_kernel, (_cdiv(n_neurons, block),),
             part, result.neurons, splits, n_neurons, BLOCK=block,
         )  # fmt: skip
     return result
@@ -82,7 +82,7 @@ def _select_neurons(job: _Job, change, kept_change, m: int) -> tuple[torch.Tenso
     mode = torch.empty(n_neurons, dtype=torch.int8, device=change.device)
     factor = torch.ones(n_neurons, dtype=torch.float32, device=change.device)
     job.launch(
-        kernels._neurons_kernel, (_cdiv(n_neurons, block),),
+        reductions._neurons_kernel, (_cdiv(n_neurons, block),),
         change, kept_change, n_neurons, m, mode, factor, job.stats,
         RESCALE=job.params.restore == "rescale", BLOCK_J=block, BLOCK_K=block,
     )  # fmt: skip
@@ -108,7 +108,7 @@ class Located:
     restored: int  # m, the neurons restored
     l1: bool  # whether the l1 rescale applies (job.scale then holds it)
     neuron_axis: int  # 0: no neurons, 1: rows, 2: columns
-    mode: torch.Tensor  # [neurons] int8 write mode per neuron (kernels.N_*)
+    mode: torch.Tensor  # [neurons] int8 write mode per neuron (codes.N_*)
     factor: torch.Tensor  # [neurons] float32 f32(C/C') of rescaled neurons
 
 
@@ -133,7 +133,7 @@ def locate_job(job: _Job) -> Located:
     m = plan.restored_neurons
     neuron_axis = ({"row": 1, "col": 2}[plan.axis]) if m > 0 else 0
     active_cuts = plan.active_cuts
-    l1 = job.rescale == kernels.R_L1.value
+    l1 = job.rescale == codes.R_L1.value
     totals = (2 if params.suppress == "random" else 1) if l1 else 0
     sums = None
     if neuron_axis or active_cuts or totals:
@@ -145,7 +145,7 @@ def locate_job(job: _Job) -> Located:
         kept_parts = _della_ranks(job, kept_sum=l1)
     if l1:
         job.launch(
-            kernels._l1_scale_kernel, (1,),
+            reductions._l1_scale_kernel, (1,),
             sums.total, sums.total.numel(), kept_parts, kept_parts.numel(), job.fparams,
             job.scale, BLOCK=1024,
         )  # fmt: skip

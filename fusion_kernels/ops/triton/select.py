@@ -8,7 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kernels import (
+from .codes import (
     F_CANDIDATES,
     F_COMPACT,
     F_COUNT,
@@ -18,6 +18,8 @@ from .kernels import (
     F_RANK,
     F_SHIFT,
     STATE_FIELDS,
+)
+from .kernels import (
     _della_keep,
     _delta,
     _order_key,
