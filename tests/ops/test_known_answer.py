@@ -5,11 +5,11 @@ here is the CPU with the torch backend, or Triton's interpreter, made untrusted 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 import torch
+from backends import needs_interpreter
 from checkpoints import tiny_pair
 
 from fusion_kernels import merge_checkpoints, params_for
@@ -18,7 +18,6 @@ from fusion_kernels.ops import known_answer, registry
 from fusion_kernels.ops.known_answer import CASES, DeviceCheckError, check_device
 from fusion_kernels.ops.reference import merge_reference
 from fusion_kernels.ops.registry import Backend
-from fusion_kernels.ops.triton import interpreting
 
 CPU = torch.device("cpu")
 
@@ -70,10 +69,7 @@ def test_a_device_that_agrees_passes(untrusted_cpu):
     }
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("triton") is None or not interpreting(),
-    reason="runs Triton's interpreter on the CPU: set TRITON_INTERPRET=1",
-)
+@needs_interpreter
 def test_triton_under_its_interpreter_passes(monkeypatch):
     monkeypatch.setattr(known_answer, "TRUSTED_DEVICE_TYPES", ())
     result = check_device(CPU, "triton", params_for("neu-s-ties", select="approx"))

@@ -17,6 +17,7 @@ import itertools
 
 import pytest
 import torch
+from backends import needs_cpp, needs_cuda, needs_interpreter
 from conftest import (
     AWKWARD_SHAPES,
     DTYPES,
@@ -34,24 +35,10 @@ from multi_cases import (
 
 from fusion_kernels.ops import merge_tensor, merge_tensors, select_backend
 from fusion_kernels.ops.reference_multi import merge_multi_reference
-from fusion_kernels.ops.triton import interpreting
 from fusion_kernels.params import PRESETS
 
 NAME = "model.layers.0.mlp.down_proj.weight"
 METHODS = [*PRESETS, "mixed"]
-
-cpp_built = pytest.mark.skipif(
-    importlib.util.find_spec("fusion_kernels._cpp") is None,
-    reason="the C++ extension is not built (run `pip install -e .` with a C++ compiler)",
-)
-interpreted = pytest.mark.skipif(
-    not interpreting() or importlib.util.find_spec("triton") is None,
-    reason="runs Triton's interpreter on the CPU: set TRITON_INTERPRET=1 (and install triton)",
-)
-cuda = pytest.mark.skipif(
-    not torch.cuda.is_available() or interpreting(),
-    reason="needs a CUDA device (and no TRITON_INTERPRET: these sizes are too large for it)",
-)
 
 
 def _axis(shape, turn: int) -> str:
@@ -72,7 +59,7 @@ def _check(backend, base, tuned, axis, params, combine, what, **options):
 CPP_CASES = list(itertools.product(METHODS, (1, 2, 3, 5), COMBINES))
 
 
-@cpp_built
+@needs_cpp
 @pytest.mark.parametrize(
     "method, models, combine",
     CPP_CASES,
@@ -93,7 +80,7 @@ def test_cpp_matches_reference(method, models, combine):
                 assert_tensors_equal(again, first, f"{what} threads={threads}")
 
 
-@cpp_built
+@needs_cpp
 @pytest.mark.parametrize("method", PRESETS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cpp_one_model_is_merge_tensor(method, dtype):
@@ -107,7 +94,7 @@ def test_cpp_one_model_is_merge_tensor(method, dtype):
         assert_tensors_equal(many, one, f"{method} {shape} {axis}")
 
 
-@cpp_built
+@needs_cpp
 def test_cpp_large_tensor_across_threads():
     # Several OpenMP slices and tiles per thread; model masks of every kind.
     base, tuned = make_models((1031, 67), torch.bfloat16, 5, seed=9, tied=True)
@@ -119,7 +106,7 @@ def test_cpp_large_tensor_across_threads():
     assert outs[0].ne(base).any()
 
 
-@cpp_built
+@needs_cpp
 def test_cpp_mixed_tuned_dtypes_run_as_float32():
     base, tuned = make_models((13, 7), torch.bfloat16, 3, seed=2)
     tuned[1] = tuned[1].float()
@@ -127,7 +114,7 @@ def test_cpp_mixed_tuned_dtypes_run_as_float32():
     _check("cpp", base, tuned, "col", params, COMBINES[3], "mixed dtypes")
 
 
-@cpp_built
+@needs_cpp
 @pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cpp_every_instruction_set_build(isa, dtype):
@@ -148,7 +135,7 @@ def test_cpp_every_instruction_set_build(isa, dtype):
 TRITON_CASES = list(itertools.product(METHODS, (1, 2, 3), COMBINES[:4]))[::3]
 
 
-@interpreted
+@needs_interpreter
 @pytest.mark.parametrize(
     "method, models, combine",
     TRITON_CASES,
@@ -164,14 +151,14 @@ def test_triton_interpreter_matches_reference(method, models, combine):
     _check("triton", base, tuned, _axis(shape, turn), params, combine, what)
 
 
-@interpreted
+@needs_interpreter
 def test_triton_interpreter_five_models_and_lambda():
     base, tuned = make_models((7, 13), torch.bfloat16, 5, seed=4, tied=True)
     params = model_params("", 5, mixed=True)
     _check("triton", base, tuned, "col", params, COMBINES[-1], "five models")
 
 
-@cuda
+@needs_cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("models", [1, 3])
